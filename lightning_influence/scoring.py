@@ -1,0 +1,266 @@
+"""Influence scores from captured activations/gradients and fitted factors.
+
+Sign convention (``../shared/ekfac-reference.md``, section 1)::
+
+    score(q, m) = grad f(z_q)^T (G + lambda I)^-1 grad(-L(z_m))
+
+so with ``P_q = (G + lambda I)^-1 grad f(z_q)`` (the preconditioned query gradient)
+and ``DW_m = grad L(z_m) = sum_t s_t a_t^T``, ``score_l(q, m) = -<P_q, DW_m>`` per layer,
+summed over layers. Self-influence is ``grad L^T (G + lambda I)^-1 grad L`` (>= 0).
+
+Preconditioned query gradients may be kept at full rank or, for query batching, as
+a rank-r factorisation ``P ~ U V^T`` (from an SVD); scores then never form the
+training gradient: ``score_l = -sum_t (U^T s_t) . (V^T a_t)``, which is also the
+token-wise decomposition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .batches import move_to_device
+from .factors import InfluenceFactors
+from .statistics import checked_loss, masked_tokens, model_mode, per_example_gradients
+from .tasks import Task, TaskInputError
+from .tracking import LayerCapture, TrackedLayer, find_tracked_layers
+
+__all__ = ["QueryGradients", "InfluenceScorer", "ScoringError"]
+
+
+class ScoringError(ValueError):
+    """Scoring asked for something the factors or queries cannot give."""
+
+
+@dataclass
+class QueryGradients:
+    """Preconditioned query gradients per layer.
+
+    Full rank: ``full[name]`` is ``[Q, d_out, d_in]``. Low rank: ``left[name]`` ``[Q, d_out, r]``
+    and ``right[name]`` ``[Q, d_in, r]`` with ``P ~ left @ right^T``; ``errors[name]`` ``[Q]`` is the
+    relative Frobenius error of that approximation.
+    """
+
+    layer_names: list[str]
+    num_queries: int
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
+    left: dict[str, torch.Tensor] = field(default_factory=dict)
+    right: dict[str, torch.Tensor] = field(default_factory=dict)
+    rank: int | None = None
+    errors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def low_rank(self) -> bool:
+        return self.rank is not None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "QueryGradients":
+        conv = lambda d: {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in d.items()}  # noqa: E731
+        return QueryGradients(self.layer_names, self.num_queries, conv(self.full), conv(self.left),
+                              conv(self.right), self.rank, dict(self.errors))
+
+    def select(self, index: torch.Tensor | list[int]) -> "QueryGradients":
+        """The subset of queries at ``index`` (e.g. one query for TF-IDF-filtered scoring)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        pick = lambda d: {k: v[idx.to(v.device)] for k, v in d.items()}  # noqa: E731
+        return QueryGradients(self.layer_names, len(idx), pick(self.full), pick(self.left), pick(self.right),
+                              self.rank, {k: v[idx] for k, v in self.errors.items()})
+
+
+def low_rank_factorize(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-r factorisation ``p ~ U V^T`` of each ``[d_out, d_in]`` matrix in ``p`` ``[Q, d_out, d_in]``.
+
+    Returns ``U`` ``[Q, d_out, r]``, ``V`` ``[Q, d_in, r]`` and the relative Frobenius error ``[Q]``.
+    """
+    q, d_out, d_in = p.shape
+    if rank > min(d_out, d_in):
+        raise ScoringError(
+            f"query_rank={rank} exceeds what a {d_out}x{d_in} layer allows (at most {min(d_out, d_in)}); "
+            "lower query_rank (layers smaller than the rank are kept at full rank automatically when "
+            "query_rank='auto')"
+        )
+    u, s, vh = torch.linalg.svd(p.to(torch.float64) if p.dtype in (torch.float16, torch.bfloat16) else p,
+                               full_matrices=False)
+    u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    left = (u * s.unsqueeze(-2)).to(p.dtype)
+    right = vh.transpose(-1, -2).to(p.dtype)
+    approx = left @ right.transpose(-1, -2)
+    norm = p.flatten(1).norm(dim=1).clamp_min(torch.finfo(p.dtype).tiny)
+    err = (p - approx).flatten(1).norm(dim=1) / norm
+    return left, right, err
+
+
+class InfluenceScorer:
+    """Computes influence of training examples on queries for one model, task and set of factors.
+
+    Args:
+        model: the trained network (its weights are only read).
+        task: how batches become losses and measurements.
+        factors: complete :class:`InfluenceFactors` for this model.
+        device: where to compute (default: the model's device).
+        dtype: compute dtype for gradients and scores (float32 default; float64 for tests;
+            bf16/fp16 trade accuracy for speed, accumulation stays float32).
+        layers: optional subset of the factors' layers to score with (e.g. MLP layers only).
+        query_rank: ``None`` for full-rank preconditioned queries, an int for rank-r query batching.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        factors: InfluenceFactors,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        layers: Iterable[str] | None = None,
+        query_rank: int | None = None,
+    ):
+        factors.require_complete()
+        tracked = find_tracked_layers(model, list(factors.layers), None) if factors.layers else {}
+        factors.check_model(tracked)
+        if layers is not None:
+            layers = list(layers)
+            unknown = [n for n in layers if n not in factors.layers]
+            if unknown:
+                raise ScoringError(f"layers {unknown} are not in the factors; they hold {list(factors.layers)}")
+            tracked = {n: tracked[n] for n in factors.layers if n in layers}
+        if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
+            raise ScoringError(f"query_rank must be a positive integer or None, got {query_rank!r}")
+        self.model = model
+        self.task = task
+        self.factors = factors
+        self.layers: dict[str, TrackedLayer] = tracked
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dtype = dtype
+        self.query_rank = query_rank
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    # ------------------------------------------------------------- capture
+    def _accumulate_dtype(self) -> torch.dtype:
+        return torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+
+    def capture(self, batch: Any, query: bool, batch_index: int = 0):
+        """Per-token activations and output gradients ``(acts, grads)`` of every layer for a batch.
+
+        ``query=True`` differentiates the task's measurement (query side), otherwise the
+        training loss with the dataset's targets. Padding tokens are zeroed.
+        """
+        batch = move_to_device(batch, self.device)
+        if query:
+            counts = self.task.query_target_count(batch)
+            if counts is not None and (counts == 0).any():
+                bad = torch.nonzero(counts == 0).flatten().tolist()
+                raise TaskInputError(
+                    f"query batch {batch_index}: queries at positions {bad} have no target token (all labels -100); "
+                    "each query needs at least one completion token to measure"
+                )
+        mask = self.task.token_mask(batch)
+        with model_mode(self.model, train=False), torch.enable_grad():
+            with LayerCapture(self.model, self.layers, dtype=self._accumulate_dtype()) as cap:
+                if query:
+                    value = checked_loss(self.task.measurement(self.model, batch), batch_index, "query measurement")
+                else:
+                    value = checked_loss(self.task.train_loss(self.model, batch, sample=False), batch_index)
+                acts, grads = cap.collect(value)
+        acts = {n: masked_tokens(a, mask) for n, a in acts.items()}
+        grads = {n: masked_tokens(g, mask) for n, g in grads.items()}
+        return acts, grads
+
+    # ------------------------------------------------------------- queries
+    def query_gradients(self, batches: Iterable[Any]) -> QueryGradients:
+        """Compute and precondition the gradients of every query (once), optionally at low rank."""
+        full: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
+        num = 0
+        for i, batch in enumerate(batches):
+            acts, grads = self.capture(batch, query=True, batch_index=i)
+            for name in self.layers:
+                g = per_example_gradients(acts[name], grads[name])
+                full[name].append(self.factors.precondition(name, g))
+            num += next(iter(acts.values())).shape[0]
+        if num == 0:
+            raise ScoringError("the query dataloader is empty; give at least one query")
+        out = QueryGradients(self.layer_names, num)
+        for name in self.layers:
+            p = torch.cat(full[name])
+            if self.query_rank is None:
+                out.full[name] = p
+            else:
+                rank = min(self.query_rank, *p.shape[1:])
+                out.left[name], out.right[name], out.errors[name] = low_rank_factorize(p, rank)
+        if self.query_rank is not None:
+            out.rank = self.query_rank
+        return out
+
+    # ------------------------------------------------------------- scoring
+    def score_captured(
+        self, queries: QueryGradients, acts: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+        token_wise: bool = False,
+    ) -> torch.Tensor:
+        """Layer-wise scores ``[L, Q, B]`` (or token-wise ``[L, Q, B, T]``) for captured training tokens."""
+        out = []
+        cd = self.dtype
+        for name in self.layers:
+            a, s = acts[name].to(cd), grads[name].to(cd)
+            if queries.low_rank:
+                u, v = queries.left[name].to(cd), queries.right[name].to(cd)
+                # (U^T s_t) . (V^T a_t): [Q, B, T, r] each; never forms the training gradient.
+                su = torch.einsum("bto,qor->qbtr", s, u)
+                av = torch.einsum("bti,qir->qbtr", a, v)
+                tok = -(su.float() * av.float()).sum(-1)
+                out.append(tok if token_wise else tok.sum(-1))
+            else:
+                p = queries.full[name].to(cd)
+                if token_wise:
+                    pa = torch.einsum("qoi,bti->qbto", p, a)
+                    out.append(-(pa.float() * s.float().unsqueeze(0)).sum(-1))
+                else:
+                    dw = per_example_gradients(a, s)
+                    out.append(-torch.einsum("qoi,boi->qb", p, dw).float() if cd in (torch.float16, torch.bfloat16)
+                               else -torch.einsum("qoi,boi->qb", p, dw))
+        if token_wise:
+            t_max = max(x.shape[-1] for x in out)
+            out = [torch.nn.functional.pad(x, (0, t_max - x.shape[-1])) for x in out]
+        return torch.stack(out)
+
+    def score_batch(self, queries: QueryGradients, batch: Any, batch_index: int = 0,
+                    token_wise: bool = False) -> torch.Tensor:
+        """Layer-wise scores ``[L, Q, B]`` of one training batch against the queries."""
+        acts, grads = self.capture(batch, query=False, batch_index=batch_index)
+        return self.score_captured(queries, acts, grads, token_wise=token_wise)
+
+    def self_score_batch(self, batch: Any, batch_index: int = 0) -> torch.Tensor:
+        """Layer-wise self-influence ``[L, B]`` of one training batch."""
+        acts, grads = self.capture(batch, query=False, batch_index=batch_index)
+        out = []
+        for name in self.layers:
+            dw = per_example_gradients(acts[name].to(self.dtype), grads[name].to(self.dtype))
+            out.append(self.factors.inverse_quadratic(name, dw).float() if self.dtype in (torch.float16, torch.bfloat16)
+                       else self.factors.inverse_quadratic(name, dw))
+        return torch.stack(out)
+
+    # -------------------------------------------------------- whole loaders
+    def pairwise_scores(self, query_batches: Iterable[Any], train_batches: Iterable[Any],
+                        per_layer: bool = False, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Scores ``[Q, N]`` (or ``[L, Q, N]`` with ``per_layer``), training examples in loader order."""
+        queries = self.query_gradients(query_batches)
+        chunks = []
+        for i, batch in enumerate(train_batches):
+            chunks.append(self.score_batch(queries, batch, batch_index=i).cpu())
+            if progress is not None:
+                progress(chunks[-1].shape[-1])
+        if not chunks:
+            raise ScoringError("the training dataloader is empty")
+        scores = torch.cat(chunks, dim=-1)
+        return scores if per_layer else scores.sum(0)
+
+    def self_scores(self, train_batches: Iterable[Any], per_layer: bool = False) -> torch.Tensor:
+        """Self-influence ``[N]`` (or ``[L, N]``) of every training example, in loader order."""
+        chunks = [self.self_score_batch(b, batch_index=i).cpu() for i, b in enumerate(train_batches)]
+        if not chunks:
+            raise ScoringError("the training dataloader is empty")
+        scores = torch.cat(chunks, dim=-1)
+        return scores if per_layer else scores.sum(0)

@@ -1,0 +1,284 @@
+"""The statistics passes: covariances, eigendecomposition, eigenvalue correction.
+
+Nothing here knows about Lightning's ``Trainer``: a pass takes a model, a task and an
+iterable of batches. Sums live in a torchmetrics ``Metric`` with ``dist_reduce_fx="sum"``
+states, so under data parallelism each rank accumulates its shard and one reduction
+gives the global statistics (``../shared/ekfac-reference.md``, section 5).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torchmetrics import Metric
+
+from .factors import InfluenceFactors, check_fisher, check_strategy
+from .batches import move_to_device
+from .tasks import Task, TaskInputError
+from .tracking import LayerCapture, TrackedLayer, find_tracked_layers
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SumStatistics", "fit_factors", "run_phase", "remaining_phases", "masked_tokens",
+    "per_example_gradients", "model_mode", "checked_loss",
+]
+
+
+class SumStatistics(Metric):
+    """Named float64 sums that reduce across data-parallel ranks by addition."""
+
+    full_state_update = False
+    # The states are statistics of a dataset, not of a metric's per-step values.
+    is_differentiable = False
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        super().__init__(sync_on_compute=True)
+        self._keys = {key: f"stat{i}" for i, key in enumerate(shapes)}
+        for key, shape in shapes.items():
+            self.add_state(self._keys[key], default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
+        for key, value in values.items():
+            state = getattr(self, self._keys[key])
+            state += value.to(state.dtype)
+
+    def compute(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {key: getattr(self, attr).clone() for key, attr in self._keys.items()}
+
+
+def masked_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the tokens of ``x`` ``[B, T, d]`` where ``mask`` ``[B, T']`` is 0.
+
+    The mask applies when the layer's token axis is the batch's sequence axis (or a
+    whole multiple of it, for a module called several times); other layers (a pooled
+    classifier head, a conv net) see every token.
+    """
+    if mask is None:
+        return x
+    b, t = x.shape[0], x.shape[1]
+    if mask.shape[0] != b or t % mask.shape[1] != 0:
+        return x
+    m = mask.to(dtype=x.dtype, device=x.device)
+    if t != mask.shape[1]:
+        m = m.repeat(1, t // mask.shape[1])
+    return x * m.unsqueeze(-1)
+
+
+def token_count(x: torch.Tensor, mask: torch.Tensor | None) -> float:
+    b, t = x.shape[0], x.shape[1]
+    if mask is None or mask.shape[0] != b or t % mask.shape[1] != 0:
+        return float(b * t)
+    return float(mask.to(torch.float64).sum()) * (t // mask.shape[1])
+
+
+def per_example_gradients(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """``DW_b = sum_t s_bt a_bt^T`` for every example: ``[B, d_out, d_in]``."""
+    return torch.einsum("bto,bti->boi", grads, acts)
+
+
+@contextmanager
+def model_mode(model: nn.Module, train: bool = False):
+    """Put the model in eval (or train) mode for a pass and restore each module's mode after."""
+    modes = {m: m.training for m in model.modules()}
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def checked_loss(loss: Any, batch_index: int, what: str = "training loss") -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TaskInputError(
+            f"the task's {what} for batch {batch_index} is {shape}, not a scalar tensor; "
+            "return the loss SUMMED over the batch's examples"
+        )
+    if not torch.isfinite(loss):
+        raise TaskInputError(
+            f"the task's {what} for batch {batch_index} is {loss.item()}; influence needs finite losses. "
+            "Check the batch's data and the model's numerical stability (precision, learning rate)."
+        )
+    return loss
+
+
+def _phase_shapes(phase: str, layers: dict[str, TrackedLayer]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, l in layers.items():
+        if phase == "covariance":
+            shapes.update({f"{name}::A_sum": (l.d_in, l.d_in), f"{name}::S_sum": (l.d_out, l.d_out),
+                           f"{name}::A_count": (), f"{name}::S_count": ()})
+        elif phase == "lambda":
+            shapes.update({f"{name}::lambda_sum": (l.d_out, l.d_in), f"{name}::lambda_count": ()})
+        elif phase == "diagonal":
+            shapes.update({f"{name}::diag_sum": (l.d_out, l.d_in), f"{name}::diag_count": ()})
+    return shapes
+
+
+def _phase_update(phase: str, factors: InfluenceFactors, acts, grads, mask, dtype) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name in factors.layers:
+        a = masked_tokens(acts[name], mask)
+        s = masked_tokens(grads[name], mask)
+        if phase == "covariance":
+            n = token_count(a, mask)
+            a2, s2 = a.reshape(-1, a.shape[-1]), s.reshape(-1, s.shape[-1])
+            out[f"{name}::A_sum"] = a2.T @ a2
+            out[f"{name}::S_sum"] = s2.T @ s2
+            out[f"{name}::A_count"] = torch.tensor(n, dtype=torch.float64)
+            out[f"{name}::S_count"] = torch.tensor(n, dtype=torch.float64)
+        elif phase == "lambda":
+            t = factors.tensors[name]
+            qa = t["A_eigvecs"].to(device=a.device, dtype=dtype)
+            qs = t["S_eigvecs"].to(device=a.device, dtype=dtype)
+            # Rotate tokens first: (Q_S^T DW Q_A) = sum_t (Q_S^T s_t)(Q_A^T a_t)^T, cheaper than rotating DW.
+            rotated = per_example_gradients(a @ qa, s @ qs)
+            out[f"{name}::lambda_sum"] = (rotated * rotated).sum(0)
+            out[f"{name}::lambda_count"] = torch.tensor(float(a.shape[0]), dtype=torch.float64)
+        elif phase == "diagonal":
+            dw = per_example_gradients(a, s)
+            out[f"{name}::diag_sum"] = (dw * dw).sum(0)
+            out[f"{name}::diag_count"] = torch.tensor(float(a.shape[0]), dtype=torch.float64)
+    return out
+
+
+def run_phase(
+    phase: str,
+    factors: InfluenceFactors,
+    model: nn.Module,
+    task: Task,
+    batches: Iterable[Any],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_batches: int | None = None,
+    max_examples: int | None = None,
+    seed: int = 0,
+    transfer: Callable[[Any], Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Run one accumulation pass (``covariance``, ``lambda`` or ``diagonal``) and store it in ``factors``.
+
+    The model's weights are never changed and its train/eval mode is restored after.
+    Under ``torch.distributed`` each rank passes its own shard; the sums are all-reduced.
+    ``progress(n)`` is called after each batch with the number of examples processed.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    if transfer is None:
+        transfer = lambda b: move_to_device(b, device)  # noqa: E731
+    stats = SumStatistics(_phase_shapes(phase, factors.layers)).to(device)
+    sample = factors.fisher == "sampled"
+    seen_batches = seen_examples = 0
+    # Sampled labels come from a fixed seed so that a rerun gives identical factors.
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices), model_mode(model, train=False), torch.enable_grad():
+        torch.manual_seed(seed + _rank())
+        with LayerCapture(model, factors.layers, dtype=dtype) as cap:
+            for batch_index, batch in enumerate(batches):
+                if max_batches is not None and seen_batches >= max_batches:
+                    break
+                if max_examples is not None and seen_examples >= max_examples:
+                    break
+                batch = transfer(batch)
+                mask = task.token_mask(batch)
+                loss = checked_loss(task.train_loss(model, batch, sample=sample), batch_index)
+                acts, grads = cap.collect(loss)
+                stats.update(_phase_update(phase, factors, acts, grads, mask, dtype))
+                seen_batches += 1
+                n = task.batch_size(batch)
+                seen_examples += n
+                if progress is not None:
+                    progress(n)
+    if stats._update_count == 0 and not _distributed():
+        raise TaskInputError(
+            f"the {phase} pass saw no batch: the training dataloader is empty (or max_batches/max_examples is 0)"
+        )
+    sums = {k: v.cpu() for k, v in stats.compute().items()}
+    for key, value in sums.items():
+        name, _, stat = key.rpartition("::")
+        factors.tensors[name][stat] = value
+    if phase == "covariance":
+        if any(float(factors.tensors[n]["A_count"]) == 0 for n in factors.layers):
+            raise TaskInputError("the covariance pass counted no tokens (every position masked as padding?)")
+        _eigendecompose(factors)
+        factors.set_phase("complete" if factors.strategy == "kfac" else "eigen")
+    else:
+        factors.set_phase("complete")
+    log.info("%s pass done: %d batches, %d examples on this rank", phase, seen_batches, seen_examples)
+
+
+def _eigendecompose(factors: InfluenceFactors) -> None:
+    """Eigendecompose the mean covariances in float64 (they are ill-conditioned)."""
+    for name in factors.layers:
+        t = factors.tensors[name]
+        for side in ("A", "S"):
+            cov = t[f"{side}_sum"].to(torch.float64) / t[f"{side}_count"]
+            cov = 0.5 * (cov + cov.T)
+            vals, vecs = torch.linalg.eigh(cov)
+            t[f"{side}_eigvals"] = vals
+            t[f"{side}_eigvecs"] = vecs
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def remaining_phases(factors: InfluenceFactors) -> list[str]:
+    """The accumulation passes still to run for ``factors`` (resuming after the last saved phase)."""
+    if factors.is_complete:
+        return []
+    if factors.strategy == "ekfac":
+        return ["lambda"] if factors.phase_done("eigen") else ["covariance", "lambda"]
+    return {"diagonal": ["diagonal"], "kfac": ["covariance"]}[factors.strategy]
+
+
+def fit_factors(
+    model: nn.Module,
+    task: Task,
+    batches: Iterable[Any],
+    strategy: str = "ekfac",
+    modules: str | list[str] | None = None,
+    module_types: list[type] | None = None,
+    fisher: str = "sampled",
+    damping: float | None = None,
+    damping_factor: float = 0.1,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_batches: int | None = None,
+    max_examples: int | None = None,
+    seed: int = 0,
+    output_dir: str | None = None,
+    factors: InfluenceFactors | None = None,
+) -> InfluenceFactors:
+    """Fit influence factors in-process (no Lightning needed).
+
+    ``batches`` is iterated once per pass (twice for ``ekfac``), so pass a re-iterable
+    such as a ``DataLoader``. With ``output_dir`` the factors are saved after each phase;
+    passing partially fitted ``factors`` resumes after their last completed phase.
+    """
+    check_strategy(strategy)
+    check_fisher(fisher)
+    if factors is None:
+        layers = find_tracked_layers(model, modules, module_types)
+        factors = InfluenceFactors(strategy, layers, fisher=fisher, damping=damping, damping_factor=damping_factor)
+    for phase in remaining_phases(factors):
+        run_phase(phase, factors, model, task, batches, device=device, dtype=dtype,
+                  max_batches=max_batches, max_examples=max_examples, seed=seed)
+        if output_dir is not None and _rank() == 0:
+            factors.save(output_dir)
+    if output_dir is not None and _rank() == 0 and strategy == "identity":
+        factors.save(output_dir)
+    return factors
+
+

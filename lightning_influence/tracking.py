@@ -1,0 +1,280 @@
+"""Layer tracking: which modules influence is computed for, and per-token capture.
+
+Every tracked layer is seen as a matrix W of shape ``(d_out, d_in)`` acting on one
+token at a time (``../shared/ekfac-reference.md``): ``nn.Linear`` and transformers'
+``Conv1D`` on the last dimension of any ``[..., d]`` input, ``nn.Conv2d`` on
+unfolded patches (each output position is a token). A bias is one more input
+column of ones.
+
+:class:`LayerCapture` is a context manager that records, for one forward pass,
+each tracked layer's input activations ``a`` ``[B, T, d_in]`` and output tensors;
+the output gradients ``s`` ``[B, T, d_out]`` come from ``torch.autograd.grad`` on
+those outputs, so parameters' ``.grad`` are never touched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["TrackedLayer", "LayerCapture", "find_tracked_layers", "TrackingError", "layer_weight_matrix"]
+
+
+class TrackingError(ValueError):
+    """The module selection or a tracked layer cannot be handled."""
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers missing or moved: Conv1D simply is not trackable then
+        return None
+    return Conv1D
+
+
+SUPPORTED_TYPES = ("Linear", "Conv1D", "Conv2d")
+
+
+@dataclass(frozen=True)
+class TrackedLayer:
+    """A tracked module with its matrix view: ``d_out x d_in`` (``d_in`` includes the bias column)."""
+
+    name: str
+    kind: str  # "linear" | "conv1d" | "conv2d"
+    d_out: int
+    d_in: int
+    has_bias: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.d_out, self.d_in)
+
+
+def _describe(module: nn.Module, name: str) -> TrackedLayer:
+    conv1d = _conv1d_type()
+    if isinstance(module, nn.Linear):
+        has_bias = module.bias is not None
+        return TrackedLayer(name, "linear", module.out_features, module.in_features + has_bias, has_bias)
+    if conv1d is not None and isinstance(module, conv1d):
+        has_bias = getattr(module, "bias", None) is not None
+        d_in, d_out = module.weight.shape  # Conv1D stores (in, out)
+        return TrackedLayer(name, "conv1d", d_out, d_in + has_bias, has_bias)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise TrackingError(
+                f"Conv2d '{name}' has groups={module.groups}; only groups=1 is supported. "
+                "Exclude it with `modules=` patterns (e.g. track only the other layers)."
+            )
+        if module.padding_mode != "zeros":
+            raise TrackingError(
+                f"Conv2d '{name}' uses padding_mode='{module.padding_mode}'; only 'zeros' is supported. "
+                "Exclude it with `modules=` patterns."
+            )
+        has_bias = module.bias is not None
+        kh, kw = module.kernel_size
+        return TrackedLayer(name, "conv2d", module.out_channels, module.in_channels * kh * kw + has_bias, has_bias)
+    raise TrackingError(f"module '{name}' of type {type(module).__name__} is not trackable")
+
+
+def _is_trackable(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def find_tracked_layers(
+    model: nn.Module,
+    patterns: str | Sequence[str] | None = None,
+    types: Iterable[type] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> dict[str, TrackedLayer]:
+    """Select the layers to track, in the model's module order.
+
+    Args:
+        model: the network.
+        patterns: glob patterns over module names (``"transformer.h.*.mlp.*"``); ``None`` keeps all.
+        types: module classes to keep (e.g. ``[nn.Linear]``); ``None`` keeps every supported type.
+        exclude: glob patterns of module names to drop.
+
+    Raises:
+        TrackingError: when nothing trackable is selected (the message lists the model's modules),
+            or when a pattern matches no module at all.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    type_tuple = tuple(types) if types is not None else None
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if patterns is not None:
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n, _ in named)]
+        if unmatched:
+            raise TrackingError(
+                f"module pattern(s) {unmatched} match no module of {type(model).__name__}. "
+                f"Its modules are: {_module_listing(model)}"
+            )
+    selected: dict[str, TrackedLayer] = {}
+    for name, module in named:
+        if patterns is not None and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        if type_tuple is not None and not isinstance(module, type_tuple):
+            continue
+        if not _is_trackable(module):
+            continue
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue  # frozen layers have no influence to attribute
+        selected[name] = _describe(module, name)
+    if not selected:
+        raise TrackingError(
+            f"no trackable module selected in {type(model).__name__} (patterns={patterns}, types={types}). "
+            f"Supported types: {', '.join(SUPPORTED_TYPES)} with trainable weights. "
+            f"The model's modules are: {_module_listing(model)}"
+        )
+    return selected
+
+
+def _module_listing(model: nn.Module, limit: int = 40) -> str:
+    items = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n]
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more if items else "(none)"
+
+
+def layer_weight_matrix(module: nn.Module, layer: TrackedLayer) -> torch.Tensor:
+    """The layer's parameters as the ``(d_out, d_in)`` matrix (bias as the last column)."""
+    weight = module.weight
+    if layer.kind == "conv1d":
+        weight = weight.t()
+    weight = weight.reshape(layer.d_out, -1)
+    if layer.has_bias:
+        weight = torch.cat([weight, module.bias.reshape(-1, 1)], dim=1)
+    return weight
+
+
+def _input_tokens(module: nn.Module, layer: TrackedLayer, x: torch.Tensor) -> torch.Tensor:
+    """Layer input -> per-token activations ``[B, T, d_in]`` (bias column included)."""
+    if layer.kind == "conv2d":
+        if x.dim() == 3:  # unbatched image
+            x = x.unsqueeze(0)
+        if isinstance(module.padding, str):
+            if module.padding == "same":
+                x = F.pad(x, module._reversed_padding_repeated_twice)
+            padding = 0
+        else:
+            padding = module.padding
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        a = patches.transpose(1, 2)  # [B, L, C*kh*kw]
+    else:
+        a = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 2 else x.reshape(1, 1, -1)
+    if layer.has_bias:
+        a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+    return a
+
+
+def _output_tokens(layer: TrackedLayer, g: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. the layer output -> per-token ``[B, T, d_out]``."""
+    if layer.kind == "conv2d":
+        if g.dim() == 3:
+            g = g.unsqueeze(0)
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() >= 2 else g.reshape(1, 1, -1)
+
+
+class LayerCapture:
+    """Context manager recording tracked layers' inputs and outputs during forward passes.
+
+    Usage::
+
+        with LayerCapture(model, layers) as cap:
+            loss = task.train_loss(model, batch, sample=True)
+            acts, grads = cap.collect(loss)   # dicts name -> [B, T, d_in] / [B, T, d_out]
+
+    A module called several times in one forward (weight sharing) contributes the
+    concatenation of its calls along the token axis. Hooks are removed on exit.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, TrackedLayer], dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.layers = layers
+        self.dtype = dtype
+        self._handles: list = []
+        self._inputs: dict[str, list[torch.Tensor]] = {}
+        self._outputs: dict[str, list[torch.Tensor]] = {}
+        modules = dict(model.named_modules())
+        missing = [n for n in layers if n not in modules]
+        if missing:
+            raise TrackingError(f"tracked module(s) {missing} are not in {type(model).__name__}")
+        self._modules = {n: modules[n] for n in layers}
+
+    def __enter__(self) -> "LayerCapture":
+        for name, module in self._modules.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()
+
+    def reset(self) -> None:
+        self._inputs = {}
+        self._outputs = {}
+
+    def _make_hook(self, name: str):
+        layer = self.layers[name]
+
+        def hook(module, inputs, output):
+            if not torch.is_grad_enabled():
+                return
+            x = inputs[0]
+            self._inputs.setdefault(name, []).append(_input_tokens(module, layer, x.detach()))
+            self._outputs.setdefault(name, []).append(output)
+
+        return hook
+
+    def activations(self) -> dict[str, torch.Tensor]:
+        """Captured activations ``[B, T, d_in]`` per layer, in ``self.dtype``."""
+        out = {}
+        for name in self.layers:
+            chunks = self._inputs.get(name)
+            if not chunks:
+                raise TrackingError(
+                    f"tracked module '{name}' was not called in the forward pass; "
+                    "exclude it with `modules=` or check the task's forward."
+                )
+            out[name] = torch.cat(chunks, dim=1).to(self.dtype) if len(chunks) > 1 else chunks[0].to(self.dtype)
+        return out
+
+    def output_gradients(self, loss: torch.Tensor, retain_graph: bool = False) -> dict[str, torch.Tensor]:
+        """``d loss / d output`` per token ``[B, T, d_out]`` for each tracked layer."""
+        names, outs = [], []
+        for name in self.layers:
+            for o in self._outputs.get(name, []):
+                if not o.requires_grad:
+                    raise TrackingError(
+                        f"the output of tracked module '{name}' does not require grad (frozen weights under "
+                        "no_grad/inference_mode?). Run with gradients enabled (Trainer(inference_mode=False)) "
+                        "or exclude the module."
+                    )
+                names.append(name)
+                outs.append(o)
+        grads = torch.autograd.grad(loss, outs, retain_graph=retain_graph, allow_unused=True)
+        result: dict[str, list[torch.Tensor]] = {}
+        for name, o, g in zip(names, outs, grads):
+            if g is None:
+                g = torch.zeros_like(o)
+            result.setdefault(name, []).append(_output_tokens(self.layers[name], g.detach()).to(self.dtype))
+        return {n: torch.cat(v, dim=1) if len(v) > 1 else v[0] for n, v in result.items()}
+
+    def collect(self, loss: torch.Tensor, retain_graph: bool = False):
+        """Activations and output gradients for ``loss``; clears the recorded tensors."""
+        acts = self.activations()
+        grads = self.output_gradients(loss, retain_graph=retain_graph)
+        self.reset()
+        return acts, grads
