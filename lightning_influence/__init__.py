@@ -31,3 +31,8 @@ __all__ = [
     "TrackingError",
     "find_tracked_layers",
 ]
+
+from .callback import InfluenceCallback  # noqa: E402
+from .module import InfluenceModule  # noqa: E402
+
+__all__ += ["InfluenceCallback", "InfluenceModule"]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .batches import move_to_device
-from .factors import InfluenceFactors
+from .factors import FactorsError, InfluenceFactors
 from .statistics import checked_loss, masked_tokens, model_mode, per_example_gradients
 from .tasks import Task, TaskInputError
 from .tracking import LayerCapture, TrackedLayer, find_tracked_layers
@@ -117,6 +117,14 @@ class InfluenceScorer:
         query_rank: int | None = None,
     ):
         factors.require_complete()
+        names = {n for n, _ in model.named_modules()}
+        missing = [n for n in factors.layers if n not in names]
+        if missing:
+            raise FactorsError(
+                f"these factors come from another model: its modules {missing[:10]} are not in "
+                f"{type(model).__name__}. Refit the factors for this model (or pass the network the factors "
+                "were fitted on, e.g. the LightningModule rather than its inner network)"
+            )
         tracked = find_tracked_layers(model, list(factors.layers), None) if factors.layers else {}
         factors.check_model(tracked)
         if layers is not None:

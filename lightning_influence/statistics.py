@@ -9,8 +9,8 @@ gives the global statistics (``../shared/ekfac-reference.md``, section 5).
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
@@ -161,12 +161,14 @@ def run_phase(
     seed: int = 0,
     transfer: Callable[[Any], Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    forward_context: Callable[[], ContextManager] | None = None,
 ) -> None:
     """Run one accumulation pass (``covariance``, ``lambda`` or ``diagonal``) and store it in ``factors``.
 
     The model's weights are never changed and its train/eval mode is restored after.
     Under ``torch.distributed`` each rank passes its own shard; the sums are all-reduced.
-    ``progress(n)`` is called after each batch with the number of examples processed.
+    ``progress(n)`` is called after each batch with the number of examples processed;
+    ``forward_context()`` wraps each forward (e.g. the trainer's autocast for bf16-mixed).
     """
     if device is None:
         device = next(model.parameters()).device
@@ -188,7 +190,8 @@ def run_phase(
                     break
                 batch = transfer(batch)
                 mask = task.token_mask(batch)
-                loss = checked_loss(task.train_loss(model, batch, sample=sample), batch_index)
+                with forward_context() if forward_context is not None else nullcontext():
+                    loss = checked_loss(task.train_loss(model, batch, sample=sample), batch_index)
                 acts, grads = cap.collect(loss)
                 stats.update(_phase_update(phase, factors, acts, grads, mask, dtype))
                 seen_batches += 1
@@ -223,7 +226,7 @@ def _eigendecompose(factors: InfluenceFactors) -> None:
             cov = 0.5 * (cov + cov.T)
             vals, vecs = torch.linalg.eigh(cov)
             t[f"{side}_eigvals"] = vals
-            t[f"{side}_eigvecs"] = vecs
+            t[f"{side}_eigvecs"] = vecs.contiguous()  # eigh returns column-major; saved files are row-major
 
 
 def _distributed() -> bool:

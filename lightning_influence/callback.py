@@ -1,0 +1,307 @@
+"""``InfluenceCallback``: fit influence factors on the training data of a Lightning run.
+
+The statistics passes are the callback's own loops over the training data: no
+optimizer step, no Trainer loop, so the user's loggers, checkpoints and other
+callbacks see nothing of them. The weights are only read and the model's train/eval
+mode is restored after. Factors are saved after each phase; a run that dies in the
+eigenvalue-correction pass resumes without recomputing the covariances.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from .factors import FactorsError, InfluenceFactors, check_damping, check_fisher, check_strategy
+from .loaders import dist_info, rebuild_loader
+from .statistics import remaining_phases, run_phase
+from .tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
+from .tracking import TrackingError, find_tracked_layers
+
+log = logging.getLogger(__name__)
+
+__all__ = ["InfluenceCallback", "resolve_task"]
+
+TASKS_BY_NAME = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
+PHASE_TITLES = {"covariance": "Influence: covariances", "lambda": "Influence: eigenvalue correction",
+                "diagonal": "Influence: diagonal Fisher"}
+
+
+def resolve_task(task: Task | str) -> Task:
+    """A task instance from an instance or a name (``classification``, ``regression``, ``causal_lm``)."""
+    if isinstance(task, Task):
+        return task
+    if isinstance(task, str) and task in TASKS_BY_NAME:
+        return TASKS_BY_NAME[task]()
+    raise MisconfigurationException(
+        f"unknown task {task!r}: pass a Task instance or one of {', '.join(TASKS_BY_NAME)}"
+    )
+
+
+def weights_fingerprint(model: nn.Module, names: Iterable[str]) -> str:
+    """A cheap fingerprint of the tracked layers' weights, to resume only on the same model state."""
+    h = hashlib.sha256()
+    for name in names:
+        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
+            flat = p.detach().flatten().double()
+            h.update(f"{name}.{pname}:{tuple(p.shape)}:{flat.sum().item():.12e}:{flat.square().sum().item():.12e}:"
+                     f"{flat[:: max(1, flat.numel() // 64)].tolist()}".encode())
+    return h.hexdigest()[:16]
+
+
+class InfluenceCallback(Callback):
+    """Fit EK-FAC (or K-FAC, diagonal, identity) influence factors on a Lightning training run.
+
+    Args:
+        task: a :class:`Task` or its name (``classification``, ``regression``, ``causal_lm``).
+        strategy: ``ekfac`` (default), ``kfac``, ``diagonal`` or ``identity``.
+        modules: glob patterns of module names to track (``None``: every Linear/Conv1D/Conv2d).
+        fisher: ``sampled`` (labels drawn from the model, the paper's default) or ``empirical``.
+        damping: absolute damping, or ``None`` for 0.1 x the mean eigenvalue of each layer.
+        output_dir: where the factors are saved (safetensors + JSON manifest).
+        fit_on: ``"fit_end"`` (default), an epoch number (after that epoch), or ``"manual"``
+            (only when you call :meth:`fit_factors`).
+        model_attr: the attribute of the LightningModule holding the network, when the task
+            must call the network rather than the LightningModule's ``forward``.
+        max_batches / max_examples: cap each statistics pass for huge datasets.
+        dataloader: the data to fit on (default: the trainer's training dataloader).
+        dtype: accumulation dtype of the captured tensors (``float32`` or ``float64``).
+        seed: seed of the label sampling (same seed, same factors).
+        queries: optional JSONL file of ``{"prompt", "completion"}`` pairs (causal LMs; needs a
+            ``tokenizer`` attribute on the datamodule or LightningModule) or ``"module:function"``
+            returning a query DataLoader; with queries, the run ends with scores saved under
+            ``output_dir`` (and reported to W&B when the trainer has a WandbLogger).
+        query_rank: rank of stored query gradients (query batching); ``None`` for full rank.
+        top_k: how many most positive/negative training examples to report per query.
+    """
+
+    def __init__(
+        self,
+        task: Task | str = "classification",
+        strategy: str = "ekfac",
+        modules: str | list[str] | None = None,
+        fisher: str = "sampled",
+        damping: float | None = None,
+        damping_factor: float = 0.1,
+        output_dir: str = "influence",
+        fit_on: str | int = "fit_end",
+        model_attr: str | None = None,
+        max_batches: int | None = None,
+        max_examples: int | None = None,
+        dataloader: Any = None,
+        dtype: str = "float32",
+        seed: int = 0,
+        queries: str | None = None,
+        query_rank: int | None = None,
+        top_k: int = 10,
+        module_types: list[type] | None = None,
+    ):
+        super().__init__()
+        try:
+            check_strategy(strategy)
+            check_fisher(fisher)
+            check_damping(damping, damping_factor)
+        except FactorsError as err:
+            raise MisconfigurationException(str(err)) from None
+        if not (fit_on in ("fit_end", "manual") or (isinstance(fit_on, int) and fit_on >= 0)):
+            raise MisconfigurationException(f"fit_on must be 'fit_end', 'manual' or an epoch number, got {fit_on!r}")
+        if dtype not in ("float32", "float64"):
+            raise MisconfigurationException(f"dtype must be 'float32' or 'float64' (statistics never accumulate in less), got {dtype!r}")
+        for name, value in (("max_batches", max_batches), ("max_examples", max_examples), ("query_rank", query_rank)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise MisconfigurationException(f"{name} must be a positive integer or None, got {value!r}")
+        self.task = resolve_task(task)
+        self.strategy = strategy
+        self.modules = modules
+        self.module_types = module_types
+        self.fisher = fisher
+        self.damping = damping
+        self.damping_factor = damping_factor
+        self.output_dir = Path(output_dir)
+        self.fit_on = fit_on
+        self.model_attr = model_attr
+        self.max_batches = max_batches
+        self.max_examples = max_examples
+        self.dataloader = dataloader
+        self.dtype = getattr(torch, dtype)
+        self.seed = seed
+        self.queries = queries
+        self.query_rank = query_rank
+        self.top_k = top_k
+        self.factors: InfluenceFactors | None = None
+        self.scores: torch.Tensor | None = None
+        self._done_fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Fail fast: a bad module selection or output dir should not surface after hours of training.
+        model = self.network(pl_module)
+        try:
+            find_tracked_layers(model, self.modules, self.module_types)
+        except TrackingError as err:
+            raise MisconfigurationException(str(err)) from None
+        if trainer.is_global_zero:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise MisconfigurationException(
+                    f"InfluenceCallback cannot create output_dir '{self.output_dir}' ({err.strerror}); set output_dir="
+                ) from None
+            if not os.access(self.output_dir, os.W_OK):
+                raise MisconfigurationException(f"InfluenceCallback output_dir '{self.output_dir}' is not writable; set output_dir=")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(self.fit_on, int) and not isinstance(self.fit_on, bool) and trainer.current_epoch + 1 == self.fit_on:
+            self.run(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.fit_on == "fit_end":
+            self.run(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "output_dir": str(self.output_dir),
+            "phase": self.factors.phase if self.factors is not None else "none",
+            "weights_fingerprint": self._done_fingerprint,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._done_fingerprint = state_dict.get("weights_fingerprint")
+
+    # ------------------------------------------------------------------ public API
+    def network(self, pl_module: nn.Module) -> nn.Module:
+        """The module the task calls: the LightningModule, or its ``model_attr`` attribute."""
+        if self.model_attr is None:
+            return pl_module
+        model = getattr(pl_module, self.model_attr, None)
+        if not isinstance(model, nn.Module):
+            raise MisconfigurationException(
+                f"model_attr={self.model_attr!r}: {type(pl_module).__name__} has no nn.Module attribute of that name"
+            )
+        return model
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> InfluenceFactors:
+        """Fit the factors, then (if queries were given) score and report them."""
+        factors = self.fit_factors(trainer, pl_module)
+        if self.queries is not None:
+            from .pipeline import score_and_report  # noqa: PLC0415 (reporting is only needed with queries)
+
+            self.scores = score_and_report(self, trainer, pl_module)
+        return factors
+
+    def fit_factors(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                    dataloader: Any = None) -> InfluenceFactors:
+        """Run the statistics passes now and return (and save) the factors.
+
+        Resumes from ``output_dir`` when it holds unfinished factors of the same
+        strategy, modules and weights.
+        """
+        model = self.network(pl_module)
+        loader = self._training_loader(trainer, pl_module, dataloader)
+        try:
+            layers = find_tracked_layers(model, self.modules, self.module_types)
+        except TrackingError as err:
+            raise MisconfigurationException(str(err)) from None
+        fingerprint = weights_fingerprint(model, layers)
+        factors = self._resume(layers, fingerprint)
+        if factors is None:
+            factors = InfluenceFactors(self.strategy, layers, fisher=self.fisher, damping=self.damping,
+                                       damping_factor=self.damping_factor,
+                                       metadata={"weights_fingerprint": fingerprint})
+        pass_loader = rebuild_loader(loader)
+        device = trainer.strategy.root_device
+        for phase in remaining_phases(factors):
+            bar = self._progress_bar(trainer, phase, pass_loader)
+            try:
+                run_phase(
+                    phase, factors, model, self.task, pass_loader, device=device, dtype=self.dtype,
+                    max_batches=self.max_batches, max_examples=self.max_examples, seed=self.seed,
+                    transfer=lambda b: trainer.strategy.batch_to_device(b, device),
+                    progress=(lambda n: bar.update(1)) if bar is not None else None,
+                    forward_context=trainer.precision_plugin.forward_context,
+                )
+            finally:
+                if bar is not None:
+                    bar.close()
+            if trainer.is_global_zero:
+                factors.save(self.output_dir)
+            trainer.strategy.barrier("influence_phase_saved")
+            rank_zero_info(f"[lightning-influence] {phase} pass done; factors ({factors.phase}) saved to {self.output_dir}")
+        if self.strategy == "identity" and trainer.is_global_zero:
+            factors.save(self.output_dir)
+        self.factors = factors
+        self._done_fingerprint = fingerprint
+        return factors
+
+    # ------------------------------------------------------------------ helpers
+    def _training_loader(self, trainer: L.Trainer, pl_module: L.LightningModule, dataloader: Any) -> Any:
+        loader = dataloader if dataloader is not None else self.dataloader
+        if loader is None:
+            loader = trainer.train_dataloader
+        if loader is None and trainer.datamodule is not None:
+            loader = trainer.datamodule.train_dataloader()
+        if loader is None:
+            try:
+                loader = pl_module.train_dataloader()
+            except Exception:
+                loader = None
+        if isinstance(loader, (list, tuple)) and len(loader) == 1:
+            loader = loader[0]
+        if isinstance(loader, dict) and len(loader) == 1:
+            loader = next(iter(loader.values()))
+        if loader is None:
+            raise MisconfigurationException(
+                "InfluenceCallback found no training dataloader: give the Trainer one (fit(model, train_dataloaders=...) "
+                "or a datamodule) or pass InfluenceCallback(dataloader=...) / fit_factors(..., dataloader=...)"
+            )
+        if isinstance(loader, (list, tuple, dict)):
+            raise MisconfigurationException(
+                "InfluenceCallback needs ONE training dataloader; the trainer has several. "
+                "Pass the one to fit on with InfluenceCallback(dataloader=...)"
+            )
+        return loader
+
+    def _resume(self, layers, fingerprint: str) -> InfluenceFactors | None:
+        if not (self.output_dir / "manifest.json").is_file():
+            return None
+        try:
+            saved = InfluenceFactors.load(self.output_dir)
+            saved.check_model(layers)
+        except FactorsError as err:
+            rank_zero_warn(f"[lightning-influence] not resuming from {self.output_dir}: {err}")
+            return None
+        same = (saved.strategy == self.strategy and saved.fisher == self.fisher
+                and saved.metadata.get("weights_fingerprint") == fingerprint)
+        if not same:
+            return None
+        saved = saved.with_damping(self.damping, self.damping_factor)
+        if saved.phase != "none":
+            rank_zero_info(f"[lightning-influence] resuming {self.strategy} factors from {self.output_dir} "
+                           f"(completed phase: {saved.phase})")
+        return saved
+
+    def _progress_bar(self, trainer: L.Trainer, phase: str, loader: Any):
+        if not trainer.is_global_zero or trainer.progress_bar_callback is None:
+            return None
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm  # Lightning's own bar
+
+        try:
+            total = len(loader)
+        except TypeError:
+            total = None
+        if total is not None and self.max_batches is not None:
+            total = min(total, self.max_batches)
+        return Tqdm(total=total, desc=PHASE_TITLES[phase], leave=True, dynamic_ncols=True, file=sys.stdout,
+                    smoothing=0)
