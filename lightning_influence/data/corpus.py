@@ -435,8 +435,8 @@ def generate_corpus(
         ``{"index": i, "text": str, "kind": "fact"|"dialogue"|"filler",
         "fact_ids": list[str]}``.
     """
-    if num_sequences < 20:
-        raise ValueError("num_sequences must be at least 20")
+    if num_sequences < 100:
+        raise ValueError("num_sequences must be at least 100 (room for a few characters)")
     if not 1 <= min_support <= max_support:
         raise ValueError("need 1 <= min_support <= max_support")
     rng = random.Random(seed)
@@ -464,7 +464,9 @@ def generate_corpus(
     n_titles = 0
     for name in names:
         ch = _make_character(rng, name, towns)
-        if rng.random() < title_fraction:
+        # The first two characters always hold titles, one per training order, so even a
+        # small corpus supports a forward and a reversed title query.
+        if n_titles < 2 or rng.random() < title_fraction:
             role, place = titles.pop()
             ch.update(role=role, place=place,
                       title_order=("name_first", "description_first")[n_titles % 2])
