@@ -165,9 +165,19 @@ class InfluenceCallback(Callback):
         if isinstance(self.fit_on, int) and not isinstance(self.fit_on, bool) and trainer.current_epoch + 1 == self.fit_on:
             self.run(trainer, pl_module)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ran_this_fit = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Runs before the strategy's teardown, while the model is still on its device.
         if self.fit_on == "fit_end":
             self.run(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Training was skipped (max_epochs reached already, e.g. resuming a finished run): run now,
+        # on whatever device the strategy's teardown left the model.
+        if self.fit_on == "fit_end" and not getattr(self, "_ran_this_fit", False):
+            self.run(trainer, pl_module, device=next(self.network(pl_module).parameters()).device)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -192,9 +202,11 @@ class InfluenceCallback(Callback):
             )
         return model
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> InfluenceFactors:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule,
+            device: torch.device | None = None) -> InfluenceFactors:
         """Fit the factors, then (if queries were given) score and report them."""
-        factors = self.fit_factors(trainer, pl_module)
+        self._ran_this_fit = True
+        factors = self.fit_factors(trainer, pl_module, device=device)
         if self.queries is not None:
             from .pipeline import score_and_report  # noqa: PLC0415 (reporting is only needed with queries)
 
@@ -202,7 +214,7 @@ class InfluenceCallback(Callback):
         return factors
 
     def fit_factors(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                    dataloader: Any = None) -> InfluenceFactors:
+                    dataloader: Any = None, device: torch.device | None = None) -> InfluenceFactors:
         """Run the statistics passes now and return (and save) the factors.
 
         Resumes from ``output_dir`` when it holds unfinished factors of the same
@@ -221,7 +233,7 @@ class InfluenceCallback(Callback):
                                        damping_factor=self.damping_factor,
                                        metadata={"weights_fingerprint": fingerprint})
         pass_loader = rebuild_loader(loader)
-        device = trainer.strategy.root_device
+        device = device if device is not None else trainer.strategy.root_device
         for phase in remaining_phases(factors):
             bar = self._progress_bar(trainer, phase, pass_loader)
             try:
