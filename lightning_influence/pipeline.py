@@ -1,0 +1,191 @@
+"""From fitted factors to saved scores and reports: the end of a config-triggered run.
+
+``score_and_report`` is what :class:`InfluenceCallback` runs after fitting when it was
+given queries; :func:`run_queries` is the same thing for any model, factors and data
+(the demo and the command line use it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .factors import InfluenceFactors, atomic_write_json
+from .loaders import dist_info
+from .module import InfluenceModule
+from .tasks import Task
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QuerySet", "load_query_set", "run_queries", "score_and_report", "save_scores"]
+
+
+@dataclass
+class QuerySet:
+    """Queries ready to score: a loader of batches plus their ids and display texts."""
+
+    loader: Any
+    ids: list[str]
+    texts: list[str]
+
+
+def _find_tokenizer(*holders: Any):
+    for holder in holders:
+        tok = getattr(holder, "tokenizer", None)
+        if tok is not None:
+            return tok
+    return None
+
+
+def load_query_set(spec: str, tokenizer=None, batch_size: int = 8) -> QuerySet:
+    """Queries from a JSONL file of ``{"prompt", "completion"[, "query_id"]}`` or a ``module:function``.
+
+    The function is imported and called without arguments; it returns a DataLoader of
+    query batches (its dataset may carry ``query_ids`` and ``queries`` for display).
+    """
+    from .data.lm import QueryCollator, QueryDataset, read_jsonl_queries
+
+    if ":" in spec and not Path(spec).exists():
+        module_name, _, fn_name = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), fn_name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"queries={spec!r}: cannot import {fn_name} from {module_name} ({err})") from None
+        loader = fn()
+        dataset = getattr(loader, "dataset", None)
+        ids = list(getattr(dataset, "query_ids", []))
+        texts = [f"{q.get('prompt', '')}{q.get('completion', '')}" for q in getattr(dataset, "queries", [])]
+        n = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else len(ids)
+        ids = ids or [f"q{i}" for i in range(n)]
+        return QuerySet(loader, ids, texts or ids)
+    if tokenizer is None:
+        raise ValueError(
+            f"queries={spec!r} is a JSONL file of prompt/completion pairs, which needs a tokenizer: give the "
+            "datamodule or LightningModule a `tokenizer` attribute, or pass queries='module:function' returning "
+            "a DataLoader of query batches"
+        )
+    records = read_jsonl_queries(spec)
+    dataset = QueryDataset(records, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=QueryCollator(pad))
+    texts = [f"{q['prompt']}{'' if q['completion'].startswith(' ') else ' '}{q['completion']}" for q in records]
+    return QuerySet(loader, dataset.query_ids, texts)
+
+
+def save_scores(directory: str | Path, scores: torch.Tensor, query_ids: Sequence[str],
+                layer_scores: torch.Tensor | None = None, layer_names: Sequence[str] | None = None,
+                extra: dict | None = None) -> Path:
+    """Write ``scores.safetensors`` (``scores`` [Q, N], optional ``layer_scores`` [L, Q, N]) and ``scores.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {"scores": scores.detach().cpu().contiguous()}
+    if layer_scores is not None:
+        tensors["layer_scores"] = layer_scores.detach().cpu().contiguous()
+    tmp = directory / "scores.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(directory / "scores.safetensors")
+    atomic_write_json(directory / "scores.json", {
+        "format": "lightning-influence-scores", "format_version": 1, "query_ids": list(query_ids),
+        "num_train": int(scores.shape[-1]), "layer_names": list(layer_names or []), **(extra or {}),
+    })
+    return directory
+
+
+def _train_text_fn(dataset: Any, tokenizer) -> Callable[[int], str | None] | None:
+    texts = getattr(dataset, "texts", None)
+    if isinstance(texts, (list, tuple)):
+        return lambda i: texts[i]
+    if tokenizer is not None:
+        def decode(i: int) -> str | None:
+            item = dataset[i]
+            ids = item.get("input_ids") if isinstance(item, dict) else None
+            return tokenizer.decode(ids, skip_special_tokens=True) if ids is not None else None
+        return decode
+    return None
+
+
+def run_queries(
+    model: nn.Module,
+    task: Task,
+    factors: InfluenceFactors,
+    queries: QuerySet,
+    train_loader: DataLoader,
+    output_dir: str | Path,
+    tokenizer=None,
+    top_k: int = 10,
+    query_rank: int | None = None,
+    wandb_run: Any = None,
+    title: str = "Influence report",
+):
+    """Score ``queries`` against the training data, save scores, and write the reports.
+
+    Returns ``(scores [Q, N], report)``. Under data parallelism every rank scores its
+    shard; rank zero writes the files and logs to W&B.
+    """
+    from .reporting import build_report, log_report, write_html_report
+
+    module = InfluenceModule(model, task=task, factors=factors, query_rank=query_rank)
+    qg = module.prepare_queries(queries.loader)
+    layer_scores = module.pairwise_scores(qg, train_loader, per_layer=True)
+    scores = layer_scores.sum(0)
+    rank, _ = dist_info()
+    if rank != 0:
+        return scores, None
+    dataset = train_loader.dataset
+    collate = train_loader.collate_fn
+    scorer = module.scorer()
+
+    def token_scores(q: int, m: int):
+        if tokenizer is None:
+            return None
+        from .data.lm import token_strings
+
+        batch = collate([dataset[m]])
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            return None
+        tok = scorer.score_batch(qg.select([q]), batch, token_wise=True).sum(0)[0, 0]
+        ids = batch["input_ids"][0]
+        mask = batch.get("attention_mask")
+        n = int(mask[0].sum()) if mask is not None else ids.numel()
+        return token_strings(tokenizer, ids[:n]), tok[:n].tolist()
+
+    report = build_report(scores, queries.ids, queries.texts, train_texts=_train_text_fn(dataset, tokenizer),
+                          k=top_k, layer_scores=layer_scores, layer_names=list(module.scorer().layer_names),
+                          token_scores_fn=token_scores, strategy=factors.strategy)
+    out = Path(output_dir)
+    save_scores(out, scores, queries.ids, layer_scores, module.scorer().layer_names,
+                extra={"strategy": factors.strategy, "query_rank": query_rank})
+    report.save_json(out / "report.json", include_scores=False)
+    write_html_report(report, out / "report.html", title=title)
+    if wandb_run is not None:
+        log_report(report, wandb_run)
+    log.info("influence scores and report written to %s", out)
+    return scores, report
+
+
+def score_and_report(callback, trainer, pl_module) -> torch.Tensor:
+    """The callback's end-of-run scoring of its configured queries."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    tokenizer = _find_tokenizer(trainer.datamodule, pl_module, callback)
+    queries = load_query_set(callback.queries, tokenizer)
+    loader = callback._training_loader(trainer, pl_module, None)
+    wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+    scores, report = run_queries(callback.network(pl_module), callback.task, callback.factors, queries, loader,
+                                 callback.output_dir, tokenizer=tokenizer, top_k=callback.top_k,
+                                 query_rank=callback.query_rank, wandb_run=wandb)
+    if report is not None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"[lightning-influence] scores for {len(queries.ids)} queries saved to "
+                       f"{callback.output_dir}/scores.safetensors; report: {callback.output_dir}/report.html")
+    return scores
+
