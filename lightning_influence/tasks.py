@@ -203,9 +203,13 @@ class CausalLMTask(Task):
         targets = labels[:, 1:]
         valid = targets != self.ignore_index
         if sample:
+            # Draw only at the positions that count, in row-major order: the random stream then
+            # does not depend on how much padding (or prompt) surrounds them, so the sampled
+            # factors of a batch are the same whatever length it is padded to.
             with torch.no_grad():
-                drawn = torch.distributions.Categorical(logits=logits.detach()).sample()
-            targets = torch.where(valid, drawn, targets)
+                targets = targets.clone()
+                if valid.any():
+                    targets[valid] = torch.distributions.Categorical(logits=logits.detach()[valid]).sample()
         safe = torch.where(valid, targets, torch.zeros_like(targets))
         logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
         return logp * valid
