@@ -205,6 +205,7 @@ class LayerCapture:
         self._handles: list = []
         self._inputs: dict[str, list[torch.Tensor]] = {}
         self._outputs: dict[str, list[torch.Tensor]] = {}
+        self._called_without_grad: set[str] = set()
         modules = dict(model.named_modules())
         missing = [n for n in layers if n not in modules]
         if missing:
@@ -225,12 +226,14 @@ class LayerCapture:
     def reset(self) -> None:
         self._inputs = {}
         self._outputs = {}
+        self._called_without_grad = set()
 
     def _make_hook(self, name: str):
         layer = self.layers[name]
 
         def hook(module, inputs, output):
             if not torch.is_grad_enabled():
+                self._called_without_grad.add(name)  # nothing to differentiate; say so if asked
                 return
             x = inputs[0]
             self._inputs.setdefault(name, []).append(_input_tokens(module, layer, x.detach()))
@@ -243,6 +246,12 @@ class LayerCapture:
         out = {}
         for name in self.layers:
             chunks = self._inputs.get(name)
+            if not chunks and name in self._called_without_grad:
+                raise TrackingError(
+                    f"tracked module '{name}' ran with gradients disabled (torch.no_grad / inference_mode), "
+                    "so no output gradient can be taken. Run the pass with gradients enabled "
+                    "(Trainer(inference_mode=False), torch.enable_grad())."
+                )
             if not chunks:
                 raise TrackingError(
                     f"tracked module '{name}' was not called in the forward pass; "
