@@ -36,3 +36,10 @@ from .callback import InfluenceCallback  # noqa: E402
 from .module import InfluenceModule  # noqa: E402
 
 __all__ += ["InfluenceCallback", "InfluenceModule"]
+
+from .query_store import QueryStoreError, load_query_gradients, save_query_gradients  # noqa: E402
+from .tfidf import TfidfCandidates, filtered_scores  # noqa: E402
+from .topk import ScoreShardWriter, StreamingTopK  # noqa: E402
+
+__all__ += ["QueryStoreError", "load_query_gradients", "save_query_gradients", "TfidfCandidates",
+            "filtered_scores", "ScoreShardWriter", "StreamingTopK"]

@@ -77,9 +77,8 @@ def low_rank_factorize(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     q, d_out, d_in = p.shape
     if rank > min(d_out, d_in):
         raise ScoringError(
-            f"query_rank={rank} exceeds what a {d_out}x{d_in} layer allows (at most {min(d_out, d_in)}); "
-            "lower query_rank (layers smaller than the rank are kept at full rank automatically when "
-            "query_rank='auto')"
+            f"rank {rank} exceeds what a {d_out}x{d_in} layer allows (at most {min(d_out, d_in)}); "
+            "lower the rank (InfluenceScorer's query_rank is clipped per layer, so smaller layers stay exact)"
         )
     u, s, vh = torch.linalg.svd(p.to(torch.float64) if p.dtype in (torch.float16, torch.bfloat16) else p,
                                full_matrices=False)
@@ -135,6 +134,16 @@ class InfluenceScorer:
             tracked = {n: tracked[n] for n in factors.layers if n in layers}
         if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
             raise ScoringError(f"query_rank must be a positive integer or None, got {query_rank!r}")
+        if query_rank is not None and tracked:
+            # Each layer keeps min(query_rank, d_out, d_in) (a smaller layer stays exact); a rank
+            # beyond every layer buys nothing over full rank and is almost surely a mistake.
+            widest = max(tracked.values(), key=lambda l: min(l.shape))
+            if query_rank > min(widest.shape):
+                raise ScoringError(
+                    f"query_rank={query_rank} exceeds the rank of every scored layer (the largest, "
+                    f"'{widest.name}' {widest.d_out}x{widest.d_in}, allows at most {min(widest.shape)}); "
+                    f"use query_rank<={min(widest.shape)}, or query_rank=None for exact full-rank queries"
+                )
         self.model = model
         self.task = task
         self.factors = factors
@@ -211,6 +220,7 @@ class InfluenceScorer:
         """Layer-wise scores ``[L, Q, B]`` (or token-wise ``[L, Q, B, T]``) for captured training tokens."""
         out = []
         cd = self.dtype
+        acc = self._accumulate_dtype()  # float32 for bf16/fp16 compute; float32/float64 stay as they are
         for name in self.layers:
             a, s = acts[name].to(cd), grads[name].to(cd)
             if queries.low_rank:
@@ -218,17 +228,16 @@ class InfluenceScorer:
                 # (U^T s_t) . (V^T a_t): [Q, B, T, r] each; never forms the training gradient.
                 su = torch.einsum("bto,qor->qbtr", s, u)
                 av = torch.einsum("bti,qir->qbtr", a, v)
-                tok = -(su.float() * av.float()).sum(-1)
+                tok = -(su.to(acc) * av.to(acc)).sum(-1)
                 out.append(tok if token_wise else tok.sum(-1))
             else:
                 p = queries.full[name].to(cd)
                 if token_wise:
                     pa = torch.einsum("qoi,bti->qbto", p, a)
-                    out.append(-(pa.float() * s.float().unsqueeze(0)).sum(-1))
+                    out.append(-(pa.to(acc) * s.to(acc).unsqueeze(0)).sum(-1))
                 else:
                     dw = per_example_gradients(a, s)
-                    out.append(-torch.einsum("qoi,boi->qb", p, dw).float() if cd in (torch.float16, torch.bfloat16)
-                               else -torch.einsum("qoi,boi->qb", p, dw))
+                    out.append(-torch.einsum("qoi,boi->qb", p, dw).to(acc))
         if token_wise:
             t_max = max(x.shape[-1] for x in out)
             out = [torch.nn.functional.pad(x, (0, t_max - x.shape[-1])) for x in out]
@@ -246,8 +255,7 @@ class InfluenceScorer:
         out = []
         for name in self.layers:
             dw = per_example_gradients(acts[name].to(self.dtype), grads[name].to(self.dtype))
-            out.append(self.factors.inverse_quadratic(name, dw).float() if self.dtype in (torch.float16, torch.bfloat16)
-                       else self.factors.inverse_quadratic(name, dw))
+            out.append(self.factors.inverse_quadratic(name, dw).to(self._accumulate_dtype()))
         return torch.stack(out)
 
     # -------------------------------------------------------- whole loaders

@@ -97,8 +97,6 @@ def test_factorize_rejects_rank_beyond_layer():
         low_rank_factorize(p, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7: scoring.py still clips a query_rank larger than every layer "
-                                       "silently; remove this marker once InfluenceScorer raises")
 def test_scorer_rejects_rank_beyond_every_layer():
     model, task, factors, _, _ = mlp_case()
     with pytest.raises(ScoringError, match="query_rank"):
@@ -123,8 +121,6 @@ def test_token_wise_scores_sum_to_sequence_scores(gpt2, rank):
         assert (tok[..., pad] == 0).all(), "padded tokens must contribute exactly zero"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7: score_captured casts low-rank and token-wise scores with .float(), "
-                                       "so float64 scoring returns float32; remove this marker once it keeps float64")
 @pytest.mark.parametrize("rank", [None, 2])
 def test_float64_stays_float64(gpt2, rank):
     model, task, factors, train, queries = gpt2
