@@ -37,6 +37,7 @@ STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHER_TYPES = ("sampled", "empirical")
 FORMAT_NAME = "lightning-influence-factors"
 FORMAT_VERSION = 1
+_MANIFEST_KEYS = ("tensor_file", "sha256", "strategy", "fisher", "damping", "damping_factor", "phase", "modules")
 
 # The phases each strategy goes through; the last one is "complete".
 PHASES_BY_STRATEGY = {
@@ -67,9 +68,13 @@ def check_fisher(fisher: str) -> str:
 
 
 def check_damping(damping: float | None, damping_factor: float) -> None:
-    if damping is not None and (not isinstance(damping, (int, float)) or not damping >= 0 or damping != damping):
+    if damping is not None and (
+        isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf")
+    ):
         raise FactorsError(f"damping must be a non-negative number or None (heuristic), got {damping!r}")
-    if not damping_factor >= 0:
+    if isinstance(damping_factor, bool) or not isinstance(damping_factor, (int, float)) or not (
+        0 <= damping_factor < float("inf")
+    ):
         raise FactorsError(f"damping_factor must be non-negative, got {damping_factor!r}")
 
 
@@ -261,14 +266,23 @@ class InfluenceFactors:
         }
         tensor_file = f"factors-{uuid.uuid4().hex[:12]}.safetensors"
         tmp = directory / (tensor_file + ".tmp")
-        save_file(flat, str(tmp), metadata={"format": FORMAT_NAME})
-        _fsync(tmp)
-        os.replace(tmp, directory / tensor_file)
-        manifest = self.manifest()
-        manifest["tensor_file"] = tensor_file
-        manifest["sha256"] = _sha256(directory / tensor_file)
-        old = _read_manifest_or_none(directory)
-        atomic_write_json(directory / "manifest.json", manifest)
+        try:
+            save_file(flat, str(tmp), metadata={"format": FORMAT_NAME})
+            _fsync(tmp)
+            os.replace(tmp, directory / tensor_file)
+            manifest = self.manifest()
+            manifest["tensor_file"] = tensor_file
+            manifest["sha256"] = _sha256(directory / tensor_file)
+            old = _read_manifest_or_none(directory)
+            atomic_write_json(directory / "manifest.json", manifest)
+        except BaseException:
+            # The manifest still names the previous tensor file: drop only what this save wrote.
+            for leftover in (tmp, directory / tensor_file):
+                try:
+                    leftover.unlink()
+                except OSError:
+                    pass
+            raise
         if old and old.get("tensor_file") and old["tensor_file"] != tensor_file:
             try:
                 (directory / old["tensor_file"]).unlink()
@@ -290,15 +304,25 @@ class InfluenceFactors:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise FactorsError(f"{manifest_path} is corrupt ({err}); refit the factors") from None
-        if manifest.get("format") != FORMAT_NAME:
-            raise FactorsError(f"{manifest_path} is not a lightning-influence factors manifest")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+            raise FactorsError(
+                f"{manifest_path} is not a lightning-influence factors manifest; point to the directory the "
+                "factors were saved to (the callback's output_dir) or refit them"
+            )
         if manifest.get("format_version") != FORMAT_VERSION:
             raise FactorsError(
                 f"{manifest_path} has format version {manifest.get('format_version')}, this library reads "
                 f"version {FORMAT_VERSION} (made by lightning-influence {manifest.get('library_version')}). "
                 "Refit the factors with this version."
             )
-        tensor_path = directory / manifest["tensor_file"]
+        missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+        tensor_file = manifest.get("tensor_file")
+        if missing or not isinstance(tensor_file, str) or Path(tensor_file).name != tensor_file or not tensor_file:
+            raise FactorsError(
+                f"{manifest_path} is corrupt (missing or invalid entries: {missing or ['tensor_file']}); "
+                "refit the factors"
+            )
+        tensor_path = directory / tensor_file
         if not tensor_path.is_file():
             raise FactorsError(f"{tensor_path} named by {manifest_path} is missing; refit the factors")
         if _sha256(tensor_path) != manifest.get("sha256"):
@@ -307,10 +331,13 @@ class InfluenceFactors:
             flat = load_file(str(tensor_path), device=str(map_location))
         except Exception as err:  # safetensors raises its own error types
             raise FactorsError(f"{tensor_path} could not be read ({err}); refit the factors") from None
-        layers = {
-            n: TrackedLayer(n, m["kind"], int(m["d_out"]), int(m["d_in"]), bool(m["has_bias"]))
-            for n, m in manifest["modules"].items()
-        }
+        try:
+            layers = {
+                n: TrackedLayer(n, m["kind"], int(m["d_out"]), int(m["d_in"]), bool(m["has_bias"]))
+                for n, m in manifest["modules"].items()
+            }
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise FactorsError(f"{manifest_path} is corrupt (module entry: {err!r}); refit the factors") from None
         tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
         for key, value in flat.items():
             name, _, stat = key.rpartition("::")

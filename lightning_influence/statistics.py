@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from .factors import InfluenceFactors, check_fisher, check_strategy
+from .factors import FactorsError, InfluenceFactors, check_fisher, check_strategy
 from .batches import move_to_device
 from .tasks import Task, TaskInputError
 from .tracking import LayerCapture, TrackedLayer, find_tracked_layers
@@ -183,9 +183,7 @@ def run_phase(
     with torch.random.fork_rng(devices=fork_devices), model_mode(model, train=False), torch.enable_grad():
         torch.manual_seed(seed + _rank())
         with LayerCapture(model, factors.layers, dtype=dtype) as cap:
-            for batch_index, batch in enumerate(batches):
-                if max_batches is not None and seen_batches >= max_batches:
-                    break
+            for batch_index, batch in enumerate(_limited(batches, max_batches)):
                 if max_examples is not None and seen_examples >= max_examples:
                     break
                 batch = transfer(batch)
@@ -217,6 +215,19 @@ def run_phase(
     log.info("%s pass done: %d batches, %d examples on this rank", phase, seen_batches, seen_examples)
 
 
+def _limited(batches: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
+    """At most ``max_batches`` batches, without drawing one more from the loader than is used."""
+    if max_batches is None:
+        yield from batches
+        return
+    if max_batches <= 0:
+        return
+    for i, batch in enumerate(batches):
+        yield batch
+        if i + 1 >= max_batches:
+            return
+
+
 def _eigendecompose(factors: InfluenceFactors) -> None:
     """Eigendecompose the mean covariances in float64 (they are ill-conditioned)."""
     for name in factors.layers:
@@ -244,6 +255,18 @@ def remaining_phases(factors: InfluenceFactors) -> list[str]:
     if factors.strategy == "ekfac":
         return ["lambda"] if factors.phase_done("eigen") else ["covariance", "lambda"]
     return {"diagonal": ["diagonal"], "kfac": ["covariance"]}[factors.strategy]
+
+
+def _check_resumable(factors: InfluenceFactors, model: nn.Module) -> None:
+    """Partially fitted factors can only be resumed on the model (modules and shapes) they started on."""
+    modules = dict(model.named_modules())
+    absent = [n for n in factors.layers if n not in modules]
+    if absent:
+        raise FactorsError(
+            f"the factors to resume track module(s) {absent[:10]} that {type(model).__name__} does not have; "
+            "resume on the model they were fitted on, or fit new factors (factors=None)"
+        )
+    factors.check_model(find_tracked_layers(model, list(factors.layers)))
 
 
 def fit_factors(
@@ -275,12 +298,14 @@ def fit_factors(
     if factors is None:
         layers = find_tracked_layers(model, modules, module_types)
         factors = InfluenceFactors(strategy, layers, fisher=fisher, damping=damping, damping_factor=damping_factor)
+    else:
+        _check_resumable(factors, model)
     for phase in remaining_phases(factors):
         run_phase(phase, factors, model, task, batches, device=device, dtype=dtype,
                   max_batches=max_batches, max_examples=max_examples, seed=seed)
         if output_dir is not None and _rank() == 0:
             factors.save(output_dir)
-    if output_dir is not None and _rank() == 0 and strategy == "identity":
+    if output_dir is not None and _rank() == 0 and factors.strategy == "identity":
         factors.save(output_dir)
     return factors
 

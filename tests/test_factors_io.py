@@ -1,0 +1,349 @@
+"""Factor files: exact round trips, model checks, corruption, atomic replacement, resume."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_influence.factors as factors_mod
+from lightning_influence import ClassificationTask, FactorsError, InfluenceFactors, InfluenceScorer, fit_factors
+from lightning_influence.statistics import run_phase
+from lightning_influence.tracking import find_tracked_layers
+
+from . import models
+
+STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds synchronisation (slow on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Counting:
+    """A re-iterable over batches that counts how many batches were drawn from it."""
+
+    def __init__(self, batches, fail_after: int | None = None):
+        self.batches = list(batches)
+        self.drawn = 0
+        self.fail_after = fail_after
+
+    def __iter__(self):
+        for b in self.batches:
+            if self.fail_after is not None and self.drawn >= self.fail_after:
+                raise RuntimeError("killed mid-pass")
+            self.drawn += 1
+            yield b
+
+
+def train_batches():
+    return models.split_batch(models.mlp_data(12, seed=1), 4)
+
+
+def fitted(strategy, **kw):
+    return fit_factors(models.mlp(), ClassificationTask(), train_batches(), strategy=strategy, **kw)
+
+
+def assert_identical(a: InfluenceFactors, b: InfluenceFactors):
+    assert (a.strategy, a.fisher, a.damping, a.damping_factor, a.phase, a.metadata) == (
+        b.strategy, b.fisher, b.damping, b.damping_factor, b.phase, b.metadata)
+    assert a.layers == b.layers
+    assert a.tensors.keys() == b.tensors.keys()
+    for name in a.tensors:
+        assert a.tensors[name].keys() == b.tensors[name].keys(), name
+        for key, value in a.tensors[name].items():
+            other = b.tensors[name][key]
+            assert value.dtype == other.dtype and value.shape == other.shape, (name, key)
+            assert torch.equal(value, other), (name, key)
+
+
+def tensor_files(directory):
+    return sorted(p.name for p in Path(directory).iterdir() if p.name != "manifest.json")
+
+
+# ----------------------------------------------------------------- round trips
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("fisher, damping", [("sampled", None), ("empirical", 0.25)])
+def test_round_trip_is_exact(tmp_path, strategy, fisher, damping):
+    f = fitted(strategy, fisher=fisher, damping=damping, damping_factor=0.05)
+    f.metadata["note"] = "kept"
+    f.save(tmp_path)
+    g = InfluenceFactors.load(tmp_path)
+    assert_identical(f, g)
+    assert g.is_complete
+    if strategy != "identity":
+        for name in f.layers:
+            assert torch.equal(f.eigenvalues(name), g.eigenvalues(name))
+            assert f.damping_for(name) == g.damping_for(name)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["strategy"] == strategy and manifest["phase"] == "complete"
+
+
+def test_round_trip_of_unfinished_ekfac(tmp_path):
+    f = InfluenceFactors("ekfac", find_tracked_layers(models.mlp()), fisher="empirical")
+    run_phase("covariance", f, models.mlp(), ClassificationTask(), train_batches())
+    assert f.phase == "eigen"
+    f.save(tmp_path)
+    g = InfluenceFactors.load(tmp_path)
+    assert_identical(f, g)
+    assert not g.is_complete and "lambda_sum" not in g.tensors["0"]
+    with pytest.raises(FactorsError, match="unfinished"):
+        InfluenceScorer(models.mlp(), ClassificationTask(), g)
+
+
+# --------------------------------------------------------------- model checks
+def test_factors_for_another_model_are_refused():
+    f = fitted("kfac")
+    wider = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    with pytest.raises(FactorsError, match=r"module '0' is linear \(7, 6\) in the factors|Refit"):
+        f.check_model(find_tracked_layers(wider))
+    with pytest.raises(FactorsError, match="another model"):
+        InfluenceScorer(wider, ClassificationTask(), f)
+    no_bias = models.mlp(bias=False)
+    with pytest.raises(FactorsError, match=r"\(7, 5\)"):
+        InfluenceScorer(no_bias, ClassificationTask(), f)
+    # Other module names: check_model names what differs.
+    renamed = nn.Sequential()
+    renamed.add_module("first", nn.Linear(5, 7))
+    renamed.add_module("act", nn.Tanh())
+    renamed.add_module("2", nn.Linear(7, 3))
+    with pytest.raises(FactorsError, match=r"in the factors only: \['0'\]; tracked now only: \['first'\]"):
+        f.check_model(find_tracked_layers(renamed.double()))
+    with pytest.raises(FactorsError, match="'0'"):
+        InfluenceScorer(renamed.double(), ClassificationTask(), f)
+    # A module frozen since fitting is not tracked any more.
+    frozen = models.mlp()
+    frozen[2].requires_grad_(False)
+    with pytest.raises(FactorsError, match=r"in the factors only: \['2'\]"):
+        InfluenceScorer(frozen, ClassificationTask(), f)
+
+
+def test_kind_mismatch_is_refused():
+    from transformers.pytorch_utils import Conv1D
+
+    f = fitted("diagonal")
+    conv1d = nn.Sequential(Conv1D(7, 5), nn.Tanh(), nn.Linear(7, 3)).double()
+    with pytest.raises(FactorsError, match="conv1d"):
+        f.check_model(find_tracked_layers(conv1d))
+
+
+# ----------------------------------------------------------------- corruption
+@pytest.fixture
+def saved(tmp_path):
+    f = fitted("ekfac")
+    f.save(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    return tmp_path, tmp_path / manifest["tensor_file"], manifest
+
+
+def test_truncated_tensor_file(saved):
+    directory, tensor_file, _ = saved
+    data = tensor_file.read_bytes()
+    tensor_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FactorsError, match="truncated or corrupt.*refit"):
+        InfluenceFactors.load(directory)
+
+
+def test_byte_flipped_tensor_file(saved):
+    directory, tensor_file, _ = saved
+    data = bytearray(tensor_file.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's float64 payload: still a valid safetensors file
+    tensor_file.write_bytes(bytes(data))
+    with pytest.raises(FactorsError, match="checksum.*refit"):
+        InfluenceFactors.load(directory)
+
+
+def test_missing_tensor_file(saved):
+    directory, tensor_file, _ = saved
+    tensor_file.unlink()
+    with pytest.raises(FactorsError, match="missing; refit"):
+        InfluenceFactors.load(directory)
+
+
+@pytest.mark.parametrize("content", [
+    '{"format": "lightning-influence-factors", "format_',  # truncated JSON
+    "\udcff".encode("utf-8", "surrogateescape").decode("latin-1"),  # not UTF-8 JSON
+    "[1, 2, 3]",  # JSON, not an object
+    '{"format": "something-else", "format_version": 1}',
+    '{"format": "lightning-influence-factors", "format_version": 1}',  # entries missing
+], ids=["truncated", "binary", "list", "other-format", "incomplete"])
+def test_corrupt_manifest(saved, content):
+    directory, _, _ = saved
+    (directory / "manifest.json").write_text(content, encoding="latin-1")
+    with pytest.raises(FactorsError, match="refit"):
+        InfluenceFactors.load(directory)
+
+
+@pytest.mark.parametrize("edit", [
+    {"tensor_file": "../elsewhere.safetensors"},
+    {"modules": {"0": {"kind": "linear"}}},
+    {"modules": ["0", "2"]},
+    {"strategy": "newton"},
+    {"damping": -1.0},
+    {"phase": "halfway"},
+], ids=["escaping-path", "module-entry", "modules-list", "strategy", "damping", "phase"])
+def test_manifest_with_bad_entries(saved, edit):
+    directory, _, manifest = saved
+    (directory / "manifest.json").write_text(json.dumps({**manifest, **edit}))
+    with pytest.raises(FactorsError):
+        InfluenceFactors.load(directory)
+
+
+def test_unknown_format_version(saved):
+    directory, _, manifest = saved
+    (directory / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(FactorsError, match="format version 99.*Refit"):
+        InfluenceFactors.load(directory)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FactorsError, match="does not exist. Fit them first"):
+        InfluenceFactors.load(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------ atomic replace
+def test_save_replaces_previous_save(tmp_path):
+    first, second = fitted("kfac"), fitted("ekfac")
+    first.save(tmp_path)
+    (old_file,) = tensor_files(tmp_path)
+    second.save(tmp_path)
+    (new_file,) = tensor_files(tmp_path)  # the old tensor file is gone, no temporary file left
+    assert new_file != old_file and new_file.endswith(".safetensors")
+    assert json.loads((tmp_path / "manifest.json").read_text())["tensor_file"] == new_file
+    assert_identical(second, InfluenceFactors.load(tmp_path))
+
+
+def test_crash_before_manifest_keeps_previous_factors(tmp_path, monkeypatch):
+    first = fitted("kfac")
+    first.save(tmp_path)
+    before = tensor_files(tmp_path)
+
+    def crash(path, payload):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(factors_mod, "atomic_write_json", crash)
+    with pytest.raises(OSError, match="simulated"):
+        fitted("ekfac").save(tmp_path)
+    assert tensor_files(tmp_path) == before  # the half-done save left nothing behind
+    assert_identical(first, InfluenceFactors.load(tmp_path))
+
+
+def test_crash_while_writing_tensor_file_keeps_previous_factors(tmp_path, monkeypatch):
+    first = fitted("diagonal")
+    first.save(tmp_path)
+
+    def crash(*args, **kwargs):
+        raise OSError("killed (simulated)")
+
+    monkeypatch.setattr(factors_mod, "save_file", crash)
+    with pytest.raises(OSError, match="simulated"):
+        fitted("kfac").save(tmp_path)
+    assert len(tensor_files(tmp_path)) == 1
+    assert_identical(first, InfluenceFactors.load(tmp_path))
+
+
+# ------------------------------------------------------------ invalid settings
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(strategy="newton"), "unknown strategy 'newton'; choose one of identity, diagonal, kfac, ekfac"),
+    (dict(fisher="true"), "unknown fisher 'true'; choose 'sampled'"),
+    (dict(damping=-0.1), "damping must be a non-negative number"),
+    (dict(damping=float("nan")), "damping must be a non-negative number"),
+    (dict(damping=float("inf")), "damping must be a non-negative number"),
+    (dict(damping="0.1"), "damping must be a non-negative number"),
+    (dict(damping=True), "damping must be a non-negative number"),
+    (dict(damping_factor=-1.0), "damping_factor must be non-negative"),
+])
+def test_invalid_settings_raise(kwargs, match):
+    layers = find_tracked_layers(models.mlp())
+    args = {"strategy": "kfac", **kwargs}
+    strategy = args.pop("strategy")
+    with pytest.raises(FactorsError, match=match):
+        InfluenceFactors(strategy, layers, **args)
+    with pytest.raises(FactorsError, match=match):
+        fit_factors(models.mlp(), ClassificationTask(), train_batches(), strategy=strategy, **args)
+
+
+def test_unwritable_output_dir(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("chmod does not stop this user from writing (root)")
+        with pytest.raises(FactorsError, match="not writable; choose another output_dir"):
+            fitted("kfac").save(locked)
+        with pytest.raises(FactorsError, match="cannot create output directory.*choose another output_dir"):
+            fitted("kfac").save(locked / "sub")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    """The same error path, reachable as root too."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for target in (blocker, blocker / "sub"):
+        with pytest.raises(FactorsError, match="cannot create output directory.*choose another output_dir"):
+            fit_factors(models.mlp(), ClassificationTask(), train_batches(), strategy="kfac", output_dir=target)
+
+
+def test_output_dir_not_writable_by_access_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(factors_mod.os, "access", lambda path, mode: False)
+    with pytest.raises(FactorsError, match="not writable; choose another output_dir"):
+        fitted("diagonal").save(tmp_path)
+
+
+# --------------------------------------------------------------------- resume
+@pytest.mark.parametrize("fisher", ["sampled", "empirical"])
+def test_ekfac_resume_runs_only_the_lambda_pass(tmp_path, fisher):
+    model, task = models.mlp(), ClassificationTask()
+    whole = Counting(train_batches())
+    reference = fit_factors(model, task, whole, strategy="ekfac", fisher=fisher)
+    assert whole.drawn == 2 * 3
+
+    # A run killed during its lambda pass: the covariance phase was saved.
+    dying = Counting(train_batches(), fail_after=3 + 1)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit_factors(model, task, dying, strategy="ekfac", fisher=fisher, output_dir=tmp_path)
+    partial = InfluenceFactors.load(tmp_path)
+    assert partial.phase == "eigen"
+
+    resumed_batches = Counting(train_batches())
+    resumed = fit_factors(model, task, resumed_batches, factors=partial, output_dir=tmp_path)
+    assert resumed_batches.drawn == 3  # the lambda pass only
+    assert resumed.phase == "complete"
+    assert_identical(reference, resumed)
+    assert_identical(reference, InfluenceFactors.load(tmp_path))
+
+    # Complete factors: nothing left to run.
+    again = Counting(train_batches())
+    fit_factors(model, task, again, factors=resumed)
+    assert again.drawn == 0
+
+
+def test_resume_on_another_model_is_refused():
+    partial = InfluenceFactors("ekfac", find_tracked_layers(models.mlp()))
+    wider = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    with pytest.raises(FactorsError, match="another model"):
+        fit_factors(wider, ClassificationTask(), train_batches(), factors=partial)
+    with pytest.raises(FactorsError, match="does not have"):
+        fit_factors(models.convnet(), ClassificationTask(), [models.conv_data(4)], factors=partial)
+
+
+def test_identity_factors_passed_in_are_saved(tmp_path):
+    identity = InfluenceFactors("identity", find_tracked_layers(models.mlp()))
+    fit_factors(models.mlp(), ClassificationTask(), train_batches(), factors=identity, output_dir=tmp_path)
+    assert_identical(identity, InfluenceFactors.load(tmp_path))
+
+
+def test_max_batches_draws_no_extra_batch():
+    batches = Counting(train_batches())
+    fit_factors(models.mlp(), ClassificationTask(), batches, strategy="kfac", max_batches=2)
+    assert batches.drawn == 2
