@@ -27,16 +27,22 @@ def dist_info() -> tuple[int, int]:
 
 
 class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world, ...`` of ``range(n)``: every example exactly once across ranks."""
+    """Indices ``start + rank, start + rank + world, ...`` of ``range(n)``: each example once across ranks.
 
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        self.n, self.rank, self.world_size = n, rank, world_size
+    ``start`` skips examples already processed (a resumed scoring run).
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        self.n, self.rank, self.world_size, self.start = n, rank, world_size, start
+
+    def _range(self) -> range:
+        return range(self.start + self.rank, self.n, self.world_size)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world_size))
+        return iter(self._range())
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
+        return len(self._range())
 
 
 class IndexedDataset(Dataset):
@@ -62,7 +68,7 @@ class IndexCollate:
         return torch.tensor([i for i, _ in items], dtype=torch.long), self.collate_fn([x for _, x in items])
 
 
-def rebuild_loader(loader: Any, indexed: bool = False, shard: bool = True) -> Iterable:
+def rebuild_loader(loader: Any, indexed: bool = False, shard: bool = True, start: int = 0) -> Iterable:
     """The same data as ``loader`` in dataset order, this rank's shard only, optionally indexed.
 
     Non-``DataLoader`` iterables (a list of batches) and iterable-style datasets are
@@ -77,6 +83,8 @@ def rebuild_loader(loader: Any, indexed: bool = False, shard: bool = True) -> It
                 "influence passes under data parallelism need a torch DataLoader over a map-style dataset "
                 f"(got {type(loader).__name__}); they shard it by index across ranks"
             )
+        if start:
+            raise ValueError("resuming from a training index needs a torch DataLoader over a map-style dataset")
         return _enumerated(loader) if indexed else loader
     if loader.batch_size is None:
         raise ValueError(
@@ -84,7 +92,7 @@ def rebuild_loader(loader: Any, indexed: bool = False, shard: bool = True) -> It
             "can read the dataset in order. Pass a DataLoader(dataset, batch_size=..., collate_fn=...)"
         )
     dataset = loader.dataset
-    sampler = ShardSampler(len(dataset), rank, world)
+    sampler = ShardSampler(len(dataset), rank, world, start)
     return DataLoader(
         IndexedDataset(dataset) if indexed else dataset,
         batch_size=loader.batch_size,

@@ -8,17 +8,22 @@ process, and shards across ranks by itself when a process group exists.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from .factors import FactorsError, InfluenceFactors
-from .loaders import gather_by_index, rebuild_loader
+from .loaders import dist_info, gather_by_index, rebuild_loader
+from .query_store import load_query_gradients, save_query_gradients
 from .scoring import InfluenceScorer, QueryGradients
 from .tasks import Task
+from .tfidf import TfidfCandidates, filtered_scores
+from .topk import ScoreShardWriter, StreamingTopK
 
 __all__ = ["InfluenceModule"]
 
@@ -33,6 +38,28 @@ def _clone_out_of_inference(batch: Any) -> Any:
     if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
         return type(batch)(_clone_out_of_inference(v) for v in batch)
     return batch
+
+
+def _merge_top_k(values: torch.Tensor, indices: torch.Tensor, k: int, largest: bool):
+    """Merge per-rank top-k lists ``[Q, k']`` into the global top-k (ties: lower index first)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    q = values.shape[0]
+    pad = k - values.shape[1]
+    fill = float("-inf") if largest else float("inf")
+    v = torch.nn.functional.pad(values.double(), (0, pad), value=fill)
+    i = torch.nn.functional.pad(indices, (0, pad), value=-1)
+    all_v, all_i = [torch.empty_like(v) for _ in range(world)], [torch.empty_like(i) for _ in range(world)]
+    dist.all_gather(all_v, v)
+    dist.all_gather(all_i, i)
+    v, i = torch.cat(all_v, 1), torch.cat(all_i, 1)
+    order = torch.argsort(i.masked_fill(i < 0, torch.iinfo(torch.long).max), dim=1, stable=True)
+    v, i = v.gather(1, order), i.gather(1, order)
+    order = torch.argsort(v, dim=1, descending=largest, stable=True)[:, :k]
+    v, i = v.gather(1, order), i.gather(1, order)
+    keep = (i >= 0).all(0)
+    return v[:, keep].to(values.dtype), i[:, keep].reshape(q, -1)
 
 
 class InfluenceModule(L.LightningModule):
@@ -111,13 +138,98 @@ class InfluenceModule(L.LightningModule):
 
     # ------------------------------------------------------------------ queries
     def prepare_queries(self, query_loader: Iterable | QueryGradients) -> QueryGradients:
-        """Compute (once) the preconditioned gradients of the queries; ``QueryGradients`` pass through."""
+        """Compute (once) the preconditioned gradients of the queries; ``QueryGradients`` pass through.
+
+        With ``query_rank`` the per-layer relative Frobenius error of the low-rank
+        approximation is logged (and kept in ``queries.errors``).
+        """
         if isinstance(query_loader, QueryGradients):
             self.queries = query_loader
         else:
             loader = rebuild_loader(query_loader, shard=False)
             self.queries = self.scorer().query_gradients(loader)
+            if self.queries.low_rank:
+                worst = {n: float(e.max()) for n, e in self.queries.errors.items()}
+                rank_zero_info("[lightning-influence] rank-%d query gradients, worst relative Frobenius error per "
+                               "layer: %s" % (self.queries.rank, ", ".join(f"{n}={e:.3g}" for n, e in worst.items())))
         return self.queries
+
+    def save_queries(self, directory: str | Path, queries_meta: list[dict] | None = None) -> Path:
+        """Store the prepared query gradients (safetensors + JSON manifest) to score later."""
+        if self.queries is None:
+            raise MisconfigurationException("no prepared queries: call prepare_queries(query_loader) first")
+        return save_query_gradients(self.queries, directory, self.factors, queries_meta)
+
+    def load_queries(self, directory: str | Path) -> QueryGradients:
+        """Load stored query gradients; they must come from these factors and layers."""
+        qg, _ = load_query_gradients(directory, factors=self.factors, layers=self.scorer().layer_names)
+        self.queries = qg.to(self._device_of_model())
+        return self.queries
+
+    def token_scores(self, batch: Any, queries: Iterable | QueryGradients | None = None,
+                     per_layer: bool = False) -> torch.Tensor:
+        """Token-wise influence ``[Q, B, T]`` (``[L, Q, B, T]``) of one training batch.
+
+        Each training token's contribution; they sum over tokens (and layers) to the
+        sequence's score, and padding tokens contribute exactly zero.
+        """
+        qg = self.prepare_queries(queries) if queries is not None else self.queries
+        if qg is None:
+            raise MisconfigurationException("no prepared queries: pass queries= or call prepare_queries first")
+        tok = self.scorer().score_batch(qg, batch, token_wise=True)
+        return tok if per_layer else tok.sum(0)
+
+    def top_k(self, query_loader: Iterable | QueryGradients, train_loader: Iterable, k: int = 10,
+              scores_dir: str | Path | None = None, shard_size: int = 4096) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Streaming top-k: the ``k`` most positive and most negative training examples per query.
+
+        Memory stays flat in the number of training examples. With ``scores_dir`` all scores
+        are also written in safetensors shards, and an interrupted run resumes from its last
+        completed shard. Returns ``{"positive": (values, indices), "negative": (values, indices)}``,
+        each ``[Q, k]``, indices into the training dataset.
+        """
+        queries = self.prepare_queries(query_loader)
+        scorer = self.scorer()
+        _, world = dist_info()
+        if scores_dir is not None:
+            if world > 1:
+                raise MisconfigurationException("top_k(scores_dir=...) writes shards from one process; under data "
+                                                "parallelism call it without scores_dir (top-k merges across ranks)")
+            writer = ScoreShardWriter(scores_dir, shard_size=shard_size, num_queries=queries.num_queries, topk=k)
+            if not writer.completed:
+                start = writer.resume_from()
+                if start:
+                    rank_zero_info(f"[lightning-influence] resuming scoring at training index {start}")
+                for i, (idx, batch) in enumerate(rebuild_loader(train_loader, indexed=True, start=start)):
+                    writer.write(scorer.score_batch(queries, batch, i).sum(0).detach().cpu(), start=int(idx[0]))
+                writer.finish()
+            top = writer.topk
+        else:
+            top = StreamingTopK(queries.num_queries, k)
+            for i, (idx, batch) in enumerate(rebuild_loader(train_loader, indexed=True)):
+                top.update(scorer.score_batch(queries, batch, i).sum(0).detach().cpu(), idx)
+        result = {"positive": top.most_positive(), "negative": top.most_negative()}
+        if world > 1:
+            result = {side: _merge_top_k(*vi, k, largest=(side == "positive")) for side, vi in result.items()}
+        return result
+
+    def candidate_scores(self, query_loader: Iterable | QueryGradients, query_texts: list[str],
+                         train_texts: list[str], train_loader: Any, k: int = 10_000,
+                         cache_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """TF-IDF filtering: score each query only against its ``k`` most similar training texts.
+
+        The vectorizer is fitted once and cached (``cache_dir``). Returns ``(scores [Q, k],
+        indices [Q, k])`` with the original training indices; the scores equal the
+        unfiltered ones for the same pairs.
+        """
+        queries = self.prepare_queries(query_loader)
+        if len(query_texts) != queries.num_queries:
+            raise MisconfigurationException(f"{len(query_texts)} query texts for {queries.num_queries} queries")
+        index = (TfidfCandidates.load_or_fit(cache_dir, train_texts) if cache_dir is not None
+                 else TfidfCandidates.fit(train_texts))
+        candidates = index.top_k(query_texts, k)
+        return filtered_scores(self.scorer(), queries, candidates, train_loader.dataset, train_loader.collate_fn,
+                               batch_size=train_loader.batch_size or 8)
 
     # ------------------------------------------------------------------ public scoring
     def pairwise_scores(self, query_loader: Iterable | QueryGradients, train_loader: Iterable,

@@ -221,6 +221,8 @@ class ScoreShardWriter:
                 raise TopKError(f"metadata must be JSON-serialisable ({err})") from None
         if (self.directory / MANIFEST).is_file():
             self._resume(read_score_manifest(self.directory))
+        if self.topk is None and self.k is not None and self.num_queries is not None:
+            self.topk = StreamingTopK(self.num_queries, self.k)
         self._remove_stray_files()
 
     # ------------------------------------------------------------ resume

@@ -31,9 +31,11 @@ def main(out: str) -> None:
     through = module.pairwise_scores(queries, lm.loader(data, batch_size=8), trainer=trainer)
     in_process = module.pairwise_scores(queries, lm.loader(data, batch_size=8))  # shards by itself
     self_scores = module.self_scores(lm.loader(data, batch_size=8), trainer=trainer)
+    top = module.top_k(queries, lm.loader(data, batch_size=8), k=4)  # per-rank top-k merged across ranks
     rank = trainer.global_rank
     save_file({"through": through.contiguous(), "in_process": in_process.contiguous(),
-               "self": self_scores.contiguous()}, os.path.join(out, f"scores-rank{rank}.safetensors"))
+               "self": self_scores.contiguous(), "top_pos": top["positive"][1].contiguous(),
+               "top_neg": top["negative"][1].contiguous()}, os.path.join(out, f"scores-rank{rank}.safetensors"))
 
 
 if __name__ == "__main__":

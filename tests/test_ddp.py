@@ -41,4 +41,6 @@ def test_ddp_matches_single_process(tmp_path):
         assert got["through"].shape == (5, 45)
         torch.testing.assert_close(got["through"], expected, **tol)
         torch.testing.assert_close(got["in_process"], expected, **tol)
+        assert torch.equal(got["top_pos"], torch.topk(got["through"], 4, dim=1).indices)
+        assert torch.equal(got["top_neg"], torch.topk(got["through"], 4, dim=1, largest=False).indices)
         torch.testing.assert_close(got["self"], expected_self, rtol=1e-4, atol=1e-5 * float(expected_self.max()))
