@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -24,7 +23,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from .factors import FactorsError, InfluenceFactors, check_damping, check_fisher, check_strategy
-from .loaders import dist_info, rebuild_loader
+from .loaders import rebuild_loader
+from .progress import length_of, progress_bar
 from .statistics import remaining_phases, run_phase
 from .tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 from .tracking import TrackingError, find_tracked_layers
@@ -234,19 +234,18 @@ class InfluenceCallback(Callback):
                                        metadata={"weights_fingerprint": fingerprint})
         pass_loader = rebuild_loader(loader)
         device = device if device is not None else trainer.strategy.root_device
+        total = length_of(pass_loader)
+        if total is not None and self.max_batches is not None:
+            total = min(total, self.max_batches)
         for phase in remaining_phases(factors):
-            bar = self._progress_bar(trainer, phase, pass_loader)
-            try:
+            with progress_bar(total, PHASE_TITLES[phase], trainer.progress_bar_callback is not None) as bar:
                 run_phase(
                     phase, factors, model, self.task, pass_loader, device=device, dtype=self.dtype,
                     max_batches=self.max_batches, max_examples=self.max_examples, seed=self.seed,
                     transfer=lambda b: trainer.strategy.batch_to_device(b, device),
-                    progress=(lambda n: bar.update(1)) if bar is not None else None,
+                    progress=lambda n: bar.update(1),
                     forward_context=trainer.precision_plugin.forward_context,
                 )
-            finally:
-                if bar is not None:
-                    bar.close()
             if trainer.is_global_zero:
                 factors.save(self.output_dir)
             trainer.strategy.barrier("influence_phase_saved")
@@ -303,17 +302,3 @@ class InfluenceCallback(Callback):
             rank_zero_info(f"[lightning-influence] resuming {self.strategy} factors from {self.output_dir} "
                            f"(completed phase: {saved.phase})")
         return saved
-
-    def _progress_bar(self, trainer: L.Trainer, phase: str, loader: Any):
-        if not trainer.is_global_zero or trainer.progress_bar_callback is None:
-            return None
-        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm  # Lightning's own bar
-
-        try:
-            total = len(loader)
-        except TypeError:
-            total = None
-        if total is not None and self.max_batches is not None:
-            total = min(total, self.max_batches)
-        return Tqdm(total=total, desc=PHASE_TITLES[phase], leave=True, dynamic_ncols=True, file=sys.stdout,
-                    smoothing=0)

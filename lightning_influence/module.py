@@ -19,6 +19,7 @@ from torch import nn
 
 from .factors import FactorsError, InfluenceFactors
 from .loaders import dist_info, gather_by_index, rebuild_loader
+from .progress import length_of, progress_bar
 from .query_store import load_query_gradients, save_query_gradients
 from .scoring import InfluenceScorer, QueryGradients
 from .tasks import Task
@@ -73,6 +74,7 @@ class InfluenceModule(L.LightningModule):
             them at that rank (query batching, the paper uses 32).
         dtype: compute dtype for scoring (float32 default; bfloat16/float16 for speed).
         layers: score with these tracked layers only (e.g. the MLP layers).
+        show_progress: progress bars (with time left) on long in-process passes, rank zero only.
 
     Example::
 
@@ -89,8 +91,10 @@ class InfluenceModule(L.LightningModule):
         query_rank: int | None = None,
         dtype: torch.dtype = torch.float32,
         layers: Iterable[str] | None = None,
+        show_progress: bool = True,
     ):
         super().__init__()
+        self.show_progress = show_progress
         if factors is None:
             raise MisconfigurationException(
                 "InfluenceModule needs fitted factors: run the statistics pass first (InfluenceCallback, or "
@@ -200,14 +204,20 @@ class InfluenceModule(L.LightningModule):
                 start = writer.resume_from()
                 if start:
                     rank_zero_info(f"[lightning-influence] resuming scoring at training index {start}")
-                for i, (idx, batch) in enumerate(rebuild_loader(train_loader, indexed=True, start=start)):
-                    writer.write(scorer.score_batch(queries, batch, i).sum(0).detach().cpu(), start=int(idx[0]))
+                loader = rebuild_loader(train_loader, indexed=True, start=start)
+                with progress_bar(length_of(loader), "Influence: top-k scores", self.show_progress) as bar:
+                    for i, (idx, batch) in enumerate(loader):
+                        writer.write(scorer.score_batch(queries, batch, i).sum(0).detach().cpu(), start=int(idx[0]))
+                        bar.update(1)
                 writer.finish()
             top = writer.topk
         else:
             top = StreamingTopK(queries.num_queries, k)
-            for i, (idx, batch) in enumerate(rebuild_loader(train_loader, indexed=True)):
-                top.update(scorer.score_batch(queries, batch, i).sum(0).detach().cpu(), idx)
+            loader = rebuild_loader(train_loader, indexed=True)
+            with progress_bar(length_of(loader), "Influence: top-k scores", self.show_progress) as bar:
+                for i, (idx, batch) in enumerate(loader):
+                    top.update(scorer.score_batch(queries, batch, i).sum(0).detach().cpu(), idx)
+                    bar.update(1)
         result = {"positive": top.most_positive(), "negative": top.most_negative()}
         if world > 1:
             result = {side: _merge_top_k(*vi, k, largest=(side == "positive")) for side, vi in result.items()}
@@ -259,9 +269,13 @@ class InfluenceModule(L.LightningModule):
     # ------------------------------------------------------------------ in-process
     def _in_process(self, train_loader, score_fn, per_layer) -> torch.Tensor:
         indices, chunks = [], []
-        for i, (idx, batch) in enumerate(rebuild_loader(train_loader, indexed=True)):
-            chunks.append(score_fn(batch, i).detach().cpu())
-            indices.append(idx)
+        loader = rebuild_loader(train_loader, indexed=True)
+        title = "Influence: pairwise scores" if self._mode == "pairwise" else "Influence: self-influence"
+        with progress_bar(length_of(loader), title, self.show_progress) as bar:
+            for i, (idx, batch) in enumerate(loader):
+                chunks.append(score_fn(batch, i).detach().cpu())
+                indices.append(idx)
+                bar.update(1)
         if not chunks:
             raise MisconfigurationException("the training dataloader is empty: there is nothing to score")
         scores = gather_by_index(torch.cat(indices), torch.cat(chunks, dim=-1))
