@@ -273,7 +273,6 @@ class InfluenceFactors:
             manifest = self.manifest()
             manifest["tensor_file"] = tensor_file
             manifest["sha256"] = _sha256(directory / tensor_file)
-            old = _read_manifest_or_none(directory)
             atomic_write_json(directory / "manifest.json", manifest)
         except BaseException:
             # The manifest still names the previous tensor file: drop only what this save wrote.
@@ -283,11 +282,13 @@ class InfluenceFactors:
                 except OSError:
                     pass
             raise
-        if old and old.get("tensor_file") and old["tensor_file"] != tensor_file:
-            try:
-                (directory / old["tensor_file"]).unlink()
-            except FileNotFoundError:
-                pass
+        # The previous save's tensor file, and any left behind by a save that was killed mid-way.
+        for stale in directory.glob("factors-*.safetensors*"):
+            if stale.name != tensor_file:
+                try:
+                    stale.unlink()
+                except FileNotFoundError:
+                    pass
         return directory
 
     @classmethod
@@ -387,13 +388,6 @@ def _sha256(path: Path) -> str:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _read_manifest_or_none(directory: Path) -> dict | None:
-    try:
-        return json.loads((directory / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def _ensure_writable_dir(directory: Path) -> None:

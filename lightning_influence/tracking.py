@@ -111,6 +111,9 @@ def find_tracked_layers(
     type_tuple = tuple(types) if types is not None else None
     named = [(n, m) for n, m in model.named_modules() if n]
     if patterns is not None:
+        repeated = sorted({p for p in patterns if list(patterns).count(p) > 1})
+        if repeated:
+            raise TrackingError(f"module pattern(s) {repeated} are listed more than once; list each pattern once")
         unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n, _ in named)]
         if unmatched:
             raise TrackingError(
@@ -129,7 +132,23 @@ def find_tracked_layers(
             continue
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue  # frozen layers have no influence to attribute
+        if patterns is not None and len(patterns) > 1:
+            hits = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
+            if len(hits) > 1:
+                raise TrackingError(
+                    f"module '{name}' is selected by overlapping patterns {hits}; make the patterns disjoint so "
+                    "that each module is selected by exactly one"
+                )
         selected[name] = _describe(module, name)
+    owners: dict[int, str] = {}
+    for name in selected:
+        weight = model.get_submodule(name).weight
+        if id(weight) in owners:
+            raise TrackingError(
+                f"modules '{owners[id(weight)]}' and '{name}' share one weight tensor; its influence would be "
+                "counted twice. Track only one of them (e.g. exclude=['" + name + "'])"
+            )
+        owners[id(weight)] = name
     if not selected:
         raise TrackingError(
             f"no trackable module selected in {type(model).__name__} (patterns={patterns}, types={types}). "
