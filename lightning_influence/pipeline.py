@@ -161,6 +161,8 @@ def run_queries(
                           k=top_k, layer_scores=layer_scores, layer_names=list(module.scorer().layer_names),
                           token_scores_fn=token_scores, strategy=factors.strategy)
     out = Path(output_dir)
+    # Prepared once: the stored query gradients can be scored later against any training shard.
+    module.save_queries(out / "queries", [{"query_id": i, "text": t} for i, t in zip(queries.ids, queries.texts)])
     save_scores(out, scores, queries.ids, layer_scores, module.scorer().layer_names,
                 extra={"strategy": factors.strategy, "query_rank": query_rank})
     report.save_json(out / "report.json", include_scores=False)
