@@ -181,7 +181,11 @@ def run_phase(
     # Sampled labels come from a fixed seed so that a rerun gives identical factors.
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices), model_mode(model, train=False), torch.enable_grad():
-        torch.manual_seed(seed + _rank())
+        # Seed only the generators fork_rng restores (CPU and this pass's device), not every GPU's.
+        torch.random.default_generator.manual_seed(seed + _rank())
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed + _rank())
         with LayerCapture(model, factors.layers, dtype=dtype) as cap:
             for batch_index, batch in enumerate(_limited(batches, max_batches)):
                 if max_examples is not None and seen_examples >= max_examples:
