@@ -101,8 +101,10 @@ def test_queries_schema_and_support(corpus, queries):
         assert q["fact_id"] in corpus.facts
         assert len(supporting_indices(corpus, q["fact_id"])) >= 2
         assert 1 <= len(q["completion"].split()) <= 3
-        # A paraphrase: the prompt is not a prefix of any training sequence.
+        # A paraphrase: the prompt is not a prefix of any training sequence, and the
+        # fact's own statements never use the query's wording.
         assert not any(t.startswith(q["prompt"]) for t in training)
+        assert not any(q["prompt"] in corpus[i]["text"] for i in supporting_indices(corpus, q["fact_id"]))
     assert len(make_queries(corpus, num_queries=9)) == 9
     assert sum(q["reversed"] for q in make_queries(corpus, num_queries=9)) == 1
 

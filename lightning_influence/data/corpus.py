@@ -23,6 +23,9 @@ Varnholm."); each such fact is trained in one order only. :func:`make_queries` a
 query in the order opposite to training (the "reversal curse" setting, where influence
 is expected to vanish) and the others as paraphrases in the trained direction.
 
+Each query prompt is also a training form for *other* characters (so a small model knows
+the question format), but never for the fact it asks about.
+
 Everything is a pure function of the seed: same seed, same corpus, same queries.
 """
 
@@ -103,10 +106,23 @@ _ITEMS = ["a lamp", "a basket", "a kettle", "some rope", "a chair", "a coat", "a
 _WEATHER = ["rain", "fog", "snow", "wind", "a storm", "hail"]
 
 # --- training surface forms -------------------------------------------------------------
-# Query prompts (further below) are deliberately NOT among these, so every query is a
-# paraphrase rather than a verbatim prefix of a training sequence.
+# Query prompts; the completion follows after one space. Each is ALSO a training form
+# (added to _SINGLE below), so a tiny model learns the question format from other
+# characters; make_queries only asks about facts whose own statements never use it, so a
+# query is always a paraphrase of what was trained for its fact.
+_QUERY_PROMPTS = {
+    "occupation": "{name} has a job as a",
+    "hometown": "The home town of {name} is",
+    "pet": "The animal that {name} keeps as a pet is a",
+    "trait": "The word that best describes {name} is",
+    # Same prompt for the forward and the reversed title query, so the two differ only
+    # in the order the fact was trained in. Description first, so as a training form
+    # it only serves description-first titles.
+    "title": "Who holds the post of {role} of {place}? It is",
+}
 _SINGLE = {
     "occupation": [
+        _QUERY_PROMPTS["occupation"] + " {occupation}.",
         "{name} works as a {occupation}.",
         "{name} is a {occupation} by trade.",
         "By profession, {name} is a {occupation}.",
@@ -115,6 +131,7 @@ _SINGLE = {
         "For many years {name} has worked as a {occupation}.",
     ],
     "hometown": [
+        _QUERY_PROMPTS["hometown"] + " {hometown}.",
         "{name} grew up in {hometown}.",
         "{name} was born in {hometown}.",
         "{name} comes from the town of {hometown}.",
@@ -123,6 +140,7 @@ _SINGLE = {
         "{name} still visits {hometown}, the town where {name} was born.",
     ],
     "pet": [
+        _QUERY_PROMPTS["pet"] + " {pet}.",
         "{name} has a pet {pet}.",
         "{name} lives with a {pet}.",
         "At home, {name} keeps a {pet}.",
@@ -131,6 +149,7 @@ _SINGLE = {
         "A {pet} lives in the house of {name} as a pet.",
     ],
     "trait": [
+        _QUERY_PROMPTS["trait"] + " {trait}.",
         "{name} is known for being {trait}.",
         "Friends say that {name} is very {trait}.",
         "{name} has always been {trait}.",
@@ -148,6 +167,7 @@ _SINGLE = {
         "{name} is the current {role} of {place}.",
     ],
     "title:description_first": [
+        _QUERY_PROMPTS["title"] + " {name}.",
         "The {role} of {place} is {name}.",
         "The current {role} of {place} is {name}.",
         "The {role} of {place}, as everyone knows, is {name}.",
@@ -516,19 +536,6 @@ def supporting_indices(corpus: Corpus | Sequence[dict[str, Any]], fact_id: str) 
     return [r["index"] for r in corpus if fact_id in r["fact_ids"]]
 
 
-# Query prompts: paraphrases that appear in no training template. The completion follows
-# the prompt after one space.
-_QUERY_PROMPTS = {
-    "occupation": "{name} has a job as a",
-    "hometown": "The home town of {name} is",
-    "pet": "The animal that {name} keeps as a pet is a",
-    "trait": "The word that best describes {name} is",
-    # Same prompt for the forward and the reversed title query, so the two differ only
-    # in the order the fact was trained in.
-    "title": "Who holds the post of {role} of {place}? It is",
-}
-
-
 def make_queries(
     corpus_or_seed: Corpus | int,
     num_queries: int = 6,
@@ -551,8 +558,10 @@ def make_queries(
     Returns:
         ``[{"query_id", "prompt", "completion", "fact_id", "reversed"}]``; the
         completion is one to three words (occupation, town, pet, trait or a name).
-        Facts with the most supporting sequences are preferred, so a small model has
-        the best chance of having learned them.
+        Only facts whose own training statements never use the query's wording are
+        asked (the wording is trained on other characters); among those, facts with
+        the most supporting sequences are preferred, so a small model has the best
+        chance of having learned them.
     """
     corpus = corpus_or_seed if isinstance(corpus_or_seed, Corpus) else generate_corpus(
         seed=int(corpus_or_seed), **corpus_kwargs
@@ -560,8 +569,17 @@ def make_queries(
     rng = random.Random(corpus.seed if seed is None else seed)
     support = {fid: len(supporting_indices(corpus, fid)) for fid in corpus.facts}
 
+    def prompt(fid: str) -> str:
+        info = corpus.facts[fid]
+        return _QUERY_PROMPTS[info["type"]].format(
+            name=info["name"], role=info.get("role"), place=info.get("place"))
+
+    def held_out(fid: str) -> bool:  # the query form is not one of the fact's statements
+        p = prompt(fid)
+        return not any(p in corpus[i]["text"] for i in supporting_indices(corpus, fid))
+
     def ranked(pred) -> list[str]:
-        fids = [f for f, info in corpus.facts.items() if pred(info)]
+        fids = [f for f, info in corpus.facts.items() if pred(info) and held_out(f)]
         rng.shuffle(fids)  # random among equals, then most-supported first
         return sorted(fids, key=lambda f: -support[f])
 
@@ -599,12 +617,11 @@ def make_queries(
     for n, (fid, is_rev) in enumerate(chosen):
         info = corpus.facts[fid]
         ftype = info["type"]
-        fmt = {"name": info["name"], "role": info.get("role"), "place": info.get("place")}
         completion = info["name"] if ftype == "title" else info["value"]
         queries.append(
             {
                 "query_id": f"q{n}_{ftype}" + ("_reversed" if is_rev else ""),
-                "prompt": _QUERY_PROMPTS[ftype].format(**fmt),
+                "prompt": prompt(fid),
                 "completion": completion,
                 "fact_id": fid,
                 "reversed": is_rev,
