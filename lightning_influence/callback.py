@@ -84,6 +84,11 @@ class InfluenceCallback(Callback):
             ``output_dir`` (and reported to W&B when the trainer has a WandbLogger).
         query_rank: rank of stored query gradients (query batching); ``None`` for full rank.
         top_k: how many most positive/negative training examples to report per query.
+        module_types: module classes to track (with or instead of ``modules`` patterns).
+        tfidf_candidates: score each query only against its k most TF-IDF-similar training
+            texts (the paper keeps 10,000); needs training texts (a dataset ``texts`` list or a tokenizer).
+        score_layers: report influence through these tracked layers only (e.g. the MLP layers).
+        score_dtype: scoring compute dtype: ``float32``, ``bfloat16`` or ``float16``.
     """
 
     def __init__(
@@ -106,6 +111,9 @@ class InfluenceCallback(Callback):
         query_rank: int | None = None,
         top_k: int = 10,
         module_types: list[type] | None = None,
+        tfidf_candidates: int | None = None,
+        score_layers: list[str] | None = None,
+        score_dtype: str = "float32",
     ):
         super().__init__()
         try:
@@ -118,7 +126,10 @@ class InfluenceCallback(Callback):
             raise MisconfigurationException(f"fit_on must be 'fit_end', 'manual' or an epoch number, got {fit_on!r}")
         if dtype not in ("float32", "float64"):
             raise MisconfigurationException(f"dtype must be 'float32' or 'float64' (statistics never accumulate in less), got {dtype!r}")
-        for name, value in (("max_batches", max_batches), ("max_examples", max_examples), ("query_rank", query_rank)):
+        if score_dtype not in ("float32", "float64", "bfloat16", "float16"):
+            raise MisconfigurationException(f"score_dtype must be float32, float64, bfloat16 or float16, got {score_dtype!r}")
+        for name, value in (("max_batches", max_batches), ("max_examples", max_examples), ("query_rank", query_rank),
+                            ("tfidf_candidates", tfidf_candidates), ("top_k", top_k)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise MisconfigurationException(f"{name} must be a positive integer or None, got {value!r}")
         self.task = resolve_task(task)
@@ -139,6 +150,9 @@ class InfluenceCallback(Callback):
         self.queries = queries
         self.query_rank = query_rank
         self.top_k = top_k
+        self.tfidf_candidates = tfidf_candidates
+        self.score_layers = score_layers
+        self.score_dtype = getattr(torch, score_dtype)
         self.factors: InfluenceFactors | None = None
         self.scores: torch.Tensor | None = None
         self._done_fingerprint: str | None = None

@@ -124,22 +124,40 @@ def run_queries(
     query_rank: int | None = None,
     wandb_run: Any = None,
     title: str = "Influence report",
+    tfidf_candidates: int | None = None,
+    layers: Sequence[str] | None = None,
+    dtype: torch.dtype = torch.float32,
 ):
     """Score ``queries`` against the training data, save scores, and write the reports.
 
     Returns ``(scores [Q, N], report)``. Under data parallelism every rank scores its
-    shard; rank zero writes the files and logs to W&B.
+    shard; rank zero writes the files and logs to W&B. With ``tfidf_candidates=k`` each
+    query is scored only against its ``k`` most TF-IDF-similar training texts (the
+    other entries of the returned matrix are NaN); ``layers`` keeps only those tracked
+    layers; ``dtype`` is the scoring compute dtype (bf16/fp16 for speed).
     """
     from .reporting import build_report, log_report, write_html_report
 
-    module = InfluenceModule(model, task=task, factors=factors, query_rank=query_rank)
+    module = InfluenceModule(model, task=task, factors=factors, query_rank=query_rank, dtype=dtype, layers=layers)
     qg = module.prepare_queries(queries.loader)
-    layer_scores = module.pairwise_scores(qg, train_loader, per_layer=True)
-    scores = layer_scores.sum(0)
+    dataset = train_loader.dataset
+    if tfidf_candidates is not None:
+        text_of = _train_text_fn(dataset, tokenizer)
+        if text_of is None:
+            raise ValueError("tfidf_candidates needs the training texts: a dataset with a `texts` list, or a tokenizer")
+        train_texts = [text_of(i) or "" for i in range(len(dataset))]
+        cand_scores, cand_idx = module.candidate_scores(qg, queries.texts, train_texts, train_loader,
+                                                        k=tfidf_candidates,
+                                                        cache_dir=Path(output_dir) / "tfidf")
+        scores = torch.full((qg.num_queries, len(dataset)), float("nan"), dtype=cand_scores.dtype)
+        scores.scatter_(1, cand_idx, cand_scores)
+        layer_scores = None
+    else:
+        layer_scores = module.pairwise_scores(qg, train_loader, per_layer=True)
+        scores = layer_scores.sum(0)
     rank, _ = dist_info()
     if rank != 0:
         return scores, None
-    dataset = train_loader.dataset
     collate = train_loader.collate_fn
     scorer = module.scorer()
 
@@ -164,7 +182,7 @@ def run_queries(
     # Prepared once: the stored query gradients can be scored later against any training shard.
     module.save_queries(out / "queries", [{"query_id": i, "text": t} for i, t in zip(queries.ids, queries.texts)])
     save_scores(out, scores, queries.ids, layer_scores, module.scorer().layer_names,
-                extra={"strategy": factors.strategy, "query_rank": query_rank})
+                extra={"strategy": factors.strategy, "query_rank": query_rank, "tfidf_candidates": tfidf_candidates})
     report.save_json(out / "report.json", include_scores=False)
     write_html_report(report, out / "report.html", title=title)
     if wandb_run is not None:
@@ -183,7 +201,9 @@ def score_and_report(callback, trainer, pl_module) -> torch.Tensor:
     wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
     scores, report = run_queries(callback.network(pl_module), callback.task, callback.factors, queries, loader,
                                  callback.output_dir, tokenizer=tokenizer, top_k=callback.top_k,
-                                 query_rank=callback.query_rank, wandb_run=wandb)
+                                 query_rank=callback.query_rank, wandb_run=wandb,
+                                 tfidf_candidates=callback.tfidf_candidates, layers=callback.score_layers,
+                                 dtype=callback.score_dtype)
     if report is not None:
         from lightning.pytorch.utilities import rank_zero_info
 

@@ -1,0 +1,65 @@
+"""run_queries: files written, TF-IDF-filtered and layer-restricted scoring agree with the full path."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from lightning_influence import CausalLMTask, InfluenceModule, fit_factors
+from lightning_influence.pipeline import QuerySet, run_queries
+
+from . import models
+from .test_module_tools import DictRows, collate
+
+WORDS = ["apple", "river", "stone", "cloud", "ember", "frost"]
+
+
+@pytest.fixture(scope="module")
+def case():
+    model = models.tiny_gpt2().float()
+    train = DictRows(models.lm_batch(18, vocab=11, max_len=9, pad_to=9, seed=1))
+    train.texts = [f"{WORDS[i % 6]} {WORDS[(i * 5) % 6]} row{i}" for i in range(18)]
+    queries = DictRows(models.lm_batch(3, vocab=11, max_len=7, pad_to=7, seed=3, prompt_len=3))
+    tl = DataLoader(train, batch_size=6, collate_fn=collate)
+    ql = DataLoader(queries, batch_size=3, collate_fn=collate)
+    task = CausalLMTask()
+    factors = fit_factors(model, task, tl, strategy="ekfac", fisher="empirical")
+    full = InfluenceModule(model, task=task, factors=factors).pairwise_scores(ql, tl, per_layer=True)
+    qs = QuerySet(ql, ["qa", "qb", "qc"], ["apple river", "stone cloud", "ember frost"])
+    return model, task, factors, tl, qs, full
+
+
+def test_outputs_written_and_consistent(case, tmp_path):
+    model, task, factors, tl, qs, full = case
+    scores, report = run_queries(model, task, factors, qs, tl, tmp_path, top_k=3)
+    torch.testing.assert_close(scores, full.sum(0))
+    saved = load_file(str(tmp_path / "scores.safetensors"))
+    torch.testing.assert_close(saved["scores"], scores)
+    assert json.loads((tmp_path / "scores.json").read_text())["query_ids"] == ["qa", "qb", "qc"]
+    assert (tmp_path / "queries" / "manifest.json").is_file()
+    html = (tmp_path / "report.html").read_text()
+    for q, entry in enumerate(report.queries):
+        assert entry.top_positive[0].train_index == int(scores[q].argmax())
+        assert entry.top_negative[0].train_index == int(scores[q].argmin())
+        assert entry.top_positive[0].text == tl.dataset.texts[entry.top_positive[0].train_index]
+        assert entry.query_id in html
+
+
+def test_tfidf_candidates_match_full_scores(case, tmp_path):
+    model, task, factors, tl, qs, full = case
+    scores, _ = run_queries(model, task, factors, qs, tl, tmp_path, top_k=2, tfidf_candidates=5)
+    finite = torch.isfinite(scores)
+    assert (finite.sum(1) == 5).all()
+    expected = full.sum(0)
+    torch.testing.assert_close(scores[finite], expected[finite], rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    assert (tmp_path / "tfidf").is_dir()
+
+
+def test_layer_subset(case, tmp_path):
+    model, task, factors, tl, qs, full = case
+    mlp_layers = [n for n in factors.layers if ".mlp." in n]
+    scores, _ = run_queries(model, task, factors, qs, tl, tmp_path, layers=mlp_layers)
+    keep = [i for i, n in enumerate(factors.layers) if n in mlp_layers]
+    torch.testing.assert_close(scores, full[keep].sum(0))
