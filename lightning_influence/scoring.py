@@ -91,6 +91,21 @@ def low_rank_factorize(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return left, right, err
 
 
+_CHUNK_ELEMENTS = 1 << 26  # reconstructed U V^T per query chunk: at most 64M elements (256 MB in float32)
+
+
+def _dense_cheaper(b: int, t: int, d_out: int, d_in: int, q: int, r: int) -> bool:
+    """Whether DW-then-dot beats the token-wise low-rank contraction, in multiply-adds."""
+    tokens = b * t * q * r * (d_out + d_in + 1)
+    dense = b * t * d_out * d_in + q * d_out * d_in * r + q * b * d_out * d_in
+    return dense < tokens
+
+
+def _query_chunks(u: torch.Tensor, v: torch.Tensor):
+    step = max(1, _CHUNK_ELEMENTS // (u.shape[1] * v.shape[1]))
+    return u.split(step), v.split(step)
+
+
 class InfluenceScorer:
     """Computes influence of training examples on queries for one model, task and set of factors.
 
@@ -225,6 +240,13 @@ class InfluenceScorer:
             a, s = acts[name].to(cd), grads[name].to(cd)
             if queries.low_rank:
                 u, v = queries.left[name].to(cd), queries.right[name].to(cd)
+                if not token_wise and _dense_cheaper(a.shape[0], a.shape[1], u.shape[1], v.shape[1], u.shape[0],
+                                                     u.shape[2]):
+                    # Short sequences: forming DW and U V^T (in query chunks) costs fewer flops.
+                    dw = per_example_gradients(a, s)
+                    out.append(torch.cat([-torch.einsum("qoi,boi->qb", uc @ vc.transpose(1, 2), dw).to(acc)
+                                          for uc, vc in zip(*_query_chunks(u, v))]))
+                    continue
                 # (U^T s_t) . (V^T a_t): [Q, B, T, r] each; never forms the training gradient.
                 su = torch.einsum("bto,qor->qbtr", s, u)
                 av = torch.einsum("bti,qir->qbtr", a, v)

@@ -128,3 +128,25 @@ def test_float64_stays_float64(gpt2, rank):
     qg = scorer.query_gradients(queries)
     assert scorer.score_batch(qg, train[0]).dtype == torch.float64
     assert scorer.score_batch(qg, train[0], token_wise=True).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("rank", [2, None])
+def test_both_low_rank_contractions_give_the_same_scores(gpt2, monkeypatch, dense, rank):
+    """The cost model picks DW-then-dot or the token-wise contraction; both must agree with full rank."""
+    import lightning_influence.scoring as scoring
+
+    model, task, factors, train, queries = gpt2
+    full_rank = max_full_rank(factors)
+    expected = InfluenceScorer(model, task, factors, dtype=torch.float64,
+                               query_rank=full_rank).pairwise_scores(queries, train)
+    monkeypatch.setattr(scoring, "_dense_cheaper", lambda *a: dense)
+    monkeypatch.setattr(scoring, "_CHUNK_ELEMENTS", 64)  # several query chunks even on tiny layers
+    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=rank or full_rank)
+    got = scorer.pairwise_scores(queries, train)
+    if rank is None:
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))
+    else:
+        monkeypatch.setattr(scoring, "_dense_cheaper", lambda *a: not dense)
+        other = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=rank).pairwise_scores(queries, train)
+        torch.testing.assert_close(got, other, rtol=1e-8, atol=1e-10 * float(other.abs().max()))
