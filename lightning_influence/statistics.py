@@ -78,7 +78,7 @@ def token_count(x: torch.Tensor, mask: torch.Tensor | None) -> float:
 
 def per_example_gradients(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """``DW_b = sum_t s_bt a_bt^T`` for every example: ``[B, d_out, d_in]``."""
-    return torch.einsum("bto,bti->boi", grads, acts)
+    return grads.transpose(1, 2) @ acts
 
 
 @contextmanager
