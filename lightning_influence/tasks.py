@@ -211,8 +211,9 @@ class CausalLMTask(Task):
                 if valid.any():
                     targets[valid] = torch.distributions.Categorical(logits=logits.detach()[valid]).sample()
         safe = torch.where(valid, targets, torch.zeros_like(targets))
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-        return logp * valid
+        # Fused log-softmax + gather: no [B, T, vocab] log-probability tensor is kept for backward.
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe.reshape(-1), reduction="none")
+        return -nll.view_as(safe) * valid
 
     def train_loss(self, model, batch, sample=False):
         return -self._token_logprobs(model, batch, sample).sum()
