@@ -18,16 +18,15 @@ process killed mid-save leaves the previous pair loadable.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_write_json, fsync_file, sha256_file
 from . import __version__
 from .tracking import TrackedLayer
 
@@ -268,11 +267,11 @@ class InfluenceFactors:
         tmp = directory / (tensor_file + ".tmp")
         try:
             save_file(flat, str(tmp), metadata={"format": FORMAT_NAME})
-            _fsync(tmp)
+            fsync_file(tmp)
             os.replace(tmp, directory / tensor_file)
             manifest = self.manifest()
             manifest["tensor_file"] = tensor_file
-            manifest["sha256"] = _sha256(directory / tensor_file)
+            manifest["sha256"] = sha256_file(directory / tensor_file)
             atomic_write_json(directory / "manifest.json", manifest)
         except BaseException:
             # The manifest still names the previous tensor file: drop only what this save wrote.
@@ -326,7 +325,7 @@ class InfluenceFactors:
         tensor_path = directory / tensor_file
         if not tensor_path.is_file():
             raise FactorsError(f"{tensor_path} named by {manifest_path} is missing; refit the factors")
-        if _sha256(tensor_path) != manifest.get("sha256"):
+        if sha256_file(tensor_path) != manifest.get("sha256"):
             raise FactorsError(f"{tensor_path} does not match its checksum (truncated or corrupt); refit the factors")
         try:
             flat = load_file(str(tensor_path), device=str(map_location))
@@ -377,17 +376,8 @@ class InfluenceFactors:
 
 
 # ------------------------------------------------------------------ file helpers
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _ensure_writable_dir(directory: Path) -> None:
@@ -398,18 +388,3 @@ def _ensure_writable_dir(directory: Path) -> None:
     if not os.access(directory, os.W_OK):
         raise FactorsError(f"output directory '{directory}' is not writable; choose another output_dir")
 
-
-def atomic_write_json(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file in the same directory, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

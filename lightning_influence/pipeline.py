@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .factors import InfluenceFactors, atomic_write_json
+from .factors import InfluenceFactors
+from .files import atomic_write_json
 from .loaders import dist_info
 from .module import InfluenceModule
 from .tasks import Task

@@ -28,8 +28,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_write_json, fsync_file, read_json_or_none, sha256_file
 from . import __version__
-from .factors import InfluenceFactors, atomic_write_json
+from .factors import InfluenceFactors
 from .scoring import QueryGradients, ScoringError
 
 __all__ = [
@@ -147,7 +148,7 @@ def save_query_gradients(
     tmp = directory / (tensor_file + ".tmp")
     try:
         save_file(flat, str(tmp), metadata={"format": FORMAT_NAME})
-        _fsync(tmp)
+        fsync_file(tmp)
         os.replace(tmp, directory / tensor_file)
     except BaseException:
         if tmp.exists():
@@ -159,7 +160,7 @@ def save_query_gradients(
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "tensor_file": tensor_file,
-        "sha256": _sha256(directory / tensor_file),
+        "sha256": sha256_file(directory / tensor_file),
         "num_queries": qg.num_queries,
         "query_ids": [str(m.get("query_id", m.get("id", f"q{i}"))) for i, m in enumerate(meta)],
         "query_texts": [m.get("text") for m in meta],
@@ -176,7 +177,7 @@ def save_query_gradients(
             "damping_factor": factors.damping_factor,
         },
     }
-    old = _read_json_or_none(directory / MANIFEST)
+    old = read_json_or_none(directory / MANIFEST)
     atomic_write_json(directory / MANIFEST, manifest)
     if old and isinstance(old.get("tensor_file"), str) and old["tensor_file"] != tensor_file:
         try:
@@ -311,7 +312,7 @@ def load_query_gradients(
     if not tensor_path.is_file():
         raise QueryStoreError(f"{tensor_path} named by {directory / MANIFEST} is missing; "
                               "save the query gradients again")
-    if _sha256(tensor_path) != manifest.get("sha256"):
+    if sha256_file(tensor_path) != manifest.get("sha256"):
         raise QueryStoreError(f"{tensor_path} does not match its checksum (truncated or corrupt); "
                               "save the query gradients again")
     try:
@@ -349,24 +350,10 @@ def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
-def _read_json_or_none(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def _ensure_dir(directory: Path) -> None:

@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from .files import atomic_write_json, fsync_file, read_json_or_none, sha256_file
 from . import __version__
-from .factors import atomic_write_json
 from .scoring import InfluenceScorer, QueryGradients, ScoringError
 
 __all__ = [
@@ -166,7 +166,7 @@ class TfidfCandidates:
         tensor_file, vocab_file = stem + ".safetensors", stem + ".vocab.json"
         tmp = directory / (tensor_file + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
-        _fsync(tmp)
+        fsync_file(tmp)
         os.replace(tmp, directory / tensor_file)
         atomic_write_json(directory / vocab_file, {"terms": terms})
         manifest = {
@@ -175,14 +175,14 @@ class TfidfCandidates:
             "library_version": __version__,
             "tensor_file": tensor_file,
             "vocab_file": vocab_file,
-            "sha256": {tensor_file: _sha256(directory / tensor_file), vocab_file: _sha256(directory / vocab_file)},
+            "sha256": {tensor_file: sha256_file(directory / tensor_file), vocab_file: sha256_file(directory / vocab_file)},
             "params": self.params(),
             "num_documents": int(m.shape[0]),
             "num_terms": len(terms),
             "texts_sha256": self.texts_sha256,
             "probe_texts": self.probe_texts,
         }
-        old = _read_json_or_none(directory / MANIFEST)
+        old = read_json_or_none(directory / MANIFEST)
         atomic_write_json(directory / MANIFEST, manifest)
         if old:
             for key in ("tensor_file", "vocab_file"):
@@ -211,7 +211,7 @@ class TfidfCandidates:
                              f"delete '{directory}' to rebuild it")
         for key in ("tensor_file", "vocab_file"):
             f = directory / manifest[key]
-            if not f.is_file() or _sha256(f) != manifest["sha256"].get(manifest[key]):
+            if not f.is_file() or sha256_file(f) != manifest["sha256"].get(manifest[key]):
                 raise TfidfError(f"{f} is missing or corrupt; delete '{directory}' to rebuild the index")
         if texts is not None:
             texts = _check_texts(texts)
@@ -367,21 +367,6 @@ def _check_texts(texts: Sequence[str], what: str = "texts") -> list[str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
-
-def _read_json_or_none(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None

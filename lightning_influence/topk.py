@@ -18,7 +18,6 @@ Ties are broken deterministically: among equal scores the lower training index r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,8 +27,8 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_write_json, read_json_or_none, sha256_file
 from . import __version__
-from .factors import atomic_write_json
 
 __all__ = ["StreamingTopK", "ScoreShardWriter", "TopKError", "read_scores", "read_score_manifest"]
 
@@ -255,7 +254,7 @@ class ScoreShardWriter:
     def _remove_stray_files(self) -> None:
         """Temporary files of an interrupted write, and shard/top-k files the manifest does not list."""
         keep = {s["file"] for s in self.shards}
-        manifest = _read_json_or_none(self.directory / MANIFEST) or {}
+        manifest = read_json_or_none(self.directory / MANIFEST) or {}
         if manifest.get("topk_file"):
             keep.add(manifest["topk_file"])
         for path in self.directory.iterdir():
@@ -321,13 +320,13 @@ class ScoreShardWriter:
         name = _SHARD.format(number)
         _atomic_save({"scores": shard}, self.directory / name)
         entry = {"file": name, "start": start, "stop": start + shard.shape[1],
-                 "sha256": _sha256(self.directory / name)}
+                 "sha256": sha256_file(self.directory / name)}
         topk_file = None
         if self.topk is not None:
             self.topk.update(shard, start)
             topk_file = _TOPK.format(number)
             _atomic_save(self.topk.state_dict(), self.directory / topk_file)
-        old_topk = (_read_json_or_none(self.directory / MANIFEST) or {}).get("topk_file")
+        old_topk = (read_json_or_none(self.directory / MANIFEST) or {}).get("topk_file")
         self.shards.append(entry)
         self._write_manifest(topk_file)
         if old_topk and old_topk != topk_file:
@@ -369,7 +368,7 @@ class ScoreShardWriter:
             raise TopKError("no scores were written; nothing to finish")
         self.completed = True
         self.num_train = total
-        topk_file = (_read_json_or_none(self.directory / MANIFEST) or {}).get("topk_file")
+        topk_file = (read_json_or_none(self.directory / MANIFEST) or {}).get("topk_file")
         self._write_manifest(topk_file)
         return self.directory
 
@@ -412,7 +411,7 @@ def read_scores(directory: str | os.PathLike, allow_incomplete: bool = False) ->
         path = directory / entry["file"]
         if entry["start"] != expected:
             raise TopKError(f"{directory / MANIFEST} lists shards that are not contiguous at index {expected}")
-        if not path.is_file() or _sha256(path) != entry["sha256"]:
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
             raise TopKError(f"{path} is missing or corrupt; rerun the scoring into a new directory")
         t = load_file(str(path))["scores"]
         if t.shape[1] != entry["stop"] - entry["start"]:
@@ -439,16 +438,4 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
-
-def _read_json_or_none(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None

@@ -1,0 +1,61 @@
+"""Crash-safe file helpers shared by every file the library writes (JSON and safetensors only).
+
+Everything is written to a temporary name in the target directory and renamed into place,
+so a reader (or a process killed mid-write) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_write_json", "sha256_file", "fsync_file", "read_json_or_none", "ensure_writable_dir"]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def read_json_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def atomic_write_json(path: Path, payload: dict) -> None:
+    """Write JSON to a temporary file in the same directory, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def ensure_writable_dir(directory: Path, error: type[Exception], what: str = "directory") -> None:
+    """Create ``directory`` if needed; raise ``error`` naming the fix when it cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise error(f"cannot create {what} '{directory}' ({err.strerror}); choose another one") from None
+    if not os.access(directory, os.W_OK):
+        raise error(f"{what} '{directory}' is not writable; choose another one")
