@@ -8,7 +8,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny tensors: extra OpenMP threads only add synchronisation (and spin badly on a busy machine).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,14 +19,6 @@ from . import dense, models
 CURVED = ["diagonal", "kfac", "ekfac"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds synchronisation (slow on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def ce_loss(model, batch):
     x, y = batch

@@ -18,14 +18,6 @@ from . import models
 STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds synchronisation (slow on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class Counting:
     """A re-iterable over batches that counts how many batches were drawn from it."""

@@ -15,14 +15,6 @@ from lightning_influence import ClassificationTask, RegressionTask, fit_factors
 N_POINTS = 500
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds synchronisation (slow on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def softmax_regression():
     torch.manual_seed(0)

@@ -59,14 +59,6 @@ def fit_and_score(model, train, queries, strategy, fisher):
     return factors, pair, own
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds synchronisation (slow on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 CASES = [(s, "sampled") for s in STRATEGIES] + [("ekfac", "empirical")]
 

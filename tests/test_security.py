@@ -1,10 +1,8 @@
 """Nothing we load can run code, and no secret reaches our files or logs."""
 
-import os
 import re
 from pathlib import Path
 
-import pytest
 import wandb
 
 from lightning_influence.pipeline import run_queries
