@@ -28,6 +28,7 @@ from lightning_influence.demo import (
     DEMO_MODULES,
     FULL_SEQUENCES,
     QUICK_SEQUENCES,
+    TABLE_WIDTH,
     FactsDataModule,
     TinyGPT2LM,
     default_epochs,
@@ -96,7 +97,7 @@ def main(argv=None) -> dict:
                                 query_log_probs(model, dm.query_dataloader(queries)))
     for o in outcomes:
         print(format_query_table(o, dm.corpus.texts))
-    print("=" * 122)
+    print("=" * TABLE_WIDTH)
     print(format_summary(outcomes))
     print(f"\nScores: {out / 'scores.safetensors'}   HTML report: {out / 'report.html'}")
     if logger:

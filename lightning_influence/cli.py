@@ -202,7 +202,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from .data import LMCollator, LMDataset, load_tokenizer, read_jsonl_queries
-    from .demo import evaluate_queries, format_query_table, format_summary, query_log_probs
+    from .demo import SCORE_LEGEND, TABLE_WIDTH, evaluate_queries, format_query_table, format_summary, query_log_probs
     from .factors import InfluenceFactors
     from .pipeline import load_query_set, run_queries
     from .tasks import CausalLMTask
@@ -228,10 +228,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     outcomes = evaluate_queries(scores.to(torch.float64), records, texts, _supporting(records, fact_ids, len(texts)),
                                 log_probs)
     print()
+    print(SCORE_LEGEND)
     for o in outcomes:
         print(format_query_table(o, texts))
     if any(o.recall is not None for o in outcomes):
-        print("=" * 122)
+        print("=" * TABLE_WIDTH)
         print(format_summary(outcomes))
     out = Path(args.output_dir)
     print(f"\nInfluence scores: {out / 'scores.safetensors'}\nHTML report:      {out / 'report.html'}")

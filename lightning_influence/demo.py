@@ -429,12 +429,19 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _score(x: float) -> str:
+    return f"{x:+.1f}" if abs(x) < 1e6 else f"{x:+.2e}"
+
+
+TABLE_WIDTH = 119
+
+
 def format_query_table(outcome: QueryOutcome, train_texts: Sequence[str], num_train: int | None = None,
-                       k: int = RECALL_K, width: int = 92) -> str:
+                       k: int = RECALL_K, width: int = TABLE_WIDTH) -> str:
     """A readable block for one query: its text, the top training sequences, recall."""
     num_train = len(train_texts) if num_train is None else num_train
     sup = set(outcome.supporting)
-    lines = ["=" * (width + 30),
+    lines = ["=" * width,
              f"Query {outcome.query_id}{'  (REVERSED order)' if outcome.reversed else ''}:  \"{outcome.text}\""]
     info = []
     if outcome.fact_id:
@@ -443,16 +450,23 @@ def format_query_table(outcome: QueryOutcome, train_texts: Sequence[str], num_tr
         info.append(f"model log p(completion) = {outcome.log_prob:.2f}")
     if info:
         lines.append("  " + "; ".join(info))
-    lines.append(f"  {'rank':>4}  {'score':>10}  {'states the fact?':<16}  training sequence")
+    lines.append(f"  {'rank':>4}  {'score':>10}  {'states fact?':<12}  training sequence")
+    text_width = width - 2 - 4 - 2 - 10 - 2 - 12 - 2
     for r, (idx, score) in enumerate(outcome.top, start=1):
         mark = ("YES" if idx in sup else "no") if sup else "?"
-        lines.append(f"  {r:>4}  {score:>+10.3g}  {mark:<16}  [{idx}] {_clip(train_texts[idx], width)}")
+        ref = f"[{idx}] "
+        lines.append(f"  {r:>4}  {_score(score):>10}  {mark:<12}  {ref}{_clip(train_texts[idx], text_width - len(ref))}")
     if sup:
         lines.append(
-            f"  best rank of a sequence stating the fact: {outcome.best_rank} of {num_train}   "
-            f"recall@{k}: {round(outcome.recall * len(sup))}/{len(sup)} = {_fmt(outcome.recall)}   "
-            f"(TF-IDF recall@{k}: {_fmt(outcome.tfidf_recall)}, best rank {outcome.tfidf_best_rank})")
+            f"  best rank of a sequence stating the fact: {outcome.best_rank} of {num_train};  "
+            f"recall@{k}: {round(outcome.recall * len(sup))}/{len(sup)} = {_fmt(outcome.recall)}  "
+            f"(TF-IDF: {_fmt(outcome.tfidf_recall)}, best rank {outcome.tfidf_best_rank})")
     return "\n".join(lines)
+
+
+SCORE_LEGEND = ("score: influence of a training sequence on the model's log p(completion | prompt); positive = "
+                "training on it\nmade the answer more likely. 'states fact?': the sequence is one of those that state "
+                "the asked fact.")
 
 
 REVERSAL_NOTE = (
@@ -598,7 +612,7 @@ def _run_demo(out: Path, num_sequences: int, epochs: int, strategy: str, seed: i
 
     # Everything `lightning-influence score` needs to score again later, without pickle.
     ckpt = out / "model.ckpt"
-    trainer.save_checkpoint(ckpt)
+    trainer.save_checkpoint(ckpt, weights_only=True)  # weights + hyperparameters: for scoring, not resuming
     model_dir = model.save_pretrained(out / "model")
     tokenizer_dir = out / "tokenizer"
     tokenizer.save_pretrained(str(tokenizer_dir))
@@ -621,9 +635,10 @@ def _run_demo(out: Path, num_sequences: int, epochs: int, strategy: str, seed: i
     outcomes = evaluate_queries(scores, queries, corpus.texts, [q["supporting"] for q in queries], log_probs)
     fwd_ok, fwd_n, rev_ok, rev_n = fact_accuracy(model, dm)
     echo("")
+    echo(SCORE_LEGEND)
     for o in outcomes:
         echo(format_query_table(o, corpus.texts))
-    echo("=" * 122)
+    echo("=" * TABLE_WIDTH)
     echo(f"Did the model learn the facts? It answers {fwd_ok} of {fwd_n} questions about planted facts correctly "
          f"(greedy, asked in a wording trained only for other people)" + (f", and {rev_ok} of {rev_n} asked in "
                                                                            "reversed order." if rev_n else "."))

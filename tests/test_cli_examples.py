@@ -95,7 +95,7 @@ def test_cli_demo_then_score(tmp_path, capsys):
                  "--train-texts", str(demo_dir / "train.jsonl"), "--output-dir", str(out), "--top-k", "5"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "states the fact?" in printed and "recall@10" in printed and "TF-IDF" in printed
+    assert "states fact?" in printed and "recall@10" in printed and "TF-IDF" in printed
     scores = load_file(str(out / "scores.safetensors"))["scores"]
     torch.testing.assert_close(scores, demo_scores, rtol=1e-4, atol=1e-3)
     report = json.loads((out / "report.json").read_text())
@@ -196,4 +196,4 @@ def test_fact_tracing_quick(tmp_path, capsys, keep_threads):
     assert result["mean_recall"] > 0
     assert (tmp_path / "scores.safetensors").is_file() and (tmp_path / "report.html").is_file()
     printed = capsys.readouterr().out
-    assert "states the fact?" in printed and "mean (trained order)" in printed
+    assert "states fact?" in printed and "mean (trained order)" in printed

@@ -97,7 +97,7 @@ def test_printed_tables(demo):
     for q in result.queries:
         assert f"Query {q.query_id}" in text
         assert q.text in text
-    assert text.count("states the fact?") == 6
+    assert text.count("states fact?  training sequence") == 6  # one table per query
     assert "YES" in text
     assert "recall@10" in text and "TF-IDF" in text
     assert "mean (trained order)" in text
