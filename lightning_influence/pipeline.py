@@ -128,6 +128,7 @@ def run_queries(
     tfidf_candidates: int | None = None,
     layers: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    show_progress: bool = True,
 ):
     """Score ``queries`` against the training data, save scores, and write the reports.
 
@@ -135,11 +136,13 @@ def run_queries(
     shard; rank zero writes the files and logs to W&B. With ``tfidf_candidates=k`` each
     query is scored only against its ``k`` most TF-IDF-similar training texts (the
     other entries of the returned matrix are NaN); ``layers`` keeps only those tracked
-    layers; ``dtype`` is the scoring compute dtype (bf16/fp16 for speed).
+    layers; ``dtype`` is the scoring compute dtype (bf16/fp16 for speed); ``show_progress``
+    shows progress bars on the scoring passes (rank zero only).
     """
     from .reporting import build_report, log_report, write_html_report
 
-    module = InfluenceModule(model, task=task, factors=factors, query_rank=query_rank, dtype=dtype, layers=layers)
+    module = InfluenceModule(model, task=task, factors=factors, query_rank=query_rank, dtype=dtype, layers=layers,
+                             show_progress=show_progress)
     qg = module.prepare_queries(queries.loader)
     dataset = train_loader.dataset
     if tfidf_candidates is not None:
@@ -204,7 +207,9 @@ def score_and_report(callback, trainer, pl_module) -> torch.Tensor:
                                  callback.output_dir, tokenizer=tokenizer, top_k=callback.top_k,
                                  query_rank=callback.query_rank, wandb_run=wandb,
                                  tfidf_candidates=callback.tfidf_candidates, layers=callback.score_layers,
-                                 dtype=callback.score_dtype)
+                                 dtype=callback.score_dtype,
+                                 # Same as the callback's own passes: no bars when the Trainer has none.
+                                 show_progress=trainer.progress_bar_callback is not None)
     if report is not None:
         from lightning.pytorch.utilities import rank_zero_info
 
