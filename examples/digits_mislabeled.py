@@ -97,7 +97,7 @@ def run(output_dir: str = "digits_output", epochs: int = 60, strategy: str = "ek
     trainer.fit(model, datamodule=dm)
 
     loader = dm.train_dataloader(shuffle=False)
-    module = InfluenceModule(model, task=ClassificationTask(), factors=callback.factors)
+    module = InfluenceModule(model, task=ClassificationTask(), factors=callback.factors, show_progress=progress_bar)
     self_influence = module.self_scores(loader).double().numpy()
     with torch.no_grad():
         x, y = dm.dataset.tensors

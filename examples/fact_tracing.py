@@ -89,7 +89,8 @@ def main(argv=None) -> dict:
     model.cpu().eval()
     query_set = QuerySet(dm.query_dataloader(queries), [q["query_id"] for q in queries], [query_text(q) for q in queries])
     scores, _ = run_queries(model, task, callback.factors, query_set, dm.train_dataloader(shuffle=False), out,
-                            tokenizer=dm.tokenizer, top_k=args.top_k, wandb_run=logger or None)
+                            tokenizer=dm.tokenizer, top_k=args.top_k, wandb_run=logger or None,
+                            show_progress=not args.no_progress_bar)
 
     # 4. Did the top of each list find the sequences that state the fact?
     supporting = [dm.supporting(q["fact_id"]) for q in queries]

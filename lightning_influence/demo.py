@@ -628,7 +628,8 @@ def _run_demo(out: Path, num_sequences: int, epochs: int, strategy: str, seed: i
                          [query_text(q) for q in queries])
     scores, _report = run_queries(model, task, callback.factors, query_set, dm.train_dataloader(shuffle=False), out,
                                   tokenizer=tokenizer, top_k=top_k, wandb_run=logger,
-                                  title=f"Influence report: tiny GPT-2 on planted facts ({strategy})")
+                                  title=f"Influence report: tiny GPT-2 on planted facts ({strategy})",
+                                  show_progress=progress_bar)
     timings["scoring_and_reports"] = time.perf_counter() - t
 
     log_probs = query_log_probs(model, dm.query_dataloader(queries))
