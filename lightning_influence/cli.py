@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training sequences scored per batch (default: %(default)s)")
     score.add_argument("--max-length", type=int, default=64, metavar="T",
                        help="cut training sequences to T tokens, as in training (default: %(default)s)")
+    score.add_argument("--no-progress-bar", action="store_true", help="hide the progress bars")
     return parser
 
 
@@ -223,7 +224,7 @@ def cmd_score(args: argparse.Namespace) -> int:
           f"({factors.strategy} factors from {factors_dir})", flush=True)
     scores, _ = run_queries(model, CausalLMTask(), factors, query_set, loader, args.output_dir, tokenizer=tokenizer,
                             top_k=args.top_k, query_rank=args.query_rank,
-                            title=f"Influence report ({factors.strategy})")
+                            title=f"Influence report ({factors.strategy})", show_progress=not args.no_progress_bar)
     log_probs = query_log_probs(model, query_set.loader)
     outcomes = evaluate_queries(scores.to(torch.float64), records, texts, _supporting(records, fact_ids, len(texts)),
                                 log_probs)

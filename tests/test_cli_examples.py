@@ -92,7 +92,8 @@ def test_cli_demo_then_score(tmp_path, capsys):
     out = tmp_path / "rescored"
     code = main(["score", "--checkpoint", str(demo_dir / "model.ckpt"), "--factors", str(demo_dir / "factors"),
                  "--queries", str(demo_dir / "queries.jsonl"), "--tokenizer", str(demo_dir / "tokenizer"),
-                 "--train-texts", str(demo_dir / "train.jsonl"), "--output-dir", str(out), "--top-k", "5"])
+                 "--train-texts", str(demo_dir / "train.jsonl"), "--output-dir", str(out), "--top-k", "5",
+                 "--no-progress-bar"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "states fact?" in printed and "recall@10" in printed and "TF-IDF" in printed
