@@ -185,7 +185,7 @@ class FactsDataModule(L.LightningDataModule):
         max_length: longest tokenized sequence (longer ones are cut).
     """
 
-    def __init__(self, num_sequences: int = FULL_SEQUENCES, batch_size: int = 32, seed: int = 0,
+    def __init__(self, num_sequences: int = FULL_SEQUENCES, batch_size: int = 16, seed: int = 0,
                  shuffle: bool = True, num_queries: int = 6, max_length: int = 64):
         super().__init__()
         self.num_sequences = num_sequences
