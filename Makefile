@@ -25,5 +25,11 @@ test: install
 demo: install
 	$(BIN)/python -m lightning_influence.cli demo
 
+# Benchmarks against Kronfluence in their own environment (.bench-venv); writes docs/benchmarks.md.
+# `make bench BENCH_ARGS=--quick` for smaller sizes.
+bench:
+	PYTHON="$(PYTHON)" TORCH_SPEC="$(TORCH_SPEC)" bash benchmarks/setup_env.sh
+	.bench-venv/bin/python -m benchmarks.run_all $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
