@@ -82,12 +82,11 @@ def low_rank_factorize(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
         )
     u, s, vh = torch.linalg.svd(p.to(torch.float64) if p.dtype in (torch.float16, torch.bfloat16) else p,
                                full_matrices=False)
-    u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
-    left = (u * s.unsqueeze(-2)).to(p.dtype)
-    right = vh.transpose(-1, -2).to(p.dtype)
-    approx = left @ right.transpose(-1, -2)
-    norm = p.flatten(1).norm(dim=1).clamp_min(torch.finfo(p.dtype).tiny)
-    err = (p - approx).flatten(1).norm(dim=1) / norm
+    # ||P - P_r||_F^2 is the energy of the dropped singular values: no dense reconstruction needed.
+    energy = (s * s).sum(-1).clamp_min(torch.finfo(s.dtype).tiny)
+    err = ((s[..., rank:] ** 2).sum(-1) / energy).sqrt().to(p.dtype)
+    left = (u[..., :rank] * s[..., :rank].unsqueeze(-2)).to(p.dtype)
+    right = vh[..., :rank, :].transpose(-1, -2).to(p.dtype)
     return left, right, err
 
 
@@ -216,18 +215,25 @@ class InfluenceScorer:
             acts, grads = self.capture(batch, query=True, batch_index=i)
             for name in self.layers:
                 g = per_example_gradients(acts[name], grads[name])
-                full[name].append(self.factors.precondition(name, g))
+                p = self.factors.precondition(name, g)
+                if self.query_rank is not None:
+                    # Factorise per batch: the full-rank gradients of all queries never coexist.
+                    rank = min(self.query_rank, *p.shape[1:])
+                    p = low_rank_factorize(p, rank)
+                full[name].append(p)
             num += next(iter(acts.values())).shape[0]
         if num == 0:
             raise ScoringError("the query dataloader is empty; give at least one query")
         out = QueryGradients(self.layer_names, num)
         for name in self.layers:
-            p = torch.cat(full[name])
-            if self.query_rank is None:
-                out.full[name] = p
-            else:
-                rank = min(self.query_rank, *p.shape[1:])
-                out.left[name], out.right[name], out.errors[name] = low_rank_factorize(p, rank)
+            chunks = full.pop(name)  # free each layer's chunks as soon as it is concatenated
+            if self.query_rank is not None:
+                out.left[name] = torch.cat([c[0] for c in chunks])
+                out.right[name] = torch.cat([c[1] for c in chunks])
+                out.errors[name] = torch.cat([c[2] for c in chunks])
+                continue
+            out.full[name] = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+            del chunks
         if self.query_rank is not None:
             out.rank = self.query_rank
         return out

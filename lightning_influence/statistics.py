@@ -61,8 +61,8 @@ def masked_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return x
     b, t = x.shape[0], x.shape[1]
-    if mask.shape[0] != b or t % mask.shape[1] != 0:
-        return x
+    if mask.shape[0] != b or t % mask.shape[1] != 0 or bool(mask.all()):
+        return x  # nothing to zero: skip a full copy of the activations
     m = mask.to(dtype=x.dtype, device=x.device)
     if t != mask.shape[1]:
         m = m.repeat(1, t // mask.shape[1])
