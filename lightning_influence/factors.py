@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_json, fsync_file, sha256_file
+from .files import atomic_write_json, ensure_writable_dir, fsync_file, sha256_file
 from . import __version__
 from .tracking import TrackedLayer
 
@@ -257,7 +257,7 @@ class InfluenceFactors:
         The previous save in the same directory stays loadable until the new manifest is in place.
         """
         directory = Path(directory)
-        _ensure_writable_dir(directory)
+        ensure_writable_dir(directory, FactorsError, "output directory", "choose another output_dir")
         flat = {
             f"{name}::{key}": value.detach().to("cpu").contiguous()
             for name, t in self.tensors.items()
@@ -377,14 +377,4 @@ class InfluenceFactors:
 
 # ------------------------------------------------------------------ file helpers
 
-
-
-
-def _ensure_writable_dir(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FactorsError(f"cannot create output directory '{directory}' ({err.strerror}); choose another output_dir") from None
-    if not os.access(directory, os.W_OK):
-        raise FactorsError(f"output directory '{directory}' is not writable; choose another output_dir")
 

@@ -51,11 +51,12 @@ def atomic_write_json(path: Path, payload: dict) -> None:
         raise
 
 
-def ensure_writable_dir(directory: Path, error: type[Exception], what: str = "directory") -> None:
+def ensure_writable_dir(directory: Path, error: type[Exception], what: str = "directory",
+                        fix: str = "choose another one") -> None:
     """Create ``directory`` if needed; raise ``error`` naming the fix when it cannot be written."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise error(f"cannot create {what} '{directory}' ({err.strerror}); choose another one") from None
+        raise error(f"cannot create {what} '{directory}' ({err.strerror}); {fix}") from None
     if not os.access(directory, os.W_OK):
-        raise error(f"{what} '{directory}' is not writable; choose another one")
+        raise error(f"{what} '{directory}' is not writable; {fix}")

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_json, fsync_file, read_json_or_none, sha256_file
+from .files import atomic_write_json, ensure_writable_dir, fsync_file, read_json_or_none, sha256_file
 from . import __version__
 from .factors import InfluenceFactors
 from .scoring import QueryGradients, ScoringError
@@ -143,7 +143,7 @@ def save_query_gradients(
         layers_info[name] = info
     flat = {k: v.detach().to("cpu").contiguous() for k, v in flat.items()}
 
-    _ensure_dir(directory)
+    ensure_writable_dir(directory, QueryStoreError)
     tensor_file = f"query-gradients-{uuid.uuid4().hex[:12]}.safetensors"
     tmp = directory / (tensor_file + ".tmp")
     try:
@@ -354,12 +354,3 @@ def _json_float(x: float) -> float | None:
 
 
 
-
-
-def _ensure_dir(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise QueryStoreError(f"cannot create directory '{directory}' ({err.strerror}); choose another one") from None
-    if not os.access(directory, os.W_OK):
-        raise QueryStoreError(f"directory '{directory}' is not writable; choose another one")
