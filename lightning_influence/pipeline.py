@@ -216,4 +216,3 @@ def score_and_report(callback, trainer, pl_module) -> torch.Tensor:
         rank_zero_info(f"[lightning-influence] scores for {len(queries.ids)} queries saved to "
                        f"{callback.output_dir}/scores.safetensors; report: {callback.output_dir}/report.html")
     return scores
-

@@ -348,9 +348,3 @@ def load_query_gradients(
 # ------------------------------------------------------------------ helpers
 def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
-
-
-
-
-
-

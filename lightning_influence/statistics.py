@@ -312,5 +312,3 @@ def fit_factors(
     if output_dir is not None and _rank() == 0 and factors.strategy == "identity":
         factors.save(output_dir)
     return factors
-
-

@@ -365,8 +365,3 @@ def _check_texts(texts: Sequence[str], what: str = "texts") -> list[str]:
     if not out:
         raise TfidfError(f"{what} is empty")
     return out
-
-
-
-
-

@@ -436,6 +436,3 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         if tmp.exists():
             tmp.unlink()
         raise
-
-
-
