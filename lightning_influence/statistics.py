@@ -205,7 +205,9 @@ def run_phase(
         raise TaskInputError(
             f"the {phase} pass saw no batch: the training dataloader is empty (or max_batches/max_examples is 0)"
         )
-    sums = {k: v.cpu() for k, v in stats.compute().items()}
+    shapes = _phase_shapes(phase, factors.layers)
+    # torchmetrics squeezes one-element results: restore the declared shapes (1x1 covariances of 1-output layers).
+    sums = {k: v.reshape(shapes[k]).cpu() for k, v in stats.compute().items()}
     for key, value in sums.items():
         name, _, stat = key.rpartition("::")
         factors.tensors[name][stat] = value
