@@ -121,31 +121,31 @@ def _phase_shapes(phase: str, layers: dict[str, TrackedLayer]) -> dict[str, tupl
     return shapes
 
 
-def _phase_update(phase: str, factors: InfluenceFactors, acts, grads, mask, dtype) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for name in factors.layers:
-        a = masked_tokens(acts[name], mask)
-        s = masked_tokens(grads[name], mask)
-        if phase == "covariance":
-            n = token_count(a, mask)
-            a2, s2 = a.reshape(-1, a.shape[-1]), s.reshape(-1, s.shape[-1])
-            out[f"{name}::A_sum"] = a2.T @ a2
-            out[f"{name}::S_sum"] = s2.T @ s2
-            out[f"{name}::A_count"] = torch.tensor(n, dtype=torch.float64)
-            out[f"{name}::S_count"] = torch.tensor(n, dtype=torch.float64)
-        elif phase == "lambda":
-            t = factors.tensors[name]
-            qa = t["A_eigvecs"].to(device=a.device, dtype=dtype)
-            qs = t["S_eigvecs"].to(device=a.device, dtype=dtype)
-            # Rotate tokens first: (Q_S^T DW Q_A) = sum_t (Q_S^T s_t)(Q_A^T a_t)^T, cheaper than rotating DW.
-            rotated = per_example_gradients(a @ qa, s @ qs)
-            out[f"{name}::lambda_sum"] = (rotated * rotated).sum(0)
-            out[f"{name}::lambda_count"] = torch.tensor(float(a.shape[0]), dtype=torch.float64)
-        elif phase == "diagonal":
-            dw = per_example_gradients(a, s)
-            out[f"{name}::diag_sum"] = (dw * dw).sum(0)
-            out[f"{name}::diag_count"] = torch.tensor(float(a.shape[0]), dtype=torch.float64)
-    return out
+def _activation_update(name: str, a: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Covariance pass, forward side: the layer's ``sum_t a_t a_t^T`` and token count."""
+    a = masked_tokens(a, mask)
+    a2 = a.reshape(-1, a.shape[-1])
+    return {f"{name}::A_sum": a2.T @ a2, f"{name}::A_count": torch.tensor(token_count(a, mask), dtype=torch.float64)}
+
+
+def _layer_update(phase: str, factors: InfluenceFactors, name: str, a: torch.Tensor | None, s: torch.Tensor,
+                  mask: torch.Tensor | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One layer's contribution to a pass's sums, from its tokens ``a`` ``[B, T, d_in]`` and ``s`` ``[B, T, d_out]``."""
+    s = masked_tokens(s, mask)
+    if phase == "covariance":  # the activation side was summed during the forward
+        s2 = s.reshape(-1, s.shape[-1])
+        return {f"{name}::S_sum": s2.T @ s2, f"{name}::S_count": torch.tensor(token_count(s, mask), dtype=torch.float64)}
+    a = masked_tokens(a, mask)
+    if phase == "lambda":
+        t = factors.tensors[name]
+        qa = t["A_eigvecs"].to(device=a.device, dtype=dtype)
+        qs = t["S_eigvecs"].to(device=a.device, dtype=dtype)
+        # Rotate tokens first: (Q_S^T DW Q_A) = sum_t (Q_S^T s_t)(Q_A^T a_t)^T, cheaper than rotating DW.
+        rotated = per_example_gradients(a @ qa, s @ qs)
+        return {f"{name}::lambda_sum": rotated.square_().sum(0),
+                f"{name}::lambda_count": torch.tensor(float(a.shape[0]), dtype=torch.float64)}
+    dw = per_example_gradients(a, s)  # diagonal
+    return {f"{name}::diag_sum": dw.square_().sum(0), f"{name}::diag_count": torch.tensor(float(a.shape[0]), dtype=torch.float64)}
 
 
 def run_phase(
@@ -186,16 +186,27 @@ def run_phase(
         if device.type == "cuda":
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed + _rank())
-        with LayerCapture(model, factors.layers, dtype=dtype) as cap:
+        # Each layer's sums are taken as soon as its tensors exist (activations in the forward for the
+        # covariance pass, everything else in the backward) and its captured tokens dropped right after,
+        # so a batch never holds every layer's activations and gradients at once.
+        mask: list[torch.Tensor | None] = [None]  # the current batch's token mask
+
+        def consume(name, a, s):
+            stats.update(_layer_update(phase, factors, name, a, s, mask[0], dtype))
+
+        on_activation = None
+        if phase == "covariance":
+            on_activation = lambda name, a: stats.update(_activation_update(name, a, mask[0]))  # noqa: E731
+
+        with LayerCapture(model, factors.layers, dtype=dtype, on_activation=on_activation) as cap:
             for batch_index, batch in enumerate(_limited(batches, max_batches)):
                 if max_examples is not None and seen_examples >= max_examples:
                     break
                 batch = transfer(batch)
-                mask = task.token_mask(batch)
+                mask[0] = task.token_mask(batch)
                 with forward_context() if forward_context is not None else nullcontext():
                     loss = checked_loss(task.train_loss(model, batch, sample=sample), batch_index)
-                acts, grads = cap.collect(loss)
-                stats.update(_phase_update(phase, factors, acts, grads, mask, dtype))
+                cap.backward(loss, consume)
                 seen_batches += 1
                 n = task.batch_size(batch)
                 seen_examples += n

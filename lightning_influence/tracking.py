@@ -7,9 +7,9 @@ unfolded patches (each output position is a token). A bias is one more input
 column of ones.
 
 :class:`LayerCapture` is a context manager that records, for one forward pass,
-each tracked layer's input activations ``a`` ``[B, T, d_in]`` and output tensors;
-the output gradients ``s`` ``[B, T, d_out]`` come from ``torch.autograd.grad`` on
-those outputs, so parameters' ``.grad`` are never touched.
+each tracked layer's input activations ``a`` ``[B, T, d_in]`` and, during the backward,
+its output gradients ``s`` ``[B, T, d_out]``, handing each layer over as soon as its
+gradient is known; parameters' ``.grad`` are never touched.
 """
 
 from __future__ import annotations
@@ -204,105 +204,185 @@ def _output_tokens(layer: TrackedLayer, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() >= 2 else g.reshape(1, 1, -1)
 
 
-class LayerCapture:
-    """Context manager recording tracked layers' inputs and outputs during forward passes.
+class _Tap(torch.autograd.Function):
+    """Identity on a tracked layer's output whose backward hands ``d loss / d output`` to a callback.
 
-    Usage::
-
-        with LayerCapture(model, layers) as cap:
-            loss = task.train_loss(model, batch, sample=True)
-            acts, grads = cap.collect(loss)   # dicts name -> [B, T, d_in] / [B, T, d_out]
-
-    A module called several times in one forward (weight sharing) contributes the
-    concatenation of its calls along the token axis. Hooks are removed on exit.
+    The output is cloned so that in-place operations after the layer (``ReLU(inplace=True)``)
+    modify the clone, and the gradient received is the one w.r.t. the layer's own output.
+    ``anchor`` is a scalar leaf shared by every tap of a pass: differentiating the loss with
+    respect to it runs the backward through every tap, without computing parameter gradients
+    or holding every layer's output gradient until the end.
     """
 
-    def __init__(self, model: nn.Module, layers: dict[str, TrackedLayer], dtype: torch.dtype = torch.float32):
+    @staticmethod
+    def forward(ctx, output, anchor, on_grad):
+        ctx.on_grad = on_grad
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.on_grad(grad)
+        return grad, None, None
+
+
+class LayerCapture:
+    """Context manager giving each tracked layer's activations and output gradients for a loss.
+
+    Streaming use (what the statistics and scoring passes do)::
+
+        with LayerCapture(model, layers) as cap:
+            loss = task.train_loss(model, batch)
+            cap.backward(loss, consume)   # consume(name, a [B, T, d_in], s [B, T, d_out]) per layer
+
+    ``consume`` runs inside the backward pass, as soon as a layer's output gradient is known,
+    and the layer's activations are released right after it: only the layers whose gradients
+    are still to come are held. With ``on_activation(name, a)`` given, activations are handed
+    over during the forward instead and not kept at all (``consume`` then gets ``a=None``).
+
+    Collecting use (tests, small models)::
+
+        acts, grads = cap.collect(loss)   # dicts name -> [B, T, d_in] / [B, T, d_out]
+
+    A module called several times in one forward (weight sharing) contributes the
+    concatenation of its calls along the token axis. Tensors are given in ``dtype``.
+
+    Inside the context every parameter of the model has ``requires_grad=False`` (restored on
+    exit): no parameter gradient is ever needed, and autograd then does not keep each
+    layer's input for a weight gradient; the gradient flows from the taps on the tracked
+    layers' outputs instead. Parameters' ``.grad`` are never touched. Hooks are removed on exit.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, TrackedLayer], dtype: torch.dtype = torch.float32,
+                 on_activation=None):
         self.model = model
         self.layers = layers
         self.dtype = dtype
+        self.on_activation = on_activation
         self._handles: list = []
-        self._inputs: dict[str, list[torch.Tensor]] = {}
-        self._outputs: dict[str, list[torch.Tensor]] = {}
-        self._called_without_grad: set[str] = set()
         modules = dict(model.named_modules())
         missing = [n for n in layers if n not in modules]
         if missing:
             raise TrackingError(f"tracked module(s) {missing} are not in {type(model).__name__}")
         self._modules = {n: modules[n] for n in layers}
+        self._in_backward = False
+        self._frozen: list[nn.Parameter] = []
+        self.reset()
 
     def __enter__(self) -> "LayerCapture":
-        for name, module in self._modules.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        self._frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in self._frozen:
+            p.requires_grad_(False)
+        try:
+            for name, module in self._modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
         self.reset()
 
     def reset(self) -> None:
-        self._inputs = {}
-        self._outputs = {}
-        self._called_without_grad = set()
+        self._anchor = None
+        self._inputs: dict[str, list[torch.Tensor | None]] = {}
+        self._grads: dict[str, dict[int, torch.Tensor]] = {}
+        self._shapes: dict[str, list[tuple[torch.Size, torch.device]]] = {}
+        self._called_without_grad: set[str] = set()
+        self._consume = None
 
     def _make_hook(self, name: str):
         layer = self.layers[name]
 
         def hook(module, inputs, output):
+            if self._in_backward:
+                return None  # a forward recomputed during backward (checkpointing) is not a new call
             if not torch.is_grad_enabled():
                 self._called_without_grad.add(name)  # nothing to differentiate; say so if asked
-                return
-            x = inputs[0]
-            self._inputs.setdefault(name, []).append(_input_tokens(module, layer, x.detach()))
-            self._outputs.setdefault(name, []).append(output)
+                return None
+            a = _input_tokens(module, layer, inputs[0].detach())
+            if self.on_activation is not None:
+                self.on_activation(name, a.to(self.dtype))
+                a = None
+            calls = self._inputs.setdefault(name, [])
+            index = len(calls)
+            calls.append(a)
+            self._shapes.setdefault(name, []).append((output.shape, output.device))
+            if self._anchor is None:
+                self._anchor = torch.zeros((), device=output.device, requires_grad=True)
+            return _Tap.apply(output, self._anchor, lambda g: self._received(name, index, g))
 
         return hook
 
-    def activations(self) -> dict[str, torch.Tensor]:
-        """Captured activations ``[B, T, d_in]`` per layer, in ``self.dtype``."""
-        out = {}
+    def _check_called(self) -> None:
         for name in self.layers:
-            chunks = self._inputs.get(name)
-            if not chunks and name in self._called_without_grad:
+            if name not in self._inputs and name in self._called_without_grad:
                 raise TrackingError(
                     f"tracked module '{name}' ran with gradients disabled (torch.no_grad / inference_mode), "
                     "so no output gradient can be taken. Run the pass with gradients enabled "
                     "(Trainer(inference_mode=False), torch.enable_grad())."
                 )
-            if not chunks:
+            if name not in self._inputs:
                 raise TrackingError(
                     f"tracked module '{name}' was not called in the forward pass; "
                     "exclude it with `modules=` or check the task's forward."
                 )
-            out[name] = torch.cat(chunks, dim=1).to(self.dtype) if len(chunks) > 1 else chunks[0].to(self.dtype)
-        return out
 
-    def output_gradients(self, loss: torch.Tensor, retain_graph: bool = False) -> dict[str, torch.Tensor]:
-        """``d loss / d output`` per token ``[B, T, d_out]`` for each tracked layer."""
-        names, outs = [], []
-        for name in self.layers:
-            for o in self._outputs.get(name, []):
-                if not o.requires_grad:
-                    raise TrackingError(
-                        f"the output of tracked module '{name}' does not require grad (frozen weights under "
-                        "no_grad/inference_mode?). Run with gradients enabled (Trainer(inference_mode=False)) "
-                        "or exclude the module."
-                    )
-                names.append(name)
-                outs.append(o)
-        grads = torch.autograd.grad(loss, outs, retain_graph=retain_graph, allow_unused=True)
-        result: dict[str, list[torch.Tensor]] = {}
-        for name, o, g in zip(names, outs, grads):
-            if g is None:
-                g = torch.zeros_like(o)
-            result.setdefault(name, []).append(_output_tokens(self.layers[name], g.detach()).to(self.dtype))
-        return {n: torch.cat(v, dim=1) if len(v) > 1 else v[0] for n, v in result.items()}
+    def _received(self, name: str, index: int, grad: torch.Tensor) -> None:
+        got = self._grads.setdefault(name, {})
+        got[index] = _output_tokens(self.layers[name], grad.detach())
+        if len(got) == len(self._inputs[name]):
+            self._finish(name)
+
+    def _finish(self, name: str) -> None:
+        """Hand a layer whose every call has its gradient to the consumer, then drop its tensors."""
+        calls = self._inputs.pop(name)
+        got = self._grads.pop(name, {})
+        grads = []
+        for i, (shape, device) in enumerate(self._shapes[name]):
+            g = got.get(i)
+            if g is None:  # this call's output did not reach the loss: zero gradient
+                g = _output_tokens(self.layers[name], torch.zeros(shape, dtype=self.dtype, device=device))
+            grads.append(g.to(self.dtype))
+        s = torch.cat(grads, dim=1) if len(grads) > 1 else grads[0]
+        a = None
+        if calls[0] is not None:
+            a = torch.cat([c.to(self.dtype) for c in calls], dim=1) if len(calls) > 1 else calls[0].to(self.dtype)
+        del calls, grads, got
+        self._consume(name, a, s)
+
+    def backward(self, loss: torch.Tensor, consume, retain_graph: bool = False) -> None:
+        """Differentiate ``loss`` and call ``consume(name, a, s)`` once per tracked layer.
+
+        Layers are handed over in backward order, each as soon as its gradient is complete;
+        a layer whose output did not reach the loss gets zeros. Clears the recorded tensors.
+        """
+        self._check_called()
+        self._consume = consume
+        self._in_backward = True
+        try:
+            if loss.requires_grad:
+                torch.autograd.grad(loss, self._anchor, retain_graph=retain_graph, allow_unused=True)
+            for name in [n for n in self.layers if n in self._inputs]:
+                self._finish(name)  # calls whose outputs the loss does not depend on
+        finally:
+            self._in_backward = False
+            self.reset()
 
     def collect(self, loss: torch.Tensor, retain_graph: bool = False):
-        """Activations and output gradients for ``loss``; clears the recorded tensors."""
-        acts = self.activations()
-        grads = self.output_gradients(loss, retain_graph=retain_graph)
-        self.reset()
-        return acts, grads
+        """Activations and output gradients for ``loss`` as two dicts in layer order; clears the record."""
+        acts: dict[str, torch.Tensor] = {}
+        grads: dict[str, torch.Tensor] = {}
+
+        def keep(name, a, s):
+            acts[name], grads[name] = a, s
+
+        self.backward(loss, keep, retain_graph=retain_graph)
+        order = list(self.layers)
+        return ({n: acts[n] for n in order if acts.get(n) is not None}, {n: grads[n] for n in order})

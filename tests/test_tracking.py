@@ -231,7 +231,7 @@ def test_hooks_removed_on_exit_and_on_exception():
     # Nothing is recorded by a model used outside the context.
     cap = LayerCapture(model, layers)
     model(x)
-    assert cap._inputs == {} and cap._outputs == {}
+    assert cap._inputs == {} and cap._anchor is None
 
 
 class Shared(nn.Module):
@@ -277,17 +277,64 @@ def test_shared_layer_contributes_both_calls(seq):
         torch.testing.assert_close(torch.einsum("bto,bti->boi", grads[name], acts[name]), expected)
 
 
-def test_frozen_output_error_is_clear():
+def test_parameters_frozen_inside_capture_and_restored():
+    """Inside the capture no parameter requires grad (no weight gradient is kept or computed);
+    the flags come back on exit, also after an exception, and user-frozen ones stay frozen."""
     model = models.mlp()
     layers = find_tracked_layers(model)
-    for p in model[0].parameters():
-        p.requires_grad_(False)  # frozen after selection: its output does not require grad
+    model[0].bias.requires_grad_(False)  # a user's choice, left as it was
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
     x, y = models.mlp_data(4)
     with LayerCapture(model, layers) as cap:
-        loss = F.cross_entropy(model(x), y)
-        with pytest.raises(TrackingError, match="'0' does not require grad") as err:
-            cap.collect(loss)
-    assert "inference_mode=False" in str(err.value) and "exclude" in str(err.value)
+        assert not any(p.requires_grad for p in model.parameters())
+        cap.collect(F.cross_entropy(model(x), y))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with LayerCapture(model, layers):
+            raise RuntimeError("boom")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_layer_frozen_after_selection_still_gets_exact_gradients():
+    """A tracked layer whose weights were frozen after selection (so nothing before it needs grad)
+    still gets the exact gradient of its output: the taps carry it."""
+    torch.manual_seed(0)
+    model = models.mlp().double()
+    layers = find_tracked_layers(model)
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    x, y = models.mlp_data(4)
+    x = x.double()
+    with LayerCapture(model, layers, dtype=torch.float64) as cap:
+        acts, grads = cap.collect(F.cross_entropy(model(x), y, reduction="sum"))
+    h = model[0](x).detach().requires_grad_()
+    out = model[2](model[1](h))
+    expected = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), h)[0]
+    torch.testing.assert_close(grads["0"][:, 0], expected)
+
+
+def test_inplace_activation_after_layer_gets_the_layers_own_gradient():
+    """ReLU(inplace=True) right after a conv/linear modifies its output in place; the gradient
+    captured must be the one w.r.t. the layer's output (before the ReLU), not the ReLU's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(12, 4),
+                          nn.ReLU(inplace=True), nn.Linear(4, 2)).double()
+    layers = find_tracked_layers(model)
+    x = randn(5, 2, 4, 4)
+    y = torch.randint(0, 2, (5,), generator=torch.Generator().manual_seed(1))
+    with LayerCapture(model, layers, dtype=torch.float64) as cap:
+        acts, grads = cap.collect(F.cross_entropy(model(x), y, reduction="sum"))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0), reduction="sum")
+
+    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    for name in ("0", "3", "5"):
+        expected = expected_matrix_grad(model.get_submodule(name),
+                                        {"weight": g[f"{name}.weight"], "bias": g[f"{name}.bias"]})
+        torch.testing.assert_close(torch.einsum("bto,bti->boi", grads[name], acts[name]), expected)
 
 
 @pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
@@ -299,7 +346,7 @@ def test_forward_without_gradients_error_is_clear(ctx):
         with ctx():
             model(x)
         with pytest.raises(TrackingError, match="gradients disabled") as err:
-            cap.activations()
+            cap.collect(torch.zeros((), requires_grad=True))
     assert "inference_mode=False" in str(err.value)
 
 
@@ -316,4 +363,4 @@ def test_uncalled_module_raises():
     with LayerCapture(model, layers) as cap:
         model["used"](randn(2, 3))
         with pytest.raises(TrackingError, match="'unused' was not called"):
-            cap.activations()
+            cap.collect(torch.zeros((), requires_grad=True))
