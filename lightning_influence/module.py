@@ -72,6 +72,7 @@ class InfluenceModule(L.LightningModule):
         factors: complete :class:`InfluenceFactors` for ``model`` (e.g. ``InfluenceFactors.load(dir)``).
         query_rank: ``None`` keeps preconditioned query gradients at full rank; an int stores
             them at that rank (query batching, the paper uses 32).
+        query_svd: ``"randomized"`` (default, ``torch.svd_lowrank``) or ``"exact"`` SVD for ``query_rank``.
         dtype: compute dtype for scoring (float32 default; bfloat16/float16 for speed).
         layers: score with these tracked layers only (e.g. the MLP layers).
         show_progress: progress bars (with time left) on long in-process passes, rank zero only.
@@ -92,6 +93,7 @@ class InfluenceModule(L.LightningModule):
         dtype: torch.dtype = torch.float32,
         layers: Iterable[str] | None = None,
         show_progress: bool = True,
+        query_svd: str = "randomized",
     ):
         super().__init__()
         self.show_progress = show_progress
@@ -110,6 +112,7 @@ class InfluenceModule(L.LightningModule):
         self.task = task
         self.factors = factors
         self.query_rank = query_rank
+        self.query_svd = query_svd
         self.score_dtype = dtype
         self.score_layers = list(layers) if layers is not None else None
         self.queries: QueryGradients | None = None
@@ -129,7 +132,8 @@ class InfluenceModule(L.LightningModule):
             return cached
         try:
             self._scorer_cache = InfluenceScorer(self.model, self.task, self.factors, device=device,
-                                   dtype=self.score_dtype, layers=self.score_layers, query_rank=self.query_rank)
+                                                 dtype=self.score_dtype, layers=self.score_layers,
+                                                 query_rank=self.query_rank, query_svd=self.query_svd)
         except FactorsError as err:
             raise MisconfigurationException(str(err)) from None
         return self._scorer_cache

@@ -69,25 +69,44 @@ class QueryGradients:
                               self.rank, {k: v[idx] for k, v in self.errors.items()})
 
 
-def low_rank_factorize(p: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best rank-r factorisation ``p ~ U V^T`` of each ``[d_out, d_in]`` matrix in ``p`` ``[Q, d_out, d_in]``.
+QUERY_SVD_METHODS = ("randomized", "exact")
+_OVERSAMPLE = 8  # extra random directions of the randomized SVD (Halko et al. 2011 suggest 5-10)
 
-    Returns ``U`` ``[Q, d_out, r]``, ``V`` ``[Q, d_in, r]`` and the relative Frobenius error ``[Q]``.
+
+def low_rank_factorize(p: torch.Tensor, rank: int, method: str = "randomized"
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-r factorisation ``p ~ U V^T`` of each ``[d_out, d_in]`` matrix in ``p`` ``[Q, d_out, d_in]``.
+
+    ``method="exact"`` truncates a full SVD (the best rank-r approximation);
+    ``"randomized"`` uses ``torch.svd_lowrank`` with ``rank + 8`` random directions and one
+    power iteration: 2-4x faster on layer-sized matrices and, for gradients (whose spectra
+    decay fast), within about 1% of the best error. Returns ``U`` ``[Q, d_out, r]``, ``V``
+    ``[Q, d_in, r]`` and the relative Frobenius error ``||P - U V^T|| / ||P||`` ``[Q]`` of the
+    factorisation actually returned.
     """
+    if method not in QUERY_SVD_METHODS:
+        raise ScoringError(f"query_svd must be one of {QUERY_SVD_METHODS}, got {method!r}")
     q, d_out, d_in = p.shape
     if rank > min(d_out, d_in):
         raise ScoringError(
             f"rank {rank} exceeds what a {d_out}x{d_in} layer allows (at most {min(d_out, d_in)}); "
             "lower the rank (InfluenceScorer's query_rank is clipped per layer, so smaller layers stay exact)"
         )
-    u, s, vh = torch.linalg.svd(p.to(torch.float64) if p.dtype in (torch.float16, torch.bfloat16) else p,
-                               full_matrices=False)
-    # ||P - P_r||_F^2 is the energy of the dropped singular values: no dense reconstruction needed.
-    energy = (s * s).sum(-1).clamp_min(torch.finfo(s.dtype).tiny)
-    err = ((s[..., rank:] ** 2).sum(-1) / energy).sqrt().to(p.dtype)
-    left = (u[..., :rank] * s[..., :rank].unsqueeze(-2)).to(p.dtype)
-    right = vh[..., :rank, :].transpose(-1, -2).to(p.dtype)
-    return left, right, err
+    x = p.to(torch.float64) if p.dtype in (torch.float16, torch.bfloat16) else p
+    energy = x.square().sum((-2, -1)).clamp_min(torch.finfo(x.dtype).tiny)
+    sketch = rank + _OVERSAMPLE
+    if method == "exact" or sketch >= min(d_out, d_in):
+        u, sv, vh = torch.linalg.svd(x, full_matrices=False)
+        # ||P - P_r||^2 is the energy of the dropped singular values: no reconstruction needed.
+        err = (sv[..., rank:].square().sum(-1) / energy).sqrt()
+        u, sv, v = u[..., :rank], sv[..., :rank], vh[..., :rank, :].transpose(-1, -2)
+        left = u * sv.unsqueeze(-2)
+    else:
+        u, sv, v = torch.svd_lowrank(x, q=sketch, niter=1)
+        left, v = u[..., :rank] * sv[..., :rank].unsqueeze(-2), v[..., :rank]
+        # The residual itself (||P||^2 - sum s^2 would cancel to noise for good approximations).
+        err = ((x - left @ v.transpose(-1, -2)).square().sum((-2, -1)) / energy).sqrt()
+    return left.to(p.dtype), v.to(p.dtype), err.to(p.dtype)
 
 
 _CHUNK_ELEMENTS = 1 << 26  # reconstructed U V^T per query chunk: at most 64M elements (256 MB in float32)
@@ -122,6 +141,8 @@ class InfluenceScorer:
             bf16/fp16 trade accuracy for speed, accumulation stays float32).
         layers: optional subset of the factors' layers to score with (e.g. MLP layers only).
         query_rank: ``None`` for full-rank preconditioned queries, an int for rank-r query batching.
+        query_svd: how rank-r queries are factorised: ``"randomized"`` (default, ``torch.svd_lowrank``)
+            or ``"exact"`` (truncated full SVD); the approximation error is reported exactly either way.
     """
 
     def __init__(
@@ -133,8 +154,11 @@ class InfluenceScorer:
         dtype: torch.dtype = torch.float32,
         layers: Iterable[str] | None = None,
         query_rank: int | None = None,
+        query_svd: str = "randomized",
     ):
         factors.require_complete()
+        if query_svd not in QUERY_SVD_METHODS:
+            raise ScoringError(f"query_svd must be one of {QUERY_SVD_METHODS}, got {query_svd!r}")
         names = {n for n, _ in model.named_modules()}
         missing = [n for n in factors.layers if n not in names]
         if missing:
@@ -170,6 +194,7 @@ class InfluenceScorer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = dtype
         self.query_rank = query_rank
+        self.query_svd = query_svd
 
     @property
     def layer_names(self) -> list[str]:
@@ -179,11 +204,14 @@ class InfluenceScorer:
     def _accumulate_dtype(self) -> torch.dtype:
         return torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
 
-    def capture(self, batch: Any, query: bool, batch_index: int = 0):
-        """Per-token activations and output gradients ``(acts, grads)`` of every layer for a batch.
+    def stream(self, batch: Any, query: bool, consume: Callable[[str, torch.Tensor, torch.Tensor], None],
+               batch_index: int = 0) -> None:
+        """Run one batch and call ``consume(name, a, s)`` per layer during its backward.
 
-        ``query=True`` differentiates the task's measurement (query side), otherwise the
-        training loss with the dataset's targets. Padding tokens are zeroed.
+        ``a`` ``[B, T, d_in]`` and ``s`` ``[B, T, d_out]`` are the layer's activations and output
+        gradients with padding tokens zeroed; each layer's tensors are released after its call,
+        so a batch never holds every layer's at once. ``query=True`` differentiates the task's
+        measurement (query side), otherwise the training loss with the dataset's targets.
         """
         batch = move_to_device(batch, self.device)
         if query:
@@ -201,27 +229,37 @@ class InfluenceScorer:
                     value = checked_loss(self.task.measurement(self.model, batch), batch_index, "query measurement")
                 else:
                     value = checked_loss(self.task.train_loss(self.model, batch, sample=False), batch_index)
-                acts, grads = cap.collect(value)
-        acts = {n: masked_tokens(a, mask) for n, a in acts.items()}
-        grads = {n: masked_tokens(g, mask) for n, g in grads.items()}
-        return acts, grads
+                cap.backward(value, lambda name, a, s: consume(name, masked_tokens(a, mask), masked_tokens(s, mask)))
+
+    def capture(self, batch: Any, query: bool, batch_index: int = 0):
+        """Per-token activations and output gradients ``(acts, grads)`` of every layer for a batch (padding zeroed)."""
+        acts: dict[str, torch.Tensor] = {}
+        grads: dict[str, torch.Tensor] = {}
+
+        def keep(name, a, s):
+            acts[name], grads[name] = a, s
+
+        self.stream(batch, query, keep, batch_index)
+        return {n: acts[n] for n in self.layers}, {n: grads[n] for n in self.layers}
 
     # ------------------------------------------------------------- queries
     def query_gradients(self, batches: Iterable[Any]) -> QueryGradients:
         """Compute and precondition the gradients of every query (once), optionally at low rank."""
-        full: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        num = 0
+        full: dict[str, list] = {n: [] for n in self.layers}
+        counts: list[int] = []
+
+        def consume(name, a, s):
+            p = self.factors.precondition(name, per_example_gradients(a, s))
+            if self.query_rank is not None:
+                # Factorise per batch and layer: the full-rank gradients of all queries never coexist.
+                p = low_rank_factorize(p, min(self.query_rank, *p.shape[1:]), self.query_svd)
+            full[name].append(p)
+            if len(counts) < len(full[name]):
+                counts.append(a.shape[0])
+
         for i, batch in enumerate(batches):
-            acts, grads = self.capture(batch, query=True, batch_index=i)
-            for name in self.layers:
-                g = per_example_gradients(acts[name], grads[name])
-                p = self.factors.precondition(name, g)
-                if self.query_rank is not None:
-                    # Factorise per batch: the full-rank gradients of all queries never coexist.
-                    rank = min(self.query_rank, *p.shape[1:])
-                    p = low_rank_factorize(p, rank)
-                full[name].append(p)
-            num += next(iter(acts.values())).shape[0]
+            self.stream(batch, True, consume, batch_index=i)
+        num = sum(counts)
         if num == 0:
             raise ScoringError("the query dataloader is empty; give at least one query")
         out = QueryGradients(self.layer_names, num)
@@ -239,38 +277,33 @@ class InfluenceScorer:
         return out
 
     # ------------------------------------------------------------- scoring
-    def score_captured(
-        self, queries: QueryGradients, acts: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-        token_wise: bool = False,
-    ) -> torch.Tensor:
-        """Layer-wise scores ``[L, Q, B]`` (or token-wise ``[L, Q, B, T]``) for captured training tokens."""
-        out = []
+    def score_layer(self, queries: QueryGradients, name: str, a: torch.Tensor, s: torch.Tensor,
+                    token_wise: bool = False) -> torch.Tensor:
+        """One layer's scores ``[Q, B]`` (or token-wise ``[Q, B, T]``) from its training tokens ``a``, ``s``."""
         cd = self.dtype
         acc = self._accumulate_dtype()  # float32 for bf16/fp16 compute; float32/float64 stay as they are
-        for name in self.layers:
-            a, s = acts[name].to(cd), grads[name].to(cd)
-            if queries.low_rank:
-                u, v = queries.left[name].to(cd), queries.right[name].to(cd)
-                if not token_wise and _dense_cheaper(a.shape[0], a.shape[1], u.shape[1], v.shape[1], u.shape[0],
-                                                     u.shape[2]):
-                    # Short sequences: forming DW and U V^T (in query chunks) costs fewer flops.
-                    dw = per_example_gradients(a, s)
-                    out.append(torch.cat([-_pair_dot(uc @ vc.transpose(1, 2), dw).to(acc)
-                                          for uc, vc in zip(*_query_chunks(u, v))]))
-                    continue
-                # (U^T s_t) . (V^T a_t): [Q, B, T, r] each; never forms the training gradient.
-                su = torch.einsum("bto,qor->qbtr", s, u)
-                av = torch.einsum("bti,qir->qbtr", a, v)
-                tok = -(su.to(acc) * av.to(acc)).sum(-1)
-                out.append(tok if token_wise else tok.sum(-1))
-            else:
-                p = queries.full[name].to(cd)
-                if token_wise:
-                    pa = torch.einsum("qoi,bti->qbto", p, a)
-                    out.append(-(pa.to(acc) * s.to(acc).unsqueeze(0)).sum(-1))
-                else:
-                    dw = per_example_gradients(a, s)
-                    out.append(-_pair_dot(p, dw).to(acc))
+        a, s = a.to(cd), s.to(cd)
+        if queries.low_rank:
+            u, v = queries.left[name].to(cd), queries.right[name].to(cd)
+            if not token_wise and _dense_cheaper(a.shape[0], a.shape[1], u.shape[1], v.shape[1], u.shape[0],
+                                                 u.shape[2]):
+                # Short sequences: forming DW and U V^T (in query chunks) costs fewer flops.
+                dw = per_example_gradients(a, s)
+                return torch.cat([-_pair_dot(uc @ vc.transpose(1, 2), dw).to(acc)
+                                  for uc, vc in zip(*_query_chunks(u, v))])
+            # (U^T s_t) . (V^T a_t): [Q, B, T, r] each; never forms the training gradient.
+            su = torch.einsum("bto,qor->qbtr", s, u)
+            av = torch.einsum("bti,qir->qbtr", a, v)
+            tok = -(su.to(acc) * av.to(acc)).sum(-1)
+            return tok if token_wise else tok.sum(-1)
+        p = queries.full[name].to(cd)
+        if token_wise:
+            pa = torch.einsum("qoi,bti->qbto", p, a)
+            return -(pa.to(acc) * s.to(acc).unsqueeze(0)).sum(-1)
+        return -_pair_dot(p, per_example_gradients(a, s)).to(acc)
+
+    def _stack_layers(self, per_layer: dict[str, torch.Tensor], token_wise: bool) -> torch.Tensor:
+        out = [per_layer[n] for n in self.layers]
         if token_wise:
             t_max = max(x.shape[-1] for x in out)
             out = [torch.nn.functional.pad(x, (0, t_max - x.shape[-1])) for x in out]
@@ -279,17 +312,24 @@ class InfluenceScorer:
     def score_batch(self, queries: QueryGradients, batch: Any, batch_index: int = 0,
                     token_wise: bool = False) -> torch.Tensor:
         """Layer-wise scores ``[L, Q, B]`` of one training batch against the queries."""
-        acts, grads = self.capture(batch, query=False, batch_index=batch_index)
-        return self.score_captured(queries, acts, grads, token_wise=token_wise)
+        per_layer: dict[str, torch.Tensor] = {}
+
+        def consume(name, a, s):
+            per_layer[name] = self.score_layer(queries, name, a, s, token_wise)
+
+        self.stream(batch, False, consume, batch_index)
+        return self._stack_layers(per_layer, token_wise)
 
     def self_score_batch(self, batch: Any, batch_index: int = 0) -> torch.Tensor:
         """Layer-wise self-influence ``[L, B]`` of one training batch."""
-        acts, grads = self.capture(batch, query=False, batch_index=batch_index)
-        out = []
-        for name in self.layers:
-            dw = per_example_gradients(acts[name].to(self.dtype), grads[name].to(self.dtype))
-            out.append(self.factors.inverse_quadratic(name, dw).to(self._accumulate_dtype()))
-        return torch.stack(out)
+        per_layer: dict[str, torch.Tensor] = {}
+
+        def consume(name, a, s):
+            dw = per_example_gradients(a.to(self.dtype), s.to(self.dtype))
+            per_layer[name] = self.factors.inverse_quadratic(name, dw).to(self._accumulate_dtype())
+
+        self.stream(batch, False, consume, batch_index)
+        return self._stack_layers(per_layer, False)
 
     # -------------------------------------------------------- whole loaders
     def pairwise_scores(self, query_batches: Iterable[Any], train_batches: Iterable[Any],

@@ -62,7 +62,8 @@ def test_full_rank_equals_full_matrix(request, case, strategy):
 def test_reported_errors_are_the_relative_frobenius_errors(gpt2, rank):
     model, task, factors, train, queries = gpt2
     full = InfluenceScorer(model, task, factors, dtype=torch.float64).query_gradients(queries)
-    low = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=rank).query_gradients(queries)
+    low = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=rank,
+                          query_svd="exact").query_gradients(queries)
     assert low.rank == rank
     for name in factors.layers:
         p = full.full[name]
@@ -89,6 +90,32 @@ def test_low_rank_scores_are_scores_of_the_approximation(gpt2):
         expected = scorer.score_batch(as_full, batch, i)
         torch.testing.assert_close(scorer.score_batch(low, batch, i), expected, rtol=1e-6,
                                    atol=1e-7 * float(expected.abs().max()), check_dtype=False)
+
+
+@pytest.mark.parametrize("method", ["randomized", "exact"])
+def test_factorize_methods_report_their_exact_error_and_are_near_optimal(method):
+    """Matrices wide enough for the randomized sketch (rank + 8 < min(d_out, d_in)), with the fast
+    spectral decay of gradients: the reported error is ||P - U V^T|| / ||P|| exactly, and within
+    1% of the Eckart-Young optimum (exactly it for the full SVD)."""
+    g = torch.Generator().manual_seed(0)
+    s_tok = torch.randn(6, 40, 64, dtype=torch.float64, generator=g) * torch.logspace(0, -2, 40, dtype=torch.float64)[:, None]
+    a_tok = torch.randn(6, 40, 48, dtype=torch.float64, generator=g)
+    p = s_tok.transpose(1, 2) @ a_tok  # [6, 64, 48], a sum of 40 token outer products like DW
+    for rank in (1, 4, 12):
+        left, right, err = low_rank_factorize(p, rank, method)
+        assert left.shape == (6, 64, rank) and right.shape == (6, 48, rank)
+        direct = (p - left @ right.transpose(1, 2)).flatten(1).norm(dim=1) / p.flatten(1).norm(dim=1)
+        torch.testing.assert_close(err, direct, rtol=1e-6, atol=1e-12)
+        sv = torch.linalg.svdvals(p)
+        optimal = sv[:, rank:].norm(dim=1) / sv.norm(dim=1)
+        assert bool((direct >= optimal * (1 - 1e-9)).all())
+        assert bool((direct <= optimal * (1.01 if method == "randomized" else 1 + 1e-9)).all()), (direct / optimal)
+
+
+def test_unknown_query_svd_is_rejected(gpt2):
+    model, task, factors, train, queries = gpt2
+    with pytest.raises(ScoringError, match="query_svd must be one of"):
+        InfluenceScorer(model, task, factors, query_rank=2, query_svd="qr")
 
 
 def test_factorize_rejects_rank_beyond_layer():
