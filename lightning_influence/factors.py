@@ -18,7 +18,6 @@ process killed mid-save leaves the previous pair loadable.
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_json, ensure_writable_dir, fsync_file, sha256_file
+from .files import atomic_write_json, ensure_writable_dir, fsync_file, read_manifest, sha256_file
 from . import __version__
 from .tracking import TrackedLayer
 
@@ -295,26 +294,10 @@ class InfluenceFactors:
         """Load factors saved by :meth:`save`, verifying the format, version and checksum."""
         directory = Path(directory)
         manifest_path = directory / "manifest.json"
-        if not manifest_path.is_file():
-            raise FactorsError(
-                f"no factors at '{directory}': {manifest_path} does not exist. Fit them first "
-                "(InfluenceCallback or fit_factors) or point to the callback's output_dir."
-            )
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise FactorsError(f"{manifest_path} is corrupt ({err}); refit the factors") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-            raise FactorsError(
-                f"{manifest_path} is not a lightning-influence factors manifest; point to the directory the "
-                "factors were saved to (the callback's output_dir) or refit them"
-            )
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise FactorsError(
-                f"{manifest_path} has format version {manifest.get('format_version')}, this library reads "
-                f"version {FORMAT_VERSION} (made by lightning-influence {manifest.get('library_version')}). "
-                "Refit the factors with this version."
-            )
+        manifest = read_manifest(manifest_path, FactorsError, FORMAT_NAME, FORMAT_VERSION, "factors",
+                                 missing="Fit them first (InfluenceCallback or fit_factors) or point to the "
+                                         "callback's output_dir.",
+                                 redo="refit the factors")
         missing = [k for k in _MANIFEST_KEYS if k not in manifest]
         tensor_file = manifest.get("tensor_file")
         if missing or not isinstance(tensor_file, str) or Path(tensor_file).name != tensor_file or not tensor_file:

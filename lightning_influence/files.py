@@ -12,7 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_json", "sha256_file", "fsync_file", "read_json_or_none", "ensure_writable_dir"]
+__all__ = ["atomic_write_json", "sha256_file", "fsync_file", "read_json_or_none", "ensure_writable_dir",
+           "read_manifest"]
 
 
 def sha256_file(path: Path) -> str:
@@ -60,3 +61,27 @@ def ensure_writable_dir(directory: Path, error: type[Exception], what: str = "di
         raise error(f"cannot create {what} '{directory}' ({err.strerror}); {fix}") from None
     if not os.access(directory, os.W_OK):
         raise error(f"{what} '{directory}' is not writable; {fix}")
+
+
+def read_manifest(path: Path, error: type[Exception], format_name: str, version: int, what: str,
+                  missing: str, redo: str) -> dict:
+    """Read one of our JSON manifests, checking that it exists, parses, and has our format and version.
+
+    Each failure raises ``error`` naming the file; ``missing`` is the sentence telling how such
+    files are made, ``redo`` the fix for a corrupt or outdated one (e.g. "refit the factors").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"no {what} at '{path.parent}': {path} does not exist. {missing}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is corrupt ({err}); {redo}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != format_name:
+        raise error(f"{path} is not a lightning-influence {what} manifest; point to the directory they were "
+                    f"saved to, or {redo}")
+    if manifest.get("format_version") != version:
+        raise error(f"{path} has format version {manifest.get('format_version')}, this library reads version "
+                    f"{version} (written by lightning-influence {manifest.get('library_version')}); "
+                    f"{redo} with this version")
+    return manifest

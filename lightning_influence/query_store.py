@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_json, ensure_writable_dir, fsync_file, read_json_or_none, sha256_file
+from .files import atomic_write_json, ensure_writable_dir, fsync_file, read_json_or_none, read_manifest, sha256_file
 from . import __version__
 from .factors import InfluenceFactors
 from .scoring import QueryGradients, ScoringError
@@ -220,26 +220,11 @@ def _check_consistent(qg: QueryGradients, factors: InfluenceFactors) -> None:
 # ------------------------------------------------------------------ loading
 def read_query_manifest(directory: str | os.PathLike) -> dict:
     """The manifest of stored query gradients (checked for format and version)."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise QueryStoreError(
-            f"no query gradients at '{directory}': {path} does not exist. Compute them with "
-            "InfluenceScorer.query_gradients and save them with save_query_gradients"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise QueryStoreError(f"{path} is corrupt ({err}); recompute and save the query gradients") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise QueryStoreError(f"{path} is not a lightning-influence query-gradients manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise QueryStoreError(
-            f"{path} has format version {manifest.get('format_version')}, this library reads version "
-            f"{FORMAT_VERSION} (written by lightning-influence {manifest.get('library_version')}); "
-            "recompute the query gradients with this version"
-        )
-    return manifest
+    return read_manifest(Path(directory) / MANIFEST, QueryStoreError, FORMAT_NAME, FORMAT_VERSION,
+                         "query gradients",
+                         missing="Compute them with InfluenceScorer.query_gradients and save them with "
+                                 "save_query_gradients.",
+                         redo="recompute and save the query gradients")
 
 
 def load_query_gradients(

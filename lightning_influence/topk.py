@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_json, read_json_or_none, sha256_file
+from .files import atomic_write_json, read_json_or_none, read_manifest, sha256_file
 from . import __version__
 
 __all__ = ["StreamingTopK", "ScoreShardWriter", "TopKError", "read_scores", "read_score_manifest"]
@@ -379,20 +379,9 @@ class ScoreShardWriter:
 
 # --------------------------------------------------------------- reading
 def read_score_manifest(directory: str | os.PathLike) -> dict:
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise TopKError(f"no score shards at '{directory}' ({path} does not exist)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TopKError(f"{path} is corrupt ({err}); rerun the scoring into a new directory") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise TopKError(f"{path} is not a lightning-influence score manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise TopKError(f"{path} has format version {manifest.get('format_version')}, this library reads "
-                        f"{FORMAT_VERSION}; rerun the scoring with this version")
-    return manifest
+    return read_manifest(Path(directory) / MANIFEST, TopKError, FORMAT_NAME, FORMAT_VERSION, "score shards",
+                         missing="Write them with ScoreShardWriter (InfluenceModule.top_k(scores_dir=...)).",
+                         redo="rerun the scoring into a new directory")
 
 
 def read_scores(directory: str | os.PathLike, allow_incomplete: bool = False) -> torch.Tensor:

@@ -191,7 +191,7 @@ def test_manifest_with_bad_entries(saved, edit):
 def test_unknown_format_version(saved):
     directory, _, manifest = saved
     (directory / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(FactorsError, match="format version 99.*Refit"):
+    with pytest.raises(FactorsError, match="format version 99.*refit the factors with this version"):
         InfluenceFactors.load(directory)
 
 
