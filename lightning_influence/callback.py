@@ -25,6 +25,7 @@ from torch import nn
 from .factors import FactorsError, InfluenceFactors, check_damping, check_fisher, check_strategy
 from .loaders import rebuild_loader
 from .progress import length_of, progress_bar
+from .scoring import QUERY_SVD_METHODS
 from .statistics import remaining_phases, run_phase
 from .tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 from .tracking import TrackingError, find_tracked_layers
@@ -83,6 +84,8 @@ class InfluenceCallback(Callback):
             returning a query DataLoader; with queries, the run ends with scores saved under
             ``output_dir`` (and reported to W&B when the trainer has a WandbLogger).
         query_rank: rank of stored query gradients (query batching); ``None`` for full rank.
+        query_svd: how rank-r query gradients are factorised: ``"randomized"`` (``torch.svd_lowrank``,
+            the default) or ``"exact"`` (full SVD); the approximation error is logged either way.
         top_k: how many most positive/negative training examples to report per query.
         module_types: module classes to track (with or instead of ``modules`` patterns).
         tfidf_candidates: score each query only against its k most TF-IDF-similar training
@@ -114,6 +117,7 @@ class InfluenceCallback(Callback):
         tfidf_candidates: int | None = None,
         score_layers: list[str] | None = None,
         score_dtype: str = "float32",
+        query_svd: str = "randomized",
     ):
         super().__init__()
         try:
@@ -126,6 +130,8 @@ class InfluenceCallback(Callback):
             raise MisconfigurationException(f"fit_on must be 'fit_end', 'manual' or an epoch number, got {fit_on!r}")
         if dtype not in ("float32", "float64"):
             raise MisconfigurationException(f"dtype must be 'float32' or 'float64' (statistics never accumulate in less), got {dtype!r}")
+        if query_svd not in QUERY_SVD_METHODS:
+            raise MisconfigurationException(f"query_svd must be one of {QUERY_SVD_METHODS}, got {query_svd!r}")
         if score_dtype not in ("float32", "float64", "bfloat16", "float16"):
             raise MisconfigurationException(f"score_dtype must be float32, float64, bfloat16 or float16, got {score_dtype!r}")
         for name, value in (("max_batches", max_batches), ("max_examples", max_examples), ("query_rank", query_rank),
@@ -149,6 +155,7 @@ class InfluenceCallback(Callback):
         self.seed = seed
         self.queries = queries
         self.query_rank = query_rank
+        self.query_svd = query_svd
         self.top_k = top_k
         self.tfidf_candidates = tfidf_candidates
         self.score_layers = score_layers

@@ -129,6 +129,7 @@ def run_queries(
     layers: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,
     show_progress: bool = True,
+    query_svd: str = "randomized",
 ):
     """Score ``queries`` against the training data, save scores, and write the reports.
 
@@ -137,12 +138,13 @@ def run_queries(
     query is scored only against its ``k`` most TF-IDF-similar training texts (the
     other entries of the returned matrix are NaN); ``layers`` keeps only those tracked
     layers; ``dtype`` is the scoring compute dtype (bf16/fp16 for speed); ``show_progress``
-    shows progress bars on the scoring passes (rank zero only).
+    shows progress bars on the scoring passes (rank zero only); ``query_svd`` is the SVD of
+    rank-r queries (``"randomized"`` or ``"exact"``).
     """
     from .reporting import build_report, log_report, write_html_report
 
     module = InfluenceModule(model, task=task, factors=factors, query_rank=query_rank, dtype=dtype, layers=layers,
-                             show_progress=show_progress)
+                             show_progress=show_progress, query_svd=query_svd)
     qg = module.prepare_queries(queries.loader)
     dataset = train_loader.dataset
     if tfidf_candidates is not None:
@@ -205,7 +207,7 @@ def score_and_report(callback, trainer, pl_module) -> torch.Tensor:
     wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
     scores, report = run_queries(callback.network(pl_module), callback.task, callback.factors, queries, loader,
                                  callback.output_dir, tokenizer=tokenizer, top_k=callback.top_k,
-                                 query_rank=callback.query_rank, wandb_run=wandb,
+                                 query_rank=callback.query_rank, query_svd=callback.query_svd, wandb_run=wandb,
                                  tfidf_candidates=callback.tfidf_candidates, layers=callback.score_layers,
                                  dtype=callback.score_dtype,
                                  # Same as the callback's own passes: no bars when the Trainer has none.

@@ -141,6 +141,8 @@ def test_clear_errors():
         InfluenceCallback(fisher="true")
     with pytest.raises(MisconfigurationException, match="damping"):
         InfluenceCallback(damping=-1.0)
+    with pytest.raises(MisconfigurationException, match=r"query_svd must be one of \('randomized', 'exact'\)"):
+        InfluenceCallback(query_rank=8, query_svd="lanczos")
 
     class NoLayers(L.LightningModule):
         def __init__(self):
