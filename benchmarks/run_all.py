@@ -3,7 +3,7 @@
     .bench-venv/bin/python -m benchmarks.run_all [--quick]      # what `make bench` runs
     .bench-venv/bin/python -m benchmarks.run_all --report-only  # rewrite the page from benchmarks/results/*.json
 
-Raw results are kept in ``benchmarks/results/`` (agreement.json, speed.json, machine.json).
+Raw results are kept in ``benchmarks/results/`` (agreement.json, lds.json, speed.json, machine.json).
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def _short(label: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the page
-def report(agreement: dict | None, speed: dict | None, machine: dict, wall: float | None) -> str:
+def report(agreement: dict | None, speed: dict | None, machine: dict, wall: float | None,
+           lds: dict | None = None) -> str:
     L: list[str] = []
     w = L.append
     mode = "quick" if (speed or agreement or {}).get("quick") else "full"
@@ -150,6 +151,7 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
     w("# with .bench-venv in place:")
     w(".bench-venv/bin/python -m benchmarks.run_all [--quick]")
     w(".bench-venv/bin/python -m benchmarks.agreement [--quick]   # writes benchmarks/results/agreement.json")
+    w(".bench-venv/bin/python -m benchmarks.lds [--quick]         # writes benchmarks/results/lds.json")
     w(".bench-venv/bin/python -m benchmarks.speed [--quick]       # writes benchmarks/results/speed.json")
     w(".bench-venv/bin/python -m benchmarks.run_all --report-only # this page from the saved JSON")
     w("BENCH_THREADS=2 make bench        # torch threads per process (default 1, see 'Machine')")
@@ -192,6 +194,8 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
     w("")
     if agreement:
         _agreement_section(w, agreement)
+    if lds:
+        _lds_section(w, lds)
     if speed:
         _speed_section(w, speed)
     return "\n".join(L) + "\n"
@@ -255,10 +259,143 @@ def _agreement_section(w, ag: dict) -> None:
     w("")
 
 
+def _lds_section(w, lds: dict) -> None:
+    st, rows = lds["settings"], lds["rows"]
+    rc, sc = st["recipe"], st["scoring"]
+    seeds = st["init_seeds"]
+
+    def find(library, strategy, fisher="empirical", damping="0.1x"):
+        return next((r for r in rows if (r["library"], r["strategy"], r["fisher"], r["damping"])
+                     == (library, strategy, fisher, damping)), None)
+
+    w("## 2. Attribution quality (LDS)")
+    w("")
+    if lds.get("quick"):
+        w("*Quick mode: fewer subsets and queries than the full run (50 subsets, 100 queries).*")
+        w("")
+    w("Do the scores predict what retraining does? The linear datamodeling score (LDS; Park et al., 2023, TRAK), "
+      "computed with the library's harness `lightning_influence.evaluation`: "
+      f"{st['subsets']} random subsets each holding {st['fraction']:.0%} of the {st['train_examples']} training "
+      "digits (`lds_subsets`, seed 0); a fresh model retrained on each subset with Lightning and the same recipe "
+      "(`retrain_measurements`); the LDS of a query is the Spearman correlation (torchmetrics), across the "
+      "subsets, between the sum of the subset's scores and the measured value (`linear_datamodeling_score`). "
+      f"Reported: its mean over {st['queries']} held-out query digits, a normal 95% interval of that mean, "
+      "and the standard deviation over queries. 1 = the scores rank the retrained models perfectly, 0 = chance.")
+    w("")
+    w(f"* **Model and recipe**, the same for the scored full-data model and every retraining: {st['model']}; "
+      f"loss = {rc['loss']}, weight_decay = {rc['weight_decay']:g}; {rc['optimizer']}, lr {rc['lr']:g}, "
+      f"{rc['epochs']} epochs, {rc['batch']}, initialisation seed fixed. Training is then a deterministic "
+      "function of the subset: the recipe run through `retrain_measurements` on an all-True subset reproduces "
+      f"the scored model's measurements (max difference {lds['determinism_max_abs_diff']:.0e}). Full-data "
+      f"model: objective {lds['full_model']['objective']:.4f} (gradient norm "
+      f"{lds['full_model']['objective_grad_norm']:.0e}), training accuracy {lds['full_model']['train_accuracy']:.3f}, "
+      f"query accuracy {lds['full_model']['query_accuracy']:.2f}.")
+    w(f"* **Measurement**: {st['measurement']}. Each subset is retrained with {len(seeds)} initialisation seeds "
+      f"({', '.join(map(str, seeds))}) and the two measurements are averaged; the scores come from one model, "
+      f"the full-data one with seed {seeds[0]}.")
+    w(f"* **Scores**: that one model handed to both libraries with the settings of section 1: {sc['fisher']} "
+      f"Fisher, damping {sc['damping']} (the library's default damping), {sc['modules']}, {sc['dtype']}. "
+      "Kronfluence's scores are **negated** before the LDS (with the same measurement, ours = -Kronfluence's, "
+      "section 1), so that on both sides a positive score predicts a larger log-likelihood.")
+    w("")
+    w("| strategy | ours: LDS | 95% CI | std over queries | Kronfluence (negated): LDS | 95% CI | std over queries "
+      "| Pearson of the scores, ours vs Kronfluence | largest per-query LDS difference |")
+    w("|---|---|---|---|---|---|---|---|---|")
+
+    def cells(v):
+        return f"{v['mean']:.3f} | [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] | {v['std']:.2f}"
+
+    for strategy in ("identity", "kfac", "ekfac"):
+        o, k = find("ours", strategy), find("kronfluence", strategy)
+        if o and k:
+            w(f"| {strategy} | **{o['lds']['mean']:.3f}** | {cells(o['lds']).split(' | ', 1)[1]} | "
+              f"**{k['lds']['mean']:.3f}** | {cells(k['lds']).split(' | ', 1)[1]} | "
+              f"{o['pearson_vs_kronfluence']:.6f} | {o['lds_diff_vs_kronfluence_max_abs']:.0e} |")
+    base = lds["baselines"]
+    w(f"| random scores (baseline) | {cells(base['random_scores'])} | | | | | |")
+    w("")
+    extra = [r for r in rows if r["library"] == "ours" and (r["fisher"], r["damping"]) != ("empirical", "0.1x")]
+    if extra:
+        w("Ours with other settings, same model and measurements (the library's defaults are the sampled Fisher "
+          "and 0.1 x mean eigenvalue):")
+        w("")
+        w("| strategy | Fisher | damping | LDS | 95% CI | std over queries |")
+        w("|---|---|---|---|---|---|")
+        for r in extra:
+            d = r["damping"]
+            damping = (f"{d[:-1]} x mean eigenvalue" if d.endswith("x")
+                       else f"{d} absolute (= the weight decay)" if float(d) == rc["weight_decay"] else f"{d} absolute")
+            w(f"| {r['strategy']} | {r['fisher']} | {damping} | {cells(r['lds'])} |")
+        w("")
+    if len(seeds) > 1:
+        w("Why average two seeds (ours; the gain is paired over queries, mean and 95% interval):")
+        w("")
+        w("| strategy | " + " | ".join(f"LDS against seed {s} alone" for s in seeds)
+          + " | against the mean of the seeds | gain over seed 0 alone |")
+        w("|---|" + "---|" * (len(seeds) + 2))
+        for strategy in ("identity", "kfac", "ekfac"):
+            r = find("ours", strategy)
+            g = r["seed_average_gain"]
+            w(f"| {strategy} | " + " | ".join(f"{r['lds_single_seed'][str(s)]:.3f}" for s in seeds)
+              + f" | {r['lds']['mean']:.3f} | {g['mean']:+.3f} ({g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f}) |")
+        w("")
+    _lds_reading(w, lds, find)
+    t = lds["timings"]
+    retrain_s = sum(v for k, v in t.items() if k.startswith("retrain_seed"))
+    w(f"Time: {lds['seconds']:.0f} s wall for the whole benchmark, {retrain_s:.0f} s of it retraining "
+      f"{st['subsets'] * len(seeds)} models ({t['retrain_seconds_per_model']:.2f} s each). Fitting and scoring, "
+      "ours / Kronfluence: "
+      + ", ".join(f"{s} {t[f'ours_{s}_seconds']:.1f} / {t[f'kron_{s}_seconds']:.1f} s" for s in ("identity", "kfac", "ekfac"))
+      + " (wall time on the shared machine; see section 3 for the speed comparison).")
+    w("")
+    w("Attribution quality on a language model: recall@10 of fact tracing on the demo corpus (identity, K-FAC and "
+      "EK-FAC against a TF-IDF baseline) is in [fact-tracing.md](fact-tracing.md).")
+    w("")
+
+
+def _lds_reading(w, lds: dict, find) -> None:
+    """One paragraph on what the LDS tables say, with the numbers taken from them."""
+    ident, kfac, ekfac = (find("ours", s) for s in ("identity", "kfac", "ekfac"))
+    rand = lds["baselines"]["random_scores"]
+    diff = max(find("ours", s)["lds_diff_vs_kronfluence_max_abs"] for s in ("identity", "kfac", "ekfac"))
+    pear = min(find("ours", s)["pearson_vs_kronfluence"] for s in ("identity", "kfac", "ekfac"))
+    d = lds["ekfac_minus_kfac"]
+    text = (f"**Reading.** Random scores give {rand['mean']:.3f} and the plain gradient dot product (identity) "
+            f"{ident['lds']['mean']:.2f}; preconditioning by the Fisher is what makes the scores predictive: "
+            f"K-FAC {kfac['lds']['mean']:.2f}, EK-FAC {ekfac['lds']['mean']:.2f}. EK-FAC - K-FAC, paired over the "
+            f"same queries: {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+            + (": on this model K-FAC's scores predict retraining slightly better than EK-FAC's (with the sampled "
+               "Fisher too, table above). " if d["ci95"][1] < 0
+               else ": EK-FAC's eigenvalue correction helps here. " if d["ci95"][0] > 0
+               else ": no significant difference. ")
+            + "Kronfluence's scores give "
+            + ("exactly the same per-query LDS as ours" if diff == 0 else
+               f"the same LDS as ours (largest per-query difference {diff:.0e})")
+            + f" because the score matrices agree to rounding (lowest Pearson {pear:.6f}; Spearman only sees ranks): "
+            "the LDS measures the method and its settings, not the implementation. ")
+    if "seed_vs_seed_spearman" in lds["baselines"]:
+        r = lds["baselines"]["seed_vs_seed_spearman"]["mean"]
+        text += (f"Two initialisation seeds' measurements correlate at {r:.2f} over the subsets (Spearman, mean over "
+                 "queries): most of the measured variation is decided by the subset, the rest by the initialisation, "
+                 "which no attribution of one model predicts; averaging the seeds removes part of it (table above). ")
+    wd = next((r for r in lds["rows"] if r["damping"] == f"{lds['settings']['recipe']['weight_decay']:g}"), None)
+    if wd:
+        heur = [v for layers in lds.get("heuristic_damping", {}).values() for v in layers.values()]
+        text += (f"Damping with exactly the weight decay (the L2 term's own curvature, so that G + lambda I is "
+                 f"this objective's Gauss-Newton Hessian) gives {wd['lds']['mean']:.2f}, lower than the heuristic, "
+                 + (f"whose per-layer values ({min(heur):.0e} to {max(heur):.0e}) are much smaller on this "
+                    "well-fitted model; " if heur else "")
+                 + "the LDS scores the response "
+                 "to removing half the data, far outside the infinitesimal regime the exact damping is right for, "
+                 "which may be why. ")
+    w(text.rstrip())
+    w("")
+
+
 def _speed_section(w, sp: dict) -> None:
     cfg, m = sp["config"], sp["model"]
     runs = [r for r in sp["runs"] if r.get("batch", 32) == m["batch_size"]]
-    w("## 2. Speed and memory")
+    w("## 3. Speed and memory")
     w("")
     w(f"Model: `LlamaForCausalLM`, {m['layers']} layers, hidden {m['hidden']}, MLP {m['intermediate']}, "
       f"{m['heads']} heads, vocabulary {m['vocab']}: {m['parameters']:,} parameters, {m['tracked_parameters']:,} "
@@ -375,7 +512,7 @@ def _targets(w, sp: dict) -> None:
     sk = _find(runs, op="score", side="kron", n=cfg["score_n"], q=qmax, rank=0)
     ro = _find(runs, op="score", side="ours", n=cfg["rank_n"], q=max(cfg["rank_queries"]), rank=32)
     rk = _find(runs, op="score", side="kron", n=cfg["rank_n"], q=max(cfg["rank_queries"]), rank=32)
-    w("## 3. Targets")
+    w("## 4. Targets")
     w("")
     w("| target | measured (CPU time, +RSS) | met? |")
     w("|---|---|---|")
@@ -398,7 +535,7 @@ def _targets(w, sp: dict) -> None:
 
 def _profile_section(w, prof: dict, sp: dict) -> None:
     p = prof["profile"]
-    w("## 4. Where our time goes")
+    w("## 5. Where our time goes")
     w("")
     w(f"Our side profiled (`python -m benchmarks.speed profile`): fitting on {prof.get('n_fit', prof['n'])} "
       f"sequences, full-rank scoring of {prof['q']} queries against {prof['n']} sequences, rank-32 scoring of "
@@ -480,7 +617,7 @@ def _reading(w, p: dict, sp: dict) -> None:
           f"{100 * _share(fit, '(_phase_update)'):.0f}% and the task's forward "
           f"{100 * _share(fit, '(train_loss)'):.0f}% / capture+backward {100 * _share(fit, '(collect)'):.0f}%; "
           "`masked_tokens` multiplies every activation and gradient by the mask even when nothing is padded. "
-          "Our higher working memory (from reading both codes and the batch-size table in section 2): all tracked layers' activations and output gradients of a batch are "
+          "Our higher working memory (from reading both codes and the batch-size table in section 3): all tracked layers' activations and output gradients of a batch are "
           "captured and held at once (`LayerCapture.collect`, then `_phase_update` over every layer), whereas "
           "Kronfluence folds each layer's statistics inside its backward hook and frees them layer by layer.")
     w("")
@@ -491,40 +628,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes everywhere")
     parser.add_argument("--report-only", action="store_true", help="rewrite the page from benchmarks/results/")
     parser.add_argument("--skip-agreement", action="store_true")
+    parser.add_argument("--skip-lds", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
     if args.report_only:
-        agreement = _load("agreement.json")
-        speed = _load("speed.json")
+        agreement, lds, speed = _load("agreement.json"), _load("lds.json"), _load("speed.json")
         machine = _load("machine.json") or machine_info()
         wall = machine.get("total_seconds")
     else:
         machine = machine_info()
         machine["date"] = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
         machine["bench_threads"] = THREADS
-        from . import agreement as ag_mod, speed as sp_mod
         from .common import loadavg_now
 
         machine["loadavg_start"] = loadavg_now()
-        agreement = speed = None
-        if not args.skip_agreement:
-            print("== agreement", flush=True)
-            a0 = time.perf_counter()
-            agreement = ag_mod.run(args.quick, log=lambda s: print(s, flush=True))
-            agreement["seconds"] = time.perf_counter() - a0
-            save_json("agreement.json", agreement)
-        else:
-            agreement = _load("agreement.json")
-        if not args.skip_speed:
-            print("== speed", flush=True)
-            s0 = time.perf_counter()
-            speed = sp_mod.run(args.quick, log=lambda s: print(s, flush=True))
-            speed["seconds"] = time.perf_counter() - s0
-            save_json("speed.json", speed)
-        else:
-            speed = _load("speed.json")
+        agreement = _stage("agreement", args.skip_agreement, args.quick)
+        lds = _stage("lds", args.skip_lds, args.quick)
+        speed = _stage("speed", args.skip_speed, args.quick)
         machine["loadavg_end"] = loadavg_now()
         machine["library_fingerprint_end"] = library_fingerprint()
         wall = time.perf_counter() - t0
@@ -534,8 +656,22 @@ def main() -> None:
     DOCS.mkdir(exist_ok=True)
     if speed:
         plots(speed)
-    (DOCS / "benchmarks.md").write_text(report(agreement, speed, machine, wall))
+    (DOCS / "benchmarks.md").write_text(report(agreement, speed, machine, wall, lds))
     print(json.dumps({"written": str(DOCS / "benchmarks.md"), "seconds": time.perf_counter() - t0}))
+
+
+def _stage(name: str, skip: bool, quick: bool) -> dict | None:
+    """Run ``benchmarks.<name>`` and save ``<name>.json``; with ``skip``, the saved results instead."""
+    if skip:
+        return _load(f"{name}.json")
+    import importlib
+
+    print(f"== {name}", flush=True)
+    t0 = time.perf_counter()
+    result = importlib.import_module(f".{name}", __package__).run(quick, log=lambda s: print(s, flush=True))
+    result["seconds"] = time.perf_counter() - t0
+    save_json(f"{name}.json", result)
+    return result
 
 
 def _load(name: str) -> dict | None:
