@@ -280,10 +280,11 @@ class PeakRSS:
                 "increment_rss": self.increment, "hwm_reset": self.reset}
 
 
-def run_worker(module: str, args: list[str], timeout: float = 1800) -> dict:
-    """Run ``python -m module args`` in a fresh interpreter; it prints one JSON line last."""
+def run_worker(module: str, args: list[str], timeout: float = 1800, env: dict | None = None) -> dict:
+    """Run ``python -m module args`` in a fresh interpreter (``env``: extra variables); it prints one JSON line last."""
     env = dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(THREADS),
-               MKL_NUM_THREADS=str(THREADS), BENCH_THREADS=os.environ.get("BENCH_THREADS", str(THREADS)))
+               MKL_NUM_THREADS=str(THREADS), BENCH_THREADS=os.environ.get("BENCH_THREADS", str(THREADS)),
+               **(env or {}))
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
     if proc.returncode != 0:

@@ -411,7 +411,8 @@ def _speed_section(w, sp: dict) -> None:
       f"damping, batch size {m['batch_size']} for fitting and for training gradients, every query in one query "
       "batch for Kronfluence (so that both libraries make one pass over the training data; Kronfluence makes one "
       "pass per query batch), and each library's own persistence (factors and scores written to disk) inside "
-      "the timing. Kronfluence's rank-32 uses its default `torch.svd_lowrank`; ours a full SVD. Every number "
+      "the timing. Rank 32 uses a randomized SVD on both sides: Kronfluence's default `torch.svd_lowrank(q=32)`, "
+      "ours `low_rank_factorize`'s default (`torch.svd_lowrank` with 40 directions and one power iteration). Every number "
       "comes from a fresh process running one operation of one library; before measuring, each process runs one "
       "plain forward+backward (one-time allocations, ~100 MiB, belong to neither library) and resets the "
       "kernel's RSS high-water mark. *peak RSS* is the process's peak during the operation, *+RSS* that peak "
@@ -440,6 +441,7 @@ def _speed_section(w, sp: dict) -> None:
           "targets are judged on were made twice, interleaved ours/Kronfluence, and the faster of the two is used; "
           "the other rows are single runs, so read ratios within about +-20% as a tie.")
         w("")
+    _live_memory(w, sp)
     ep = _find(runs, op="epoch", n=cfg["n_train"])
     fit_o = _find(runs, op="fit", side="ours", n=cfg["n_train"])
     fit_k = _find(runs, op="fit", side="kron", n=cfg["n_train"])
@@ -478,6 +480,25 @@ def _speed_section(w, sp: dict) -> None:
     _targets(w, sp)
     if "profile" in sp:
         _profile_section(w, sp["profile"], sp)
+
+
+def _live_memory(w, sp: dict) -> None:
+    """The memory rows again, measured with glibc's mmap threshold fixed (``benchmarks.speed.FIXED_MALLOC``)."""
+    if not sp.get("runs_fixed_malloc"):
+        return
+    pairs = _pairs({**sp, "runs": sp["runs_fixed_malloc"]})
+    w("**Live memory.** RSS also counts memory the C allocator keeps after tensors are freed: glibc raises its "
+      "mmap threshold to the largest block freed so far (up to 32 MiB), after which freed tensors stay in the "
+      "heap, and how much stays depends on the order of allocations, not on what is live. The same operations "
+      "rerun with `MALLOC_MMAP_THRESHOLD_=65536` (freed blocks go back to the system at once; CPU times of these "
+      "runs are not comparable, page faults dominate) measure the memory the libraries actually hold:")
+    w("")
+    w("| operation | ours +RSS MiB | Kronfluence +RSS MiB | ours/theirs |")
+    w("|---|---|---|---|")
+    for label, o, k in pairs:
+        w(f"| {label} | {o['increment_rss'] / MiB:.0f} | {k['increment_rss'] / MiB:.0f} | "
+          f"{_ratio(o['increment_rss'], k['increment_rss'])} |")
+    w("")
 
 
 def _memory_slope(w, sp: dict) -> None:
@@ -527,9 +548,14 @@ def _targets(w, sp: dict) -> None:
     if ro and rk:
         w(f"| the same at rank 32 | ours/theirs {_ratio(ro['cpu_seconds'], rk['cpu_seconds'])} | "
           f"{verdict(ro['cpu_seconds'] <= 0.5 * rk['cpu_seconds'])} |")
+    live = {label: (o, k) for label, o, k in _pairs({**sp, "runs": sp.get("runs_fixed_malloc", [])})}
     for label, o, k in _pairs(sp):
+        lo = live.get(label)
+        extra = (f"; live memory (fixed mmap threshold) {_ratio(lo[0]['increment_rss'], lo[1]['increment_rss'])}"
+                 if lo else "")
         w(f"| peak memory no higher than Kronfluence: {label} | +RSS ours/theirs "
-          f"{_ratio(o['increment_rss'], k['increment_rss'])} | {verdict(o['increment_rss'] <= k['increment_rss'])} |")
+          f"{_ratio(o['increment_rss'], k['increment_rss'])}{extra} | "
+          f"{verdict(o['increment_rss'] <= k['increment_rss'])} |")
     w("")
 
 
@@ -564,11 +590,11 @@ def _profile_section(w, prof: dict, sp: dict) -> None:
         w("")
     _reading(w, p, sp)
     wi = p.get("what_if")
-    if wi and "svd_full" in wi:
+    if wi and "ours_randomized" in wi:
         w(f"The rank-32 factorisation of {wi['queries_rank']} preconditioned queries on this model's "
-          f"{wi['layers']} layer shapes: `torch.linalg.svd` (the library's `low_rank_factorize`) "
-          f"{wi['svd_full']:.2f} CPU s, `torch.svd_lowrank(q=32)` (randomized; Kronfluence's default) "
-          f"{wi['svd_lowrank']:.2f} CPU s ({wi['svd_full'] / wi['svd_lowrank']:.1f}x).")
+          f"{wi['layers']} layer shapes (CPU s, summed over layers): ours exact (`torch.linalg.svd`) "
+          f"{wi['ours_exact']:.2f}, ours randomized (the default) {wi['ours_randomized']:.2f} (including the exact "
+          f"residual it reports), Kronfluence's `torch.svd_lowrank(q=32)` {wi['kron_svd_lowrank']:.2f}.")
         w("")
 
 
@@ -593,33 +619,34 @@ def _reading(w, p: dict, sp: dict) -> None:
     w("### Reading the profile")
     w("")
     if full:
-        w(f"* Full-rank scoring: {100 * _share(full, '(capture)'):.0f}% of our time is `InfluenceScorer.capture` "
-          "(the model's forward and backward for every query and training batch), "
-          f"{100 * _share(full, '(_pair_dot)'):.0f}% the query x training-example contraction (`_pair_dot`, one "
-          "matmul per layer and batch: the same arithmetic Kronfluence does) and "
-          f"{100 * _op_share(full, 'precondition'):.0f}% of the operator time preconditioning the queries "
-          "(`InfluenceFactors.precondition`, also the same arithmetic)."
+        w(f"* Full-rank scoring: {100 * _share(full, '(stream)'):.0f}% of our time is inside "
+          "`InfluenceScorer.stream` (the model's forward and backward for every query and training batch, with "
+          "each layer's scoring done inside the backward), of which the query x training-example contraction "
+          f"(`_pair_dot`, one matmul per layer and batch: the arithmetic Kronfluence does too) is "
+          f"{100 * _share(full, '(_pair_dot)'):.0f}% and preconditioning the queries "
+          f"(`InfluenceFactors.precondition`) {100 * _share(full, '(precondition)'):.0f}%."
           + (f" One plain forward+backward epoch over the training data alone takes "
              f"{ep['cpu_seconds'] / sk['cpu_seconds']:.2f} of Kronfluence's scoring time at {max(cfg['queries'])} "
-             "queries, and scoring needs that pass plus the query pass plus the contraction, so 'at most half of "
+             "queries; scoring needs that pass, the query pass and the contraction "
+             f"({max(cfg['queries'])} x {cfg['score_n']} dot products of gradient-sized vectors), so 'at most half of "
              "Kronfluence's time' cannot be reached by trimming overheads: both libraries do the same passes and "
              f"the same matmuls (ours/theirs here: {so['cpu_seconds'] / sk['cpu_seconds']:.2f})."
              if ep and so and sk else ""))
     if rank:
-        w(f"* Rank-32 scoring: `low_rank_factorize` (a full `torch.linalg.svd` of every preconditioned query "
-          f"gradient) is {100 * _share(rank, '(low_rank_factorize)'):.0f}% of our time; Kronfluence uses the "
-          "randomized `torch.svd_lowrank` (timing below). Our extra memory at rank 32 (from reading the code) comes from "
-          "`query_gradients`: it keeps each layer's list of per-batch preconditioned gradients alive while "
-          "`torch.cat` builds the full tensor, then the SVD's factors and the dense `U V^T` reconstruction used "
-          "for the error estimate, all of query-gradient size.")
+        w(f"* Rank-32 scoring: `low_rank_factorize` is {100 * _share(rank, '(low_rank_factorize)'):.0f}% of our "
+          f"time and `score_layer` {100 * _share(rank, '(score_layer)'):.0f}%. With 64-token sequences and layers "
+          "of width 128-512, forming each example's gradient and taking the dot product with the queries rebuilt "
+          "as `U V^T` costs fewer flops than the token-wise low-rank contraction, so rank 32 saves memory, not "
+          "time: rebuilding `U V^T` costs queries x rank x d_out x d_in per batch, as much again as the dot "
+          "product itself at batch 32.")
     if fit:
-        w(f"* Factor fitting: `_phase_update` (covariance products, eigenbasis rotations, Lambda) is "
-          f"{100 * _share(fit, '(_phase_update)'):.0f}% and the task's forward "
-          f"{100 * _share(fit, '(train_loss)'):.0f}% / capture+backward {100 * _share(fit, '(collect)'):.0f}%; "
-          "`masked_tokens` multiplies every activation and gradient by the mask even when nothing is padded. "
-          "Our higher working memory (from reading both codes and the batch-size table in section 3): all tracked layers' activations and output gradients of a batch are "
-          "captured and held at once (`LayerCapture.collect`, then `_phase_update` over every layer), whereas "
-          "Kronfluence folds each layer's statistics inside its backward hook and frees them layer by layer.")
+        w(f"* Factor fitting: the statistics (`_layer_update`: gradient covariances, eigenbasis rotations and "
+          f"Lambda, in the backward; `_activation_update`: activation covariances, in the forward) are "
+          f"{100 * (_share(fit, '(_layer_update)') + _share(fit, '(_activation_update)')):.0f}% of our time and "
+          f"the task's forward {100 * _share(fit, '(train_loss)'):.0f}%. Each layer's statistics are taken as soon "
+          "as its tensors exist and its captured tokens dropped right after (as Kronfluence does in its hooks), "
+          "and parameters do not require grad during the passes, so autograd keeps no layer input for a weight "
+          "gradient.")
     w("")
 
 

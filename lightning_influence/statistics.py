@@ -128,18 +128,18 @@ def _activation_update(name: str, a: torch.Tensor, mask: torch.Tensor | None) ->
     return {f"{name}::A_sum": a2.T @ a2, f"{name}::A_count": torch.tensor(token_count(a, mask), dtype=torch.float64)}
 
 
-def _layer_update(phase: str, factors: InfluenceFactors, name: str, a: torch.Tensor | None, s: torch.Tensor,
-                  mask: torch.Tensor | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One layer's contribution to a pass's sums, from its tokens ``a`` ``[B, T, d_in]`` and ``s`` ``[B, T, d_out]``."""
+def _layer_update(phase: str, eigvecs: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str,
+                  a: torch.Tensor | None, s: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One layer's contribution to a pass's sums, from its tokens ``a`` ``[B, T, d_in]`` and ``s`` ``[B, T, d_out]``.
+
+    ``eigvecs[name]`` holds the layer's ``(Q_A, Q_S)`` in the compute dtype (Lambda pass only)."""
     s = masked_tokens(s, mask)
     if phase == "covariance":  # the activation side was summed during the forward
         s2 = s.reshape(-1, s.shape[-1])
         return {f"{name}::S_sum": s2.T @ s2, f"{name}::S_count": torch.tensor(token_count(s, mask), dtype=torch.float64)}
     a = masked_tokens(a, mask)
     if phase == "lambda":
-        t = factors.tensors[name]
-        qa = t["A_eigvecs"].to(device=a.device, dtype=dtype)
-        qs = t["S_eigvecs"].to(device=a.device, dtype=dtype)
+        qa, qs = eigvecs[name]
         # Rotate tokens first: (Q_S^T DW Q_A) = sum_t (Q_S^T s_t)(Q_A^T a_t)^T, cheaper than rotating DW.
         rotated = per_example_gradients(a @ qa, s @ qs)
         return {f"{name}::lambda_sum": rotated.square_().sum(0),
@@ -190,9 +190,12 @@ def run_phase(
         # covariance pass, everything else in the backward) and its captured tokens dropped right after,
         # so a batch never holds every layer's activations and gradients at once.
         mask: list[torch.Tensor | None] = [None]  # the current batch's token mask
+        # The eigenbases in the compute dtype once per pass, not once per batch and layer.
+        eigvecs = {n: (t["A_eigvecs"].to(device=device, dtype=dtype), t["S_eigvecs"].to(device=device, dtype=dtype))
+                   for n, t in factors.tensors.items() if n in factors.layers} if phase == "lambda" else {}
 
         def consume(name, a, s):
-            stats.update(_layer_update(phase, factors, name, a, s, mask[0], dtype))
+            stats.update(_layer_update(phase, eigvecs, name, a, s, mask[0]))
 
         on_activation = None
         if phase == "covariance":
