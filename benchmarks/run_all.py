@@ -647,6 +647,18 @@ def _reading(w, p: dict, sp: dict) -> None:
           "as its tensors exist and its captured tokens dropped right after (as Kronfluence does in its hooks), "
           "and parameters do not require grad during the passes, so autograd keeps no layer input for a weight "
           "gradient.")
+        m = sp["model"]
+        if all(k in m for k in ("hidden", "intermediate", "vocab", "layers")):
+            h, i, v = m["hidden"], m["intermediate"], m["vocab"]
+            per = lambda o, n: o * o + n * n + o * n  # noqa: E731  covariances of both sides + Lambda
+            elements = m["layers"] * (4 * per(h, h) + 2 * per(i, h) + per(h, i)) + per(v, h)
+            w(f"* Fitting memory: what remains above Kronfluence is a fixed amount, not a per-sequence one (the "
+              "batch-size table: MiB per extra sequence), visible once the allocator's retention is taken out (the "
+              "live-memory table). Our statistics are summed and kept in float64 (covariance sums, eigenvectors, "
+              "Lambda), Kronfluence's in float32 in this configuration: for this model's layers that is "
+              f"{elements / 1e6:.2f}M numbers, {elements * 4 / MiB:.0f} MiB more per copy, and the Lambda pass holds "
+              "several (the running sums, and the covariance pass's sums, eigenvectors and eigenvalues): float64 "
+              "is a deliberate choice (the covariances are ill-conditioned), not an oversight.")
     w("")
 
 
