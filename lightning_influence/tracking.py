@@ -204,6 +204,10 @@ def _output_tokens(layer: TrackedLayer, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() >= 2 else g.reshape(1, 1, -1)
 
 
+def _ignore(grad: torch.Tensor) -> None:
+    return None
+
+
 class _Tap(torch.autograd.Function):
     """Identity on a tracked layer's output whose backward hands ``d loss / d output`` to a callback.
 
@@ -302,7 +306,11 @@ class LayerCapture:
 
         def hook(module, inputs, output):
             if self._in_backward:
-                return None  # a forward recomputed during backward (checkpointing) is not a new call
+                # A forward recomputed during the backward (activation checkpointing) is not a new call; it
+                # is tapped like the original (so that it saves the same tensors) but its taps report nothing.
+                if self._anchor is None or not torch.is_grad_enabled():
+                    return None
+                return _Tap.apply(output, self._anchor, _ignore)
             if not torch.is_grad_enabled():
                 self._called_without_grad.add(name)  # nothing to differentiate; say so if asked
                 return None

@@ -364,3 +364,41 @@ def test_uncalled_module_raises():
         model["used"](randn(2, 3))
         with pytest.raises(TrackingError, match="'unused' was not called"):
             cap.collect(torch.zeros((), requires_grad=True))
+
+
+class Checkpointed(nn.Module):
+    """Two tracked layers inside a non-reentrant activation checkpoint, one after it."""
+
+    def __init__(self, use_checkpoint: bool):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.use_checkpoint = use_checkpoint
+
+    def segment(self, x):
+        return torch.tanh(self.b(torch.tanh(self.a(x))))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(self.segment, x, use_reentrant=False) if self.use_checkpoint else self.segment(x)
+        return self.c(h)
+
+
+def test_activation_checkpointing_gives_the_same_tokens():
+    """The recomputation in the backward calls the hooks again: it must be tapped like the original
+    forward (or checkpointing sees other saved tensors) and must not count as a second call."""
+    torch.manual_seed(0)
+    model = Checkpointed(False).double()
+    layers = find_tracked_layers(model)
+    x = randn(5, 4)
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    results = []
+    for use in (False, True):
+        model.use_checkpoint = use
+        with LayerCapture(model, layers, dtype=torch.float64) as cap:
+            results.append(cap.collect(F.cross_entropy(model(x), y, reduction="sum")))
+    (acts, grads), (acts_ck, grads_ck) = results
+    for name in layers:
+        assert acts_ck[name].shape == acts[name].shape  # one call, not two
+        torch.testing.assert_close(acts_ck[name], acts[name])
+        torch.testing.assert_close(grads_ck[name], grads[name])
