@@ -480,6 +480,7 @@ def _speed_section(w, sp: dict) -> None:
     _targets(w, sp)
     if "profile" in sp:
         _profile_section(w, sp["profile"], sp)
+    _history(w, sp)
 
 
 def _live_memory(w, sp: dict) -> None:
@@ -596,6 +597,40 @@ def _profile_section(w, prof: dict, sp: dict) -> None:
           f"{wi['ours_exact']:.2f}, ours randomized (the default) {wi['ours_randomized']:.2f} (including the exact "
           f"residual it reports), Kronfluence's `torch.svd_lowrank(q=32)` {wi['kron_svd_lowrank']:.2f}.")
         w("")
+
+
+def _history(w, sp: dict) -> None:
+    """The main table's ratios at earlier commits (benchmarks/results/history.json) and in this run."""
+    hist = _load("history.json")
+    if not hist or sp.get("quick"):
+        return
+    entries = list(hist["entries"])
+    now = {label: {"cpu_ratio": o["cpu_seconds"] / k["cpu_seconds"], "rss_ratio": o["increment_rss"] / k["increment_rss"]}
+           for label, o, k in _pairs(sp)}
+    last = entries[-1]["rows"] if entries else {}
+    if any(abs(last.get(lbl, {}).get("cpu_ratio", -1) - r["cpu_ratio"]) > 1e-9 for lbl, r in now.items()):
+        entries.append({"commit": "this run", "what_changed": "", "rows": now})  # not yet in the history
+    labels = list(now)
+    w("## 6. Before and after")
+    w("")
+    w("The main table's ours/Kronfluence ratios (CPU time / +RSS) at the commits where the benchmark was rerun, "
+      "from each commit's `benchmarks/results/speed.json` (`benchmarks/results/history.json`). Same machine, "
+      "same settings; differences within about +-20% are noise of this shared VM (the first two rows' full-rank "
+      "scoring ratios moved 0.84x -> 1.08x without a change to that path).")
+    w("")
+    w("| commit | " + " | ".join(_short(lbl).replace("\n", " ") for lbl in labels) + " |")
+    w("|---|" + "---|" * len(labels))
+    for e in entries:
+        cells = []
+        for lbl in labels:
+            r = e["rows"].get(lbl)
+            cells.append(f"{r['cpu_ratio']:.2f}x / {r['rss_ratio']:.2f}x" if r else "")
+        w(f"| {e['commit']} | " + " | ".join(cells) + " |")
+    w("")
+    for e in entries:
+        if e["what_changed"]:
+            w(f"* `{e['commit']}`: {e['what_changed']}.")
+    w("")
 
 
 def _share(job: dict, suffix: str) -> float:
