@@ -76,9 +76,13 @@ def covariances(model, modules, loss_fn, batch, mask=None):
     handles = []
     for n, m in modules.items():
         def hook(mod, inp, out, n=n):
-            ins[n] = inp[0].detach()
+            # Every call of a module (weight sharing) adds its tokens. The model continues with a clone, so
+            # that an in-place op after the layer (ReLU(inplace=True)) cannot change what the retained
+            # gradient is taken of: the layer's own output.
+            ins.setdefault(n, []).append(inp[0].detach())
             out.retain_grad()
-            outs[n] = out
+            outs.setdefault(n, []).append(out)
+            return out.clone()
         handles.append(m.register_forward_hook(hook))
     loss_fn(model, batch).backward()
     for h in handles:
@@ -86,8 +90,8 @@ def covariances(model, modules, loss_fn, batch, mask=None):
     model.zero_grad(set_to_none=True)
     result = {}
     for n, m in modules.items():
-        a = tokens_in(m, ins[n])
-        s = tokens_out(m, outs[n].grad)
+        a = torch.cat([tokens_in(m, x) for x in ins[n]], 1)
+        s = torch.cat([tokens_out(m, o.grad) for o in outs[n]], 1)
         if mask is not None and a.shape[1] == mask.shape[1]:
             keep = mask.bool().reshape(-1)
             a = a.reshape(-1, a.shape[-1])[keep]

@@ -18,6 +18,28 @@ def mlp_data(n: int = 16, seed: int = 1):
     return x, y
 
 
+class SharedMLP(nn.Module):
+    """A layer applied twice (weight sharing) and an in-place ReLU right after a tracked layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 7)
+        self.act = nn.ReLU(inplace=True)
+        self.shared = nn.Linear(7, 7)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = self.act(self.inp(x))
+        h = torch.tanh(self.shared(h))
+        h = torch.tanh(self.shared(h) + h)
+        return self.head(h)
+
+
+def shared_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return SharedMLP().double()
+
+
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()

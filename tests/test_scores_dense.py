@@ -54,6 +54,15 @@ def test_mlp(strategy, bias):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_shared_weights_and_inplace_activation(strategy):
+    """A layer called twice per forward (its covariances count both calls' tokens, its per-example
+    gradient sums both) and a ReLU(inplace=True) right after a tracked layer."""
+    model = models.shared_mlp()
+    train, queries = models.mlp_data(16, seed=1), models.mlp_data(3, seed=2)
+    run_case(strategy, model, ClassificationTask(), train, queries, ce_loss, ce_measure)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_conv2d(strategy):
     model = models.convnet()
     train, queries = models.conv_data(10, seed=1), models.conv_data(3, seed=2)
