@@ -196,8 +196,8 @@ def tiny_llama(vocab: int = 128, hidden: int = 64, intermediate: int = 128, laye
 
 
 def train_lm(model: nn.Module, ds: Dataset, epochs: int = 2, batch_size: int = 32, lr: float = 3e-3,
-             seed: int = 0) -> float:
-    """Adam on the mean token NLL; returns the last epoch's mean token loss."""
+             seed: int = 0, device: torch.device | str = "cpu") -> float:
+    """Adam on the mean token NLL (on ``device``); returns the last epoch's mean token loss."""
     g = torch.Generator().manual_seed(seed)
     dl = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -205,6 +205,7 @@ def train_lm(model: nn.Module, ds: Dataset, epochs: int = 2, batch_size: int = 3
     for _ in range(epochs):
         total, tokens = 0.0, 0
         for batch in dl:
+            batch = {k: v.to(device) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss = lm_train_loss(model, batch) / n
             opt.zero_grad()
@@ -257,7 +258,14 @@ class PeakRSS:
     model, data), ``increment`` = peak - baseline.
     """
 
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+
     def __enter__(self):
+        if self.device.type == "cuda":  # GPU memory too: peak allocated during the block, above what it started with
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.gpu_baseline = torch.cuda.memory_allocated(self.device)
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self.reset = True
@@ -269,6 +277,9 @@ class PeakRSS:
         return self
 
     def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.gpu_peak = torch.cuda.max_memory_allocated(self.device)
         self.seconds = time.perf_counter() - self.start
         self.cpu_seconds = time.process_time() - self.cpu_start
         self.peak = _status()["VmHWM"]
@@ -276,8 +287,11 @@ class PeakRSS:
         return False
 
     def as_dict(self) -> dict:
-        return {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds, "peak_rss": self.peak, "baseline_rss": self.baseline,
-                "increment_rss": self.increment, "hwm_reset": self.reset}
+        out = {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds, "peak_rss": self.peak, "baseline_rss": self.baseline,
+               "increment_rss": self.increment, "hwm_reset": self.reset}
+        if self.device.type == "cuda":
+            out.update(gpu_peak=self.gpu_peak, gpu_increment=self.gpu_peak - self.gpu_baseline)
+        return out
 
 
 def run_worker(module: str, args: list[str], timeout: float = 1800, env: dict | None = None) -> dict:

@@ -67,10 +67,10 @@ class KronLMTask(Task):
 
 
 def make_analyzer(model: nn.Module, task: Task, output_dir: str | Path, name: str = "bench",
-                  copy_model: bool = True) -> Analyzer:
+                  copy_model: bool = True, cpu: bool = True) -> Analyzer:
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
     model = prepare_model(copy.deepcopy(model) if copy_model else model, task)
-    return Analyzer(analysis_name=name, model=model, task=task, cpu=True, disable_tqdm=True,
+    return Analyzer(analysis_name=name, model=model, task=task, cpu=cpu, disable_tqdm=True,
                     output_dir=str(output_dir), log_level=logging.WARNING)
 
 

@@ -155,6 +155,7 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
     w(".bench-venv/bin/python -m benchmarks.speed [--quick]       # writes benchmarks/results/speed.json")
     w(".bench-venv/bin/python -m benchmarks.run_all --report-only # this page from the saved JSON")
     w("BENCH_THREADS=2 make bench        # torch threads per process (default 1, see 'Machine')")
+    w("bash benchmarks/gpu_check.sh      # on a GPU machine: GPU tests + the speed benchmark on CUDA (section 7)")
     w("```")
     w("")
     w("Kronfluence is installed only in `.bench-venv` (never a dependency of the library), with "
@@ -198,6 +199,7 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
         _lds_section(w, lds)
     if speed:
         _speed_section(w, speed)
+    _gpu_section(w, _load("speed-cuda.json"))
     return "\n".join(L) + "\n"
 
 
@@ -597,6 +599,38 @@ def _profile_section(w, prof: dict, sp: dict) -> None:
           f"{wi['ours_exact']:.2f}, ours randomized (the default) {wi['ours_randomized']:.2f} (including the exact "
           f"residual it reports), Kronfluence's `torch.svd_lowrank(q=32)` {wi['kron_svd_lowrank']:.2f}.")
         w("")
+
+
+def _gpu_section(w, sp: dict | None) -> None:
+    """The speed benchmark run on a GPU (``benchmarks/gpu_check.sh``), if it has been."""
+    w("## 7. On a GPU")
+    w("")
+    if not sp:
+        w("Not measured yet: no session so far has had a GPU. `benchmarks/gpu_check.sh` is the prepared run (the "
+          "GPU-marked tests, then this benchmark with `BENCH_DEVICE=cuda` on a larger Llama: hidden 512, 4 layers, "
+          "vocabulary 2048, 4,096 sequences of 128 tokens); it writes `benchmarks/results/speed-cuda.json`, "
+          "which this section then reports.")
+        w("")
+        return
+    m = sp["model"]
+    w(f"Device: {m.get('device_name', m.get('device'))}. Model: `LlamaForCausalLM`, {m['layers']} layers, hidden "
+      f"{m['hidden']}, MLP {m['intermediate']}, vocabulary {m['vocab']} ({m['parameters']:,} parameters, "
+      f"{m['tracked_parameters']:,} tracked); {sp['config']['n_train']} sequences of {m['seq_len']} tokens, batch "
+      f"{m['batch_size']}; settings as in section 3. Times are wall-clock (synchronised), memory is the peak GPU "
+      "memory allocated during the operation above what was allocated before it.")
+    w("")
+    w("| operation | ours s | Kronfluence s | ours/theirs (time) | ours GPU MiB | Kronfluence GPU MiB | "
+      "ours/theirs (GPU memory) |")
+    w("|---|---|---|---|---|---|---|")
+    for label, o, k in _pairs(sp):
+        w(f"| {label} | {_fmt_s(o['seconds'])} | {_fmt_s(k['seconds'])} | **{_ratio(o['seconds'], k['seconds'])}** | "
+          f"{o.get('gpu_increment', 0) / MiB:.0f} | {k.get('gpu_increment', 0) / MiB:.0f} | "
+          f"{_ratio(o.get('gpu_increment', 0), k.get('gpu_increment', 0))} |")
+    w("")
+    for row in sp.get("score_agreement", []):
+        w(f"Scores of the two libraries ({row['q']} queries x {row['n']} sequences, "
+          f"{'full rank' if not row['rank'] else 'rank 32'}): Pearson {row['pearson']:.6f}.")
+    w("")
 
 
 def _history(w, sp: dict) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import shutil
 import tempfile
@@ -35,6 +36,10 @@ from .common import (
     PeakRSS, linear_module_names, loadavg_now, loader, markov_sequences, run_worker, save_json, set_threads, tiny_llama,
 )
 
+# BENCH_DEVICE=cuda (see benchmarks/gpu_check.sh) runs every operation on the GPU, with a larger model;
+# workers read it from the environment they inherit.
+DEVICE = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
+ON_GPU = DEVICE.type == "cuda"
 # The benchmark LM: a few thousand 64-token sequences, sizes chosen for a 2-core CPU.
 LM = dict(vocab=512, hidden=128, intermediate=256, layers=2, heads=4, max_len=64)
 SEQ_LEN = 64
@@ -43,6 +48,11 @@ FULL = dict(n_train=2048, fit_ns=(256, 512, 1024, 2048), queries=(8, 32, 64, 256
             rank_n=2048, rank_queries=(32, 256), memory_batches=(8, 64), repeats=2)
 QUICK = dict(n_train=512, fit_ns=(256, 512), queries=(8, 32, 256), score_n=512, rank_n=256,
              rank_queries=(32, 256))
+if ON_GPU:  # a model worth a GPU, sized so that the whole run stays under ~8 minutes on one H200
+    LM = dict(vocab=2048, hidden=512, intermediate=1024, layers=4, heads=8, max_len=128)
+    SEQ_LEN = 128
+    FULL = QUICK = dict(n_train=4096, fit_ns=(1024, 4096), queries=(32, 256), score_n=4096, rank_n=4096,
+                        rank_queries=(32, 256), repeats=1)
 
 
 def datasets(n_train: int, n_query: int):
@@ -54,7 +64,11 @@ def datasets(n_train: int, n_query: int):
 def load_model(workdir: Path):
     model = tiny_llama(**LM)
     model.load_state_dict(torch.load(workdir / "model.pt", weights_only=True))
-    return model.eval()
+    return model.to(DEVICE).eval()
+
+
+def on_device(batch: dict) -> dict:
+    return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -64,7 +78,7 @@ def warm_up(model, train) -> None:
     neither library."""
     from .common import lm_train_loss
 
-    lm_train_loss(model, next(iter(loader(train, BATCH)))).backward()
+    lm_train_loss(model, on_device(next(iter(loader(train, BATCH))))).backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -84,43 +98,43 @@ def worker(args) -> dict:
         from .common import lm_train_loss
 
         model.train(False)
-        with PeakRSS() as m:
+        with PeakRSS(DEVICE) as m:
             for batch in loader(train, bs):
                 model.zero_grad(set_to_none=True)
-                lm_train_loss(model, batch).backward()
+                lm_train_loss(model, on_device(batch)).backward()
     elif args.side == "ours":
         from lightning_influence import CausalLMTask, InfluenceFactors, InfluenceScorer, fit_factors
 
         task = CausalLMTask()
         fdir = workdir / f"ours-factors-{args.n}"
         if args.op == "fit":
-            with PeakRSS() as m:
+            with PeakRSS(DEVICE) as m:
                 factors = fit_factors(model, task, loader(train, bs), strategy="ekfac", modules=mods,
                                       fisher="empirical", damping=None, damping_factor=0.1, dtype=torch.float32)
                 factors.save(fdir if bs == BATCH else workdir / f"ours-factors-{args.n}-b{bs}")
         else:
-            with PeakRSS() as m:
+            with PeakRSS(DEVICE) as m:
                 factors = InfluenceFactors.load(fdir)
                 scorer = InfluenceScorer(model, task, factors, dtype=torch.float32,
                                          query_rank=args.rank or None)
                 scores = scorer.pairwise_scores(loader(query, BATCH), loader(train, bs))
             result["shape"] = list(scores.shape)
-            torch.save(scores, workdir / f"scores-ours-{args.n}-{args.q}-{args.rank}.pt")
+            torch.save(scores.cpu(), workdir / f"scores-ours-{args.n}-{args.q}-{args.rank}.pt")
     else:
         from . import kron_side
 
         task = kron_side.KronLMTask(mods)
-        analyzer = kron_side.make_analyzer(model, task, workdir / "kron", copy_model=False)
+        analyzer = kron_side.make_analyzer(model, task, workdir / "kron", copy_model=False, cpu=not ON_GPU)
         if args.op == "fit":
-            with PeakRSS() as m:
+            with PeakRSS(DEVICE) as m:
                 kron_side.fit(analyzer, f"ekfac-{args.n}" + ("" if bs == BATCH else f"-b{bs}"), train, "ekfac", bs,
                               torch.float32)
         else:
-            with PeakRSS() as m:
+            with PeakRSS(DEVICE) as m:
                 scores = kron_side.pairwise(analyzer, f"ekfac-{args.n}", f"s-{args.n}-{args.q}-{args.rank}", query,
                                             train, bs, torch.float32, rank=args.rank or None)["all_modules"]
             result["shape"] = list(scores.shape)
-            torch.save(-scores, workdir / f"scores-kron-{args.n}-{args.q}-{args.rank}.pt")  # ours = -kronfluence
+            torch.save(-scores.cpu(), workdir / f"scores-kron-{args.n}-{args.q}-{args.rank}.pt")  # ours = -kronfluence
     result.update(m.as_dict())
     return result
 
@@ -235,16 +249,17 @@ def prepare(workdir: Path, n_train: int, log) -> dict:
     from .common import train_lm
 
     train, _ = datasets(n_train, 1)
-    model = tiny_llama(**LM)
+    model = tiny_llama(**LM).to(DEVICE)
     t0 = time.perf_counter()
-    loss = train_lm(model, train, epochs=1, batch_size=BATCH, lr=3e-3)
-    torch.save(model.state_dict(), workdir / "model.pt")
+    loss = train_lm(model, train, epochs=1, batch_size=BATCH, lr=3e-3, device=DEVICE)
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, workdir / "model.pt")
     n_params = sum(p.numel() for p in model.parameters())
     tracked = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     log(f"benchmark LM: {n_params} parameters ({tracked} in {len(linear_module_names(model))} tracked linear "
         f"layers), 1 training epoch: token loss {loss:.3f} ({time.perf_counter() - t0:.1f}s)")
     return {"parameters": n_params, "tracked_parameters": tracked, "tracked_layers": len(linear_module_names(model)),
-            "train_token_loss": loss, **LM, "seq_len": SEQ_LEN, "batch_size": BATCH}
+            "train_token_loss": loss, **LM, "seq_len": SEQ_LEN, "batch_size": BATCH, "device": str(DEVICE),
+            "device_name": torch.cuda.get_device_name(DEVICE) if ON_GPU else "cpu"}
 
 
 # glibc raises its mmap threshold to the size of the largest freed block (up to 32 MiB), after which freed
@@ -258,9 +273,11 @@ def call(workdir: Path, op: str, side: str, n: int, q: int = 0, rank: int = 0, l
     args = ["worker", "--workdir", str(workdir), "--op", op, "--side", side, "--n", str(n), "--q", str(q),
             "--rank", str(rank), "--batch", str(batch)]
     r = run_worker("benchmarks.speed", args, env=env)
+    gpu = (f" gpu_peak={r['gpu_peak'] / 2**20:.0f}MiB (+{r['gpu_increment'] / 2**20:.0f}MiB)"
+           if "gpu_peak" in r else "")
     log(f"  {op:5s} {side:5s} n={n:5d} q={q:4d} rank={rank or 'full':>4} batch={batch:3d} wall={r['seconds']:7.1f}s "
         f"cpu={r['cpu_seconds']:7.1f}s peak_rss={r['peak_rss'] / 2**20:7.0f}MiB "
-        f"(+{r['increment_rss'] / 2**20:.0f}MiB)")
+        f"(+{r['increment_rss'] / 2**20:.0f}MiB){gpu}")
     return r
 
 
@@ -296,7 +313,7 @@ def run(quick: bool = False, log=print, do_profile: bool = True) -> dict:
             for side in ("ours", "kron"):
                 runs.append(call(workdir, "score", side, cfg["rank_n"], max(cfg["rank_queries"]), rank=32, log=log))
         # Working memory per sequence: factor fitting at other batch sizes.
-        for bs in cfg.get("memory_batches", ()):
+        for bs in cfg.get("memory_batches", ()) if not ON_GPU else ():
             for side in ("ours", "kron"):
                 runs.append(call(workdir, "fit", side, min(cfg["fit_ns"]), log=log, batch=bs))
         # Live memory: the memory targets' operations again with glibc's mmap threshold fixed.
@@ -304,14 +321,14 @@ def run(quick: bool = False, log=print, do_profile: bool = True) -> dict:
         live = [("fit", cfg["n_train"], 0, 0)] + [("score", cfg["score_n"], q, 0) for q in (32, max(cfg["queries"]))
                                                   if q in cfg["queries"]]
         live += [("score", cfg["rank_n"], q, 32) for q in cfg["rank_queries"]]
-        for op, n, q, rank in live if not quick else live[:1]:
+        for op, n, q, rank in (live if not quick else live[:1]) if not ON_GPU else ():
             for side in ("ours", "kron"):
                 fixed.append(call(workdir, op, side, n, q, rank=rank, log=log, env=FIXED_MALLOC))
         # The two libraries' scores must agree on this model too.
         out["score_agreement"] = score_agreement(workdir, cfg)
         for row in out["score_agreement"]:
             log(f"  agreement n={row['n']} q={row['q']} rank={row['rank'] or 'full'}: pearson {row['pearson']:.6f}")
-        if do_profile:
+        if do_profile and not ON_GPU:
             prof_args = ["--n", str(cfg["score_n"]), "--q", str(max(cfg["queries"])), "--n-fit",
                          str(cfg["fit_ns"][1]), "--n-rank", str(cfg["fit_ns"][1]), "--q-rank", "64"]
             log(f"  profiling ours ({' '.join(prof_args)}) ...")
@@ -364,7 +381,7 @@ def main() -> None:
         t0 = time.perf_counter()
         result = run(args.quick, do_profile=not args.no_profile)
         result["seconds"] = time.perf_counter() - t0
-        path = save_json("speed.json", result)
+        path = save_json("speed-cuda.json" if ON_GPU else "speed.json", result)
         print(json.dumps({"saved": str(path), "seconds": result["seconds"]}))
 
 
