@@ -47,6 +47,8 @@ def _pairs(speed: dict) -> list[tuple[str, dict, dict]]:
     n = cfg["n_train"]
     rows.append((f"fit EK-FAC factors, {n} sequences", _find(runs, op="fit", side="ours", n=n),
                  _find(runs, op="fit", side="kron", n=n)))
+    rows.append((f"fit EK-FAC factors, {n} sequences, ours with float32 statistics",
+                 _find(runs, op="fit32", side="ours", n=n), _find(runs, op="fit", side="kron", n=n)))
     for q in (32, max(cfg["queries"])):
         if q in cfg["queries"]:
             rows.append((f"pairwise scores, full rank, {q} queries x {cfg['score_n']} sequences",
@@ -409,7 +411,9 @@ def _speed_section(w, sp: dict) -> None:
          "2-core machine)")
       + (f". Rank-32 scoring is measured on {cfg['rank_n']} sequences." if cfg["rank_n"] != cfg["score_n"] else "."))
     w("")
-    w("Same settings on both sides: EK-FAC, empirical Fisher, float32 (eigendecompositions in float64), heuristic "
+    w("Same settings on both sides: EK-FAC, empirical Fisher, float32 compute (eigendecompositions in float64; "
+      "ours keeps the statistics' sums in float64 by default, Kronfluence in float32 here, so the row *ours with "
+      "float32 statistics* (`stats_dtype=torch.float32`) is the like-for-like one for fitting), heuristic "
       f"damping, batch size {m['batch_size']} for fitting and for training gradients, every query in one query "
       "batch for Kronfluence (so that both libraries make one pass over the training data; Kronfluence makes one "
       "pass per query batch), and each library's own persistence (factors and scores written to disk) inside "

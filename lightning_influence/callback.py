@@ -78,6 +78,8 @@ class InfluenceCallback(Callback):
         max_batches / max_examples: cap each statistics pass for huge datasets.
         dataloader: the data to fit on (default: the trainer's training dataloader).
         dtype: accumulation dtype of the captured tensors (``float32`` or ``float64``).
+        stats_dtype: dtype the statistics are summed and saved in: ``float64`` (default) or
+            ``float32`` (half the memory and file size; eigendecompositions stay float64).
         seed: seed of the label sampling (same seed, same factors).
         queries: optional JSONL file of ``{"prompt", "completion"}`` pairs (causal LMs; needs a
             ``tokenizer`` attribute on the datamodule or LightningModule) or ``"module:function"``
@@ -118,6 +120,7 @@ class InfluenceCallback(Callback):
         score_layers: list[str] | None = None,
         score_dtype: str = "float32",
         query_svd: str = "randomized",
+        stats_dtype: str = "float64",
     ):
         super().__init__()
         try:
@@ -130,6 +133,8 @@ class InfluenceCallback(Callback):
             raise MisconfigurationException(f"fit_on must be 'fit_end', 'manual' or an epoch number, got {fit_on!r}")
         if dtype not in ("float32", "float64"):
             raise MisconfigurationException(f"dtype must be 'float32' or 'float64' (statistics never accumulate in less), got {dtype!r}")
+        if stats_dtype not in ("float32", "float64"):
+            raise MisconfigurationException(f"stats_dtype must be 'float64' or 'float32', got {stats_dtype!r}")
         if query_svd not in QUERY_SVD_METHODS:
             raise MisconfigurationException(f"query_svd must be one of {QUERY_SVD_METHODS}, got {query_svd!r}")
         if score_dtype not in ("float32", "float64", "bfloat16", "float16"):
@@ -152,6 +157,7 @@ class InfluenceCallback(Callback):
         self.max_examples = max_examples
         self.dataloader = dataloader
         self.dtype = getattr(torch, dtype)
+        self.stats_dtype = getattr(torch, stats_dtype)
         self.seed = seed
         self.queries = queries
         self.query_rank = query_rank
@@ -262,6 +268,7 @@ class InfluenceCallback(Callback):
             with progress_bar(total, PHASE_TITLES[phase], trainer.progress_bar_callback is not None) as bar:
                 run_phase(
                     phase, factors, model, self.task, pass_loader, device=device, dtype=self.dtype,
+                    stats_dtype=self.stats_dtype,
                     max_batches=self.max_batches, max_examples=self.max_examples, seed=self.seed,
                     transfer=lambda b: trainer.strategy.batch_to_device(b, device),
                     progress=lambda n: bar.update(1),

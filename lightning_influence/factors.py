@@ -141,7 +141,7 @@ class InfluenceFactors:
 
     # -------------------------------------------------------- eigenvalues
     def eigenvalues(self, name: str) -> torch.Tensor:
-        """``[d_out, d_in]`` float64 curvature eigenvalues of a layer in its preconditioning basis."""
+        """``[d_out, d_in]`` curvature eigenvalues of a layer in its preconditioning basis (statistics dtype)."""
         t = self.tensors[name]
         if self.strategy == "ekfac":
             return t["lambda_sum"] / t["lambda_count"]

@@ -30,17 +30,22 @@ __all__ = [
 
 
 class SumStatistics(Metric):
-    """Named float64 sums that reduce across data-parallel ranks by addition."""
+    """Named sums that reduce across data-parallel ranks by addition.
+
+    Matrices are kept in ``dtype`` (float64 by default); scalar counts always in float64,
+    which counts exactly far beyond float32's 2^24 tokens.
+    """
 
     full_state_update = False
     # The states are statistics of a dataset, not of a metric's per-step values.
     is_differentiable = False
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float64):
         super().__init__(sync_on_compute=True)
         self._keys = {key: f"stat{i}" for i, key in enumerate(shapes)}
         for key, shape in shapes.items():
-            self.add_state(self._keys[key], default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+            state_dtype = dtype if len(shape) else torch.float64
+            self.add_state(self._keys[key], default=torch.zeros(shape, dtype=state_dtype), dist_reduce_fx="sum")
 
     def update(self, values: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
         for key, value in values.items():
@@ -162,6 +167,7 @@ def run_phase(
     transfer: Callable[[Any], Any] | None = None,
     progress: Callable[[int], None] | None = None,
     forward_context: Callable[[], ContextManager] | None = None,
+    stats_dtype: torch.dtype = torch.float64,
 ) -> None:
     """Run one accumulation pass (``covariance``, ``lambda`` or ``diagonal``) and store it in ``factors``.
 
@@ -169,13 +175,16 @@ def run_phase(
     Under ``torch.distributed`` each rank passes its own shard; the sums are all-reduced.
     ``progress(n)`` is called after each batch with the number of examples processed;
     ``forward_context()`` wraps each forward (e.g. the trainer's autocast for bf16-mixed).
+    ``stats_dtype`` is the dtype the sums are kept (and saved) in: float64, or float32 for
+    half the memory (eigendecompositions are done in float64 either way).
     """
+    check_stats_dtype(stats_dtype)
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
     if transfer is None:
         transfer = lambda b: move_to_device(b, device)  # noqa: E731
-    stats = SumStatistics(_phase_shapes(phase, factors.layers)).to(device)
+    stats = SumStatistics(_phase_shapes(phase, factors.layers), dtype=stats_dtype).to(device)
     sample = factors.fisher == "sampled"
     seen_batches = seen_examples = 0
     # Sampled labels come from a fixed seed so that a rerun gives identical factors.
@@ -249,15 +258,24 @@ def _limited(batches: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
 
 
 def _eigendecompose(factors: InfluenceFactors) -> None:
-    """Eigendecompose the mean covariances in float64 (they are ill-conditioned)."""
+    """Eigendecompose the mean covariances in float64 (they are ill-conditioned), one layer at a time;
+    the results are kept in the dtype of the sums."""
     for name in factors.layers:
         t = factors.tensors[name]
         for side in ("A", "S"):
-            cov = t[f"{side}_sum"].to(torch.float64) / t[f"{side}_count"]
+            total = t[f"{side}_sum"]
+            cov = total.to(torch.float64) / t[f"{side}_count"]
             cov = 0.5 * (cov + cov.T)
             vals, vecs = torch.linalg.eigh(cov)
-            t[f"{side}_eigvals"] = vals
-            t[f"{side}_eigvecs"] = vecs.contiguous()  # eigh returns column-major; saved files are row-major
+            t[f"{side}_eigvals"] = vals.to(total.dtype)
+            # eigh returns column-major; saved files are row-major
+            t[f"{side}_eigvecs"] = vecs.to(total.dtype).contiguous()
+
+
+def check_stats_dtype(stats_dtype: torch.dtype) -> None:
+    if stats_dtype not in (torch.float64, torch.float32):
+        raise FactorsError(f"stats_dtype must be torch.float64 or torch.float32 (sums over millions of tokens "
+                           f"need at least float32), got {stats_dtype!r}")
 
 
 def _distributed() -> bool:
@@ -306,15 +324,19 @@ def fit_factors(
     seed: int = 0,
     output_dir: str | None = None,
     factors: InfluenceFactors | None = None,
+    stats_dtype: torch.dtype = torch.float64,
 ) -> InfluenceFactors:
     """Fit influence factors in-process (no Lightning needed).
 
     ``batches`` is iterated once per pass (twice for ``ekfac``), so pass a re-iterable
     such as a ``DataLoader``. With ``output_dir`` the factors are saved after each phase;
     passing partially fitted ``factors`` resumes after their last completed phase.
+    ``stats_dtype`` keeps the statistics in float64 (default) or float32 (half the memory and
+    file size; eigendecompositions stay float64).
     """
     check_strategy(strategy)
     check_fisher(fisher)
+    check_stats_dtype(stats_dtype)
     if factors is None:
         layers = find_tracked_layers(model, modules, module_types)
         factors = InfluenceFactors(strategy, layers, fisher=fisher, damping=damping, damping_factor=damping_factor)
@@ -322,7 +344,7 @@ def fit_factors(
         _check_resumable(factors, model)
     for phase in remaining_phases(factors):
         run_phase(phase, factors, model, task, batches, device=device, dtype=dtype,
-                  max_batches=max_batches, max_examples=max_examples, seed=seed)
+                  max_batches=max_batches, max_examples=max_examples, seed=seed, stats_dtype=stats_dtype)
         if output_dir is not None and _rank() == 0:
             factors.save(output_dir)
     if output_dir is not None and _rank() == 0 and factors.strategy == "identity":

@@ -71,3 +71,45 @@ def test_float32_against_float64(setup):
     rel, pearson = errors(scores32, scores64)
     show("float32 against float64", rel, pearson)
     assert rel < 1e-3 and pearson > 0.9999
+
+
+@pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac"])
+def test_float32_statistics_match_float64(tmp_path, strategy):
+    """stats_dtype=float32 keeps the sums, eigenbases and Lambda in float32 (counts stay float64),
+    survives a save/load round trip in float32, and scores like float64 statistics."""
+    from lightning_influence import InfluenceFactors
+
+    model = models.tiny_gpt2()  # float64 model: only the statistics' dtype differs
+    train = models.split_batch(models.lm_batch(16, vocab=11, max_len=8, pad_to=9, seed=1), 4)
+    queries = [models.lm_batch(6, vocab=11, max_len=7, seed=3, prompt_len=3)]
+    task = CausalLMTask()
+    ref = fit_factors(model, task, train, strategy=strategy, fisher="empirical", dtype=torch.float64)
+    low = fit_factors(model, task, train, strategy=strategy, fisher="empirical", dtype=torch.float64,
+                      stats_dtype=torch.float32, output_dir=str(tmp_path))
+    for name, tensors in low.tensors.items():
+        for key, value in tensors.items():
+            assert value.dtype == (torch.float64 if key.endswith("_count") else torch.float32), (name, key)
+            if "eigvecs" not in key:  # eigenvectors are defined up to sign (and order within ties)
+                torch.testing.assert_close(value.double(), ref.tensors[name][key], rtol=1e-4,
+                                           atol=1e-6 * float(ref.tensors[name][key].abs().max()))
+    loaded = InfluenceFactors.load(tmp_path)
+    assert all(loaded.tensors[n][k].dtype == v.dtype for n, t in low.tensors.items() for k, v in t.items())
+    expected = InfluenceScorer(model, task, ref, dtype=torch.float64).pairwise_scores(queries, train)
+    got = InfluenceScorer(model, task, loaded, dtype=torch.float64).pairwise_scores(queries, train)
+    rel, pearson = errors(got, expected)
+    show(f"float32 statistics ({strategy})", rel, pearson)
+    assert rel < 1e-5 and pearson > 1 - 1e-10
+
+
+def test_stats_dtype_must_be_float32_or_float64():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_influence import InfluenceCallback
+    from lightning_influence.factors import FactorsError
+
+    model = models.tiny_gpt2()
+    batch = [models.lm_batch(2, vocab=11, max_len=5, seed=1)]
+    with pytest.raises(FactorsError, match="stats_dtype must be torch.float64 or torch.float32"):
+        fit_factors(model, CausalLMTask(), batch, strategy="kfac", stats_dtype=torch.bfloat16)
+    with pytest.raises(MisconfigurationException, match="stats_dtype must be 'float64' or 'float32'"):
+        InfluenceCallback(stats_dtype="float16")
