@@ -231,17 +231,6 @@ class InfluenceScorer:
                     value = checked_loss(self.task.train_loss(self.model, batch, sample=False), batch_index)
                 cap.backward(value, lambda name, a, s: consume(name, masked_tokens(a, mask), masked_tokens(s, mask)))
 
-    def capture(self, batch: Any, query: bool, batch_index: int = 0):
-        """Per-token activations and output gradients ``(acts, grads)`` of every layer for a batch (padding zeroed)."""
-        acts: dict[str, torch.Tensor] = {}
-        grads: dict[str, torch.Tensor] = {}
-
-        def keep(name, a, s):
-            acts[name], grads[name] = a, s
-
-        self.stream(batch, query, keep, batch_index)
-        return {n: acts[n] for n in self.layers}, {n: grads[n] for n in self.layers}
-
     # ------------------------------------------------------------- queries
     def query_gradients(self, batches: Iterable[Any]) -> QueryGradients:
         """Compute and precondition the gradients of every query (once), optionally at low rank."""
