@@ -26,8 +26,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from lightning_influence import CausalLMTask, InfluenceModule, fit_factors
-    from lightning_influence.demo import (FULL_SEQUENCES, QUICK_SEQUENCES, FactsDataModule, TinyGPT2LM, best_rank,
-                                          query_text, recall_at_k, run_demo, tfidf_scores)
+    from lightning_influence.demo.driver import (FULL_SEQUENCES, QUICK_SEQUENCES, FactsDataModule, TinyGPT2LM,
+                                                 best_rank, query_text, recall_at_k, run_demo, tfidf_scores)
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from lightning_influence import ClassificationTask, InfluenceScorer, fit_factors
 from lightning_influence.evaluation import (lds_subsets, linear_datamodeling_score, query_measurements,
-                                           retrain_measurements)
+                                            retrain_measurements)
 
 from . import kron_side
 from .common import (accuracy, digits_datasets, digits_mlp, linear_module_names, loadavg_now, loader, machine_info,

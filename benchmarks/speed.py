@@ -210,7 +210,7 @@ def what_if(model, mods, q: int, q_rank: int, reps: int = 1) -> dict:
     """The rank-32 factorisation of ``q_rank`` preconditioned-query-sized matrices on this model's layer
     shapes (CPU seconds summed over the tracked layers): our ``low_rank_factorize`` exact and randomized
     (the default), and Kronfluence's call, ``torch.svd_lowrank(q=32)`` (two power iterations)."""
-    from lightning_influence.scoring import low_rank_factorize
+    from lightning_influence.scoring.queries import low_rank_factorize
 
     shapes = [(m.out_features, m.in_features + (m.bias is not None)) for n, m in model.named_modules()
               if n in mods]

@@ -24,21 +24,10 @@ import lightning as L
 import torch
 
 from lightning_influence import CausalLMTask, InfluenceCallback
-from lightning_influence.demo import (
-    DEMO_MODULES,
-    FULL_SEQUENCES,
-    QUICK_SEQUENCES,
-    TABLE_WIDTH,
-    FactsDataModule,
-    TinyGPT2LM,
-    default_epochs,
-    evaluate_queries,
-    format_query_table,
-    format_summary,
-    query_log_probs,
-    query_text,
-)
-from lightning_influence.pipeline import QuerySet, run_queries
+from lightning_influence.demo.driver import (DEMO_MODULES, FULL_SEQUENCES, QUICK_SEQUENCES, TABLE_WIDTH,
+                                             FactsDataModule, TinyGPT2LM, default_epochs, evaluate_queries,
+                                             format_query_table, format_summary, query_log_probs, query_text)
+from lightning_influence.integration.pipeline import QuerySet, run_queries
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -16,7 +16,7 @@ most facts, not so many that influence spreads over look-alike sentences.
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_influence.demo import FactsDataModule, TinyGPT2LM
+from lightning_influence.demo.driver import FactsDataModule, TinyGPT2LM
 
 
 def main(args=None) -> LightningCLI:

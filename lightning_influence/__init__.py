@@ -1,8 +1,9 @@
 """lightning-influence: EK-FAC influence functions for PyTorch Lightning.
 
-The math (``tracking``, ``tasks``, ``factors``, ``statistics``, ``scoring``) works on any
-``nn.Module``; the Lightning glue (``InfluenceCallback``, ``InfluenceModule``) and the
-W&B reporting sit on top of it. Names are imported lazily so that a script that only
+The math (``capture``, ``tasks``, ``curvature``, ``factors``, ``passes``, ``scoring``) works on
+any ``nn.Module``; the Lightning glue (``integration``: ``InfluenceCallback``,
+``InfluenceModule``) and the W&B reporting (``reporting``) sit on top of it; the demo lives in
+``demo`` and the library imports nothing from it. Names are imported lazily so that a script that only
 needs the core does not pay for importing Lightning, scikit-learn or W&B.
 """
 
@@ -14,30 +15,32 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "InfluenceError": "errors",
+    "FactorsError": "errors",
+    "ScoringError": "errors",
+    "TaskInputError": "errors",
+    "TrackingError": "errors",
+    "QueryStoreError": "errors",
+    "StoreError": "errors",
     "InfluenceFactors": "factors",
-    "FactorsError": "factors",
-    "InfluenceScorer": "scoring",
-    "QueryGradients": "scoring",
-    "ScoringError": "scoring",
-    "fit_factors": "statistics",
+    "InfluenceScorer": "scoring.engine",
+    "QueryGradients": "scoring.queries",
+    "fit_factors": "passes",
     "Task": "tasks",
     "ClassificationTask": "tasks",
     "RegressionTask": "tasks",
     "CausalLMTask": "tasks",
-    "TaskInputError": "tasks",
-    "LayerCapture": "tracking",
-    "TrackedLayer": "tracking",
-    "TrackingError": "tracking",
-    "find_tracked_layers": "tracking",
-    "InfluenceCallback": "callback",
-    "InfluenceModule": "module",
-    "QueryStoreError": "query_store",
-    "load_query_gradients": "query_store",
-    "save_query_gradients": "query_store",
-    "TfidfCandidates": "tfidf",
-    "filtered_scores": "tfidf",
-    "ScoreShardWriter": "topk",
-    "StreamingTopK": "topk",
+    "LayerCapture": "capture",
+    "TrackedLayer": "capture",
+    "find_tracked_layers": "capture",
+    "InfluenceCallback": "integration.callback",
+    "InfluenceModule": "integration.module",
+    "load_query_gradients": "scoring.query_store",
+    "save_query_gradients": "scoring.query_store",
+    "TfidfCandidates": "scoring.tfidf",
+    "filtered_scores": "scoring.tfidf",
+    "ScoreShardWriter": "scoring.topk",
+    "StreamingTopK": "scoring.topk",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lightning-influence", description=_MAIN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from . import __version__
+    from lightning_influence import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -172,7 +172,7 @@ def load_model(checkpoint: str | os.PathLike):
 
     Lightning checkpoints are loaded with ``weights_only=True``: tensors and plain values only.
     """
-    from .demo import TinyGPT2LM
+    from lightning_influence.demo.driver import TinyGPT2LM
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -202,11 +202,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from .data import LMCollator, LMDataset, load_tokenizer, read_jsonl_queries
-    from .demo import SCORE_LEGEND, TABLE_WIDTH, evaluate_queries, format_query_table, format_summary, query_log_probs
-    from .factors import InfluenceFactors
-    from .pipeline import load_query_set, run_queries
-    from .tasks import CausalLMTask
+    from lightning_influence.text import LMCollator, LMDataset, read_jsonl_queries
+    from lightning_influence.demo.tokenizer import load_tokenizer
+    from lightning_influence.demo.driver import (SCORE_LEGEND, TABLE_WIDTH, evaluate_queries,
+                                                 format_query_table, format_summary, query_log_probs)
+    from lightning_influence.factors import InfluenceFactors
+    from lightning_influence.integration.pipeline import load_query_set, run_queries
+    from lightning_influence.tasks import CausalLMTask
 
     factors_dir = Path(args.factors)
     if not (factors_dir / "manifest.json").is_file():
@@ -242,7 +244,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from lightning_influence.demo.driver import run_demo
 
     run_demo(output_dir=args.output_dir, num_sequences=args.num_sequences, epochs=args.epochs,
              strategy=args.strategy, quick=args.quick, seed=args.seed, top_k=args.top_k,

@@ -46,8 +46,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from .batches import move_to_device
-from .tasks import Task, batch_size_of
+from lightning_influence.batches import move_to_device
+from lightning_influence.tasks import Task, batch_size_of
 
 __all__ = ["lds_subsets", "query_measurements", "retrain_measurements", "linear_datamodeling_score"]
 

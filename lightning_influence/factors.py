@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_json, ensure_writable_dir, fsync_file, read_manifest, sha256_file
-from . import __version__
-from .tracking import TrackedLayer
+from lightning_influence.files import atomic_write_json, ensure_writable_dir, fsync_file, read_manifest, sha256_file
+from lightning_influence import __version__
+from lightning_influence.capture import TrackedLayer
+from lightning_influence.errors import FactorsError
 
-__all__ = ["InfluenceFactors", "FactorsError", "STRATEGIES", "FISHER_TYPES", "PHASES_BY_STRATEGY"]
+__all__ = ["InfluenceFactors", "STRATEGIES", "FISHER_TYPES", "PHASES_BY_STRATEGY"]
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHER_TYPES = ("sampled", "empirical")
@@ -45,9 +46,6 @@ PHASES_BY_STRATEGY = {
     "ekfac": ("eigen", "complete"),  # eigen: covariances and eigenbases done, Lambda not yet
 }
 
-
-class FactorsError(ValueError):
-    """Factors that are missing, corrupt, unfinished, or do not match the model."""
 
 
 def check_strategy(strategy: str) -> str:

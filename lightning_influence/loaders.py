@@ -110,7 +110,7 @@ def rebuild_loader(loader: Any, indexed: bool = False, shard: bool = True, start
 
 def _enumerated(batches: Iterable) -> Iterator:
     """Index the batches of an arbitrary iterable by running count."""
-    from .tasks import batch_size_of
+    from lightning_influence.tasks import batch_size_of
 
     start = 0
     for batch in batches:

@@ -6,7 +6,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-from .loaders import dist_info
+from lightning_influence.loaders import dist_info
 
 __all__ = ["progress_bar"]
 

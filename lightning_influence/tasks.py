@@ -23,12 +23,10 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from lightning_influence.errors import TaskInputError
 
-__all__ = ["Task", "ClassificationTask", "RegressionTask", "CausalLMTask", "TaskInputError", "batch_size_of"]
+__all__ = ["Task", "ClassificationTask", "RegressionTask", "CausalLMTask", "batch_size_of"]
 
-
-class TaskInputError(ValueError):
-    """A batch the task cannot read, or a loss it cannot use."""
 
 
 class Task:
@@ -228,3 +226,18 @@ class CausalLMTask(Task):
     def query_target_count(self, batch):
         _, _, labels = self._read(batch)
         return (labels[:, 1:] != self.ignore_index).sum(dim=1)
+
+
+def checked_loss(loss: Any, batch_index: int, what: str = "training loss") -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TaskInputError(
+            f"the task's {what} for batch {batch_index} is {shape}, not a scalar tensor; "
+            "return the loss SUMMED over the batch's examples"
+        )
+    if not torch.isfinite(loss):
+        raise TaskInputError(
+            f"the task's {what} for batch {batch_index} is {loss.item()}; influence needs finite losses. "
+            "Check the batch's data and the model's numerical stability (precision, learning rate)."
+        )
+    return loss

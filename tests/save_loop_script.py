@@ -9,7 +9,7 @@ import sys
 import torch
 
 from lightning_influence import InfluenceFactors
-from lightning_influence.tracking import TrackedLayer
+from lightning_influence.capture import TrackedLayer
 
 directory = sys.argv[1]
 layers = {f"l{i}": TrackedLayer(f"l{i}", "linear", 256, 257, True) for i in range(3)}

@@ -146,7 +146,7 @@ def test_yaml_configs_parse(tmp_path, monkeypatch):
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_influence import CausalLMTask, ClassificationTask, InfluenceCallback
-    from lightning_influence.demo import FactsDataModule, TinyGPT2LM
+    from lightning_influence.demo.driver import FactsDataModule, TinyGPT2LM
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning_cli.py"])

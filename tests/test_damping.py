@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_influence import ClassificationTask, FactorsError, InfluenceScorer, fit_factors
-from lightning_influence.tracking import find_tracked_layers
+from lightning_influence import ClassificationTask, InfluenceScorer, fit_factors
+from lightning_influence.errors import FactorsError
+from lightning_influence.capture import find_tracked_layers
 
 from . import dense, models
 

@@ -6,24 +6,12 @@ import re
 import pytest
 import torch
 
-from lightning_influence.data import (
-    IGNORE_INDEX,
-    LMCollator,
-    LMDataset,
-    QueryCollator,
-    QueryDataset,
-    QueryFileError,
-    decode,
-    encode_query,
-    generate_corpus,
-    load_tokenizer,
-    make_queries,
-    read_jsonl_queries,
-    supporting_indices,
-    token_strings,
-    train_tokenizer,
-    write_jsonl_queries,
-)
+from lightning_influence.text import (IGNORE_INDEX, LMCollator, LMDataset, QueryCollator, QueryDataset,
+                                      decode, encode_query, read_jsonl_queries, token_strings,
+                                      write_jsonl_queries)
+from lightning_influence.errors import QueryFileError
+from lightning_influence.demo.corpus import generate_corpus, make_queries, supporting_indices
+from lightning_influence.demo.tokenizer import load_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")

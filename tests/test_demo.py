@@ -10,14 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_influence.demo import (
-    FactsDataModule,
-    TinyGPT2LM,
-    best_rank,
-    recall_at_k,
-    run_demo,
-    tfidf_scores,
-)
+from lightning_influence.demo.driver import (FactsDataModule, TinyGPT2LM, best_rank, recall_at_k, run_demo,
+                                             tfidf_scores)
 from lightning_influence.reporting import TABLE_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_influence
 from lightning_influence import RegressionTask
 from lightning_influence.evaluation import (lds_subsets, linear_datamodeling_score, query_measurements,
-                                           retrain_measurements)
+                                            retrain_measurements)
 
 
 def test_lds_on_exact_linear_datamodel():

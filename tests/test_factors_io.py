@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 import lightning_influence.factors as factors_mod
-from lightning_influence import ClassificationTask, FactorsError, InfluenceFactors, InfluenceScorer, fit_factors
-from lightning_influence.statistics import run_phase
-from lightning_influence.tracking import find_tracked_layers
+from lightning_influence import ClassificationTask, InfluenceFactors, InfluenceScorer, fit_factors
+from lightning_influence.errors import FactorsError
+from lightning_influence.passes import run_phase
+from lightning_influence.capture import find_tracked_layers
 
 from . import models
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_influence import (ClassificationTask, InfluenceCallback, InfluenceFactors, InfluenceModule,
                                  InfluenceScorer, fit_factors)
-from lightning_influence import statistics as stats_mod
+from lightning_influence import passes as stats_mod
 
 from . import lit_models as lm
 
@@ -105,7 +105,7 @@ def test_resume_after_kill_in_eigenvalue_correction(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(phase, *args, **kwargs)
 
-    import lightning_influence.callback as cb_mod
+    import lightning_influence.integration.callback as cb_mod
 
     monkeypatch.setattr(cb_mod, "run_phase", dying)
     cb = InfluenceCallback(task="classification", output_dir=str(tmp_path), fit_on="manual")

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from lightning_influence import CausalLMTask, ClassificationTask, InfluenceScorer, ScoringError, fit_factors
-from lightning_influence.scoring import QueryGradients, low_rank_factorize
+from lightning_influence import CausalLMTask, ClassificationTask, InfluenceScorer, fit_factors
+from lightning_influence.errors import ScoringError
+from lightning_influence.scoring.queries import QueryGradients, low_rank_factorize
 
 from . import models
 
@@ -161,7 +162,7 @@ def test_float64_stays_float64(gpt2, rank):
 @pytest.mark.parametrize("rank", [2, None])
 def test_both_low_rank_contractions_give_the_same_scores(gpt2, monkeypatch, dense, rank):
     """The cost model picks DW-then-dot or the token-wise contraction; both must agree with full rank."""
-    import lightning_influence.scoring as scoring
+    import lightning_influence.scoring.engine as scoring
 
     model, task, factors, train, queries = gpt2
     full_rank = max_full_rank(factors)

@@ -105,7 +105,7 @@ def test_stats_dtype_must_be_float32_or_float64():
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from lightning_influence import InfluenceCallback
-    from lightning_influence.factors import FactorsError
+    from lightning_influence.errors import FactorsError
 
     model = models.tiny_gpt2()
     batch = [models.lm_batch(2, vocab=11, max_len=5, seed=1)]

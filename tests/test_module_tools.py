@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_influence import CausalLMTask, InfluenceModule, fit_factors
-from lightning_influence.topk import read_scores
+from lightning_influence.scoring.topk import read_scores
 
 from . import models
 

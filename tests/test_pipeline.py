@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from lightning_influence import CausalLMTask, InfluenceModule, fit_factors
-from lightning_influence.pipeline import QuerySet, run_queries
+from lightning_influence.integration.pipeline import QuerySet, run_queries
 
 from . import models
 from .test_module_tools import DictRows, collate

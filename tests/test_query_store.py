@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lightning_influence import ClassificationTask, InfluenceFactors, InfluenceScorer, TrackedLayer, fit_factors
-from lightning_influence import query_store
-from lightning_influence.query_store import (QueryStoreError, factors_fingerprint, load_query_gradients,
-                                             save_query_gradients)
+from lightning_influence.scoring import query_store
+from lightning_influence.errors import QueryStoreError
+from lightning_influence.scoring.query_store import factors_fingerprint, load_query_gradients, save_query_gradients
 
 from . import models
 

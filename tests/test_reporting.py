@@ -17,18 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_influence.reporting import (
-    TABLE_COLUMNS,
-    InfluenceReport,
-    QueryInfluence,
-    TrainInfluence,
-    build_report,
-    log_factors_artifact,
-    log_report,
-    magnitude_curve,
-    token_heatmap_html,
-    write_html_report,
-)
+from lightning_influence.reporting import (TABLE_COLUMNS, InfluenceReport, QueryInfluence, TrainInfluence,
+                                           build_report, log_factors_artifact, log_report, magnitude_curve,
+                                           token_heatmap_html, write_html_report)
 
 NUM_QUERIES, NUM_TRAIN, K = 3, 40, 4
 LAYERS = ["blocks.0.mlp", "blocks.1.attn"]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_influence import CausalLMTask, ClassificationTask, InfluenceScorer, fit_factors
-from lightning_influence.tracking import find_tracked_layers
+from lightning_influence.capture import find_tracked_layers
 
 from . import dense, models
 

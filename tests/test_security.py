@@ -5,7 +5,7 @@ from pathlib import Path
 
 import wandb
 
-from lightning_influence.pipeline import run_queries
+from lightning_influence.integration.pipeline import run_queries
 
 from .test_pipeline import case  # noqa: F401  (fixture)
 

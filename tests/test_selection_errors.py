@@ -3,7 +3,8 @@
 import pytest
 from torch import nn
 
-from lightning_influence import TrackingError, find_tracked_layers
+from lightning_influence.errors import TrackingError
+from lightning_influence import find_tracked_layers
 
 
 def net():

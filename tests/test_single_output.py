@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_influence import InfluenceScorer, RegressionTask, fit_factors
-from lightning_influence.tracking import find_tracked_layers
+from lightning_influence.capture import find_tracked_layers
 
 from . import dense
 

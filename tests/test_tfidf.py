@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from lightning_influence import CausalLMTask, InfluenceScorer, fit_factors
-from lightning_influence.data.lm import collate_lm
-from lightning_influence.tfidf import TfidfCandidates, TfidfError, filtered_scores, tfidf_cache_dir
+from lightning_influence.text import collate_lm
+from lightning_influence.scoring.tfidf import TfidfCandidates, filtered_scores, tfidf_cache_dir
+from lightning_influence.errors import TfidfError
 
 from . import models
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_influence import topk as topk_module
-from lightning_influence.topk import ScoreShardWriter, StreamingTopK, TopKError, read_scores
+from lightning_influence.scoring import topk as topk_module
+from lightning_influence.scoring.topk import ScoreShardWriter, StreamingTopK, read_scores
+from lightning_influence.errors import TopKError
 
 Q, N = 5, 103
 

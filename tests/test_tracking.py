@@ -13,7 +13,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from transformers.pytorch_utils import Conv1D
 
-from lightning_influence.tracking import LayerCapture, TrackingError, find_tracked_layers, layer_weight_matrix
+from lightning_influence.capture import LayerCapture, find_tracked_layers, layer_weight_matrix
+from lightning_influence.errors import TrackingError
 
 from . import models
 

@@ -7,16 +7,11 @@ Sign convention: a positive score means training on the example made the query's
 completion more likely.
 """
 
-from .html_report import render_html_report, token_heatmap_html, write_html_report
-from .report import (
-    InfluenceReport,
-    QueryInfluence,
-    TrainInfluence,
-    build_report,
-    layer_shares,
-    magnitude_curve,
-)
-from .wandb_report import TABLE_COLUMNS, log_factors_artifact, log_report, report_table_rows
+from lightning_influence.reporting.html_report import render_html_report, token_heatmap_html, write_html_report
+from lightning_influence.reporting.report import (InfluenceReport, QueryInfluence, TrainInfluence,
+                                                  build_report, layer_shares, magnitude_curve)
+from lightning_influence.reporting.wandb_report import (TABLE_COLUMNS, log_factors_artifact, log_report,
+                                                        report_table_rows)
 
 __all__ = [
     "InfluenceReport",

@@ -15,7 +15,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .report import InfluenceReport, QueryInfluence, TrainInfluence, atomic_write_text, magnitude_curve
+from lightning_influence.reporting.report import (InfluenceReport, QueryInfluence, TrainInfluence,
+                                                  atomic_write_text, magnitude_curve)
 
 __all__ = ["token_heatmap_html", "write_html_report", "render_html_report"]
 

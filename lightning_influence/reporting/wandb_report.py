@@ -25,8 +25,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .html_report import heatmap_document, token_heatmap_html
-from .report import InfluenceReport, layer_shares, magnitude_curve
+from lightning_influence.reporting.html_report import heatmap_document, token_heatmap_html
+from lightning_influence.reporting.report import InfluenceReport, layer_shares, magnitude_curve
 
 log = logging.getLogger(__name__)
 

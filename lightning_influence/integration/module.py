@@ -17,14 +17,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from .factors import FactorsError, InfluenceFactors
-from .loaders import dist_info, gather_by_index, rebuild_loader
-from .progress import length_of, progress_bar
-from .query_store import load_query_gradients, save_query_gradients
-from .scoring import InfluenceScorer, QueryGradients
-from .tasks import Task
-from .tfidf import TfidfCandidates, filtered_scores
-from .topk import ScoreShardWriter, StreamingTopK
+from lightning_influence.errors import FactorsError
+from lightning_influence.factors import InfluenceFactors
+from lightning_influence.loaders import dist_info, gather_by_index, rebuild_loader
+from lightning_influence.progress import length_of, progress_bar
+from lightning_influence.scoring.query_store import load_query_gradients, save_query_gradients
+from lightning_influence.scoring.engine import InfluenceScorer
+from lightning_influence.scoring.queries import QueryGradients
+from lightning_influence.tasks import Task
+from lightning_influence.scoring.tfidf import TfidfCandidates, filtered_scores
+from lightning_influence.scoring.topk import ScoreShardWriter, StreamingTopK
 
 __all__ = ["InfluenceModule"]
 

@@ -26,14 +26,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from .files import atomic_write_json, fsync_file, read_json_or_none, sha256_file
-from . import __version__
-from .scoring import InfluenceScorer, QueryGradients, ScoringError
+from lightning_influence.files import atomic_write_json, fsync_file, read_json_or_none, sha256_file
+from lightning_influence import __version__
+from lightning_influence.scoring.engine import InfluenceScorer
+from lightning_influence.scoring.queries import QueryGradients
+from lightning_influence.errors import ScoringError
+from lightning_influence.errors import TfidfError
 
 __all__ = [
-    "TfidfCandidates",
-    "TfidfError",
-    "filtered_scores",
+    "TfidfCandidates", "filtered_scores",
     "query_text",
     "tfidf_cache_dir",
     "DEFAULT_TFIDF_PARAMS",
@@ -51,9 +52,6 @@ _JSON_PARAMS = (
 )
 DEFAULT_TFIDF_PARAMS: dict[str, Any] = {"stop_words": "english", "sublinear_tf": True}
 
-
-class TfidfError(ValueError):
-    """A TF-IDF index that cannot be built, saved, loaded, or used for the texts given."""
 
 
 def tfidf_cache_dir(factors_dir: str | os.PathLike) -> Path:

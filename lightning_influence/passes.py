@@ -9,23 +9,25 @@ gives the global statistics (``../shared/ekfac-reference.md``, section 5).
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
 from torchmetrics import Metric
 
-from .factors import FactorsError, InfluenceFactors, check_fisher, check_strategy
-from .batches import move_to_device
-from .tasks import Task, TaskInputError
-from .tracking import LayerCapture, TrackedLayer, find_tracked_layers
+from lightning_influence.errors import FactorsError, TaskInputError
+from lightning_influence.factors import InfluenceFactors, check_fisher, check_strategy
+from lightning_influence.batches import move_to_device
+from lightning_influence.tasks import Task
+from lightning_influence.capture import LayerCapture, TrackedLayer, find_tracked_layers
 
 log = logging.getLogger(__name__)
+from lightning_influence.capture import masked_tokens, model_mode, per_example_gradients, token_count
+from lightning_influence.tasks import checked_loss
 
 __all__ = [
-    "SumStatistics", "fit_factors", "run_phase", "remaining_phases", "masked_tokens",
-    "per_example_gradients", "model_mode", "checked_loss",
+    "SumStatistics", "fit_factors", "run_phase", "remaining_phases",
 ]
 
 
@@ -54,63 +56,6 @@ class SumStatistics(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
         return {key: getattr(self, attr).clone() for key, attr in self._keys.items()}
-
-
-def masked_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero the tokens of ``x`` ``[B, T, d]`` where ``mask`` ``[B, T']`` is 0.
-
-    The mask applies when the layer's token axis is the batch's sequence axis (or a
-    whole multiple of it, for a module called several times); other layers (a pooled
-    classifier head, a conv net) see every token.
-    """
-    if mask is None:
-        return x
-    b, t = x.shape[0], x.shape[1]
-    if mask.shape[0] != b or t % mask.shape[1] != 0 or bool(mask.all()):
-        return x  # nothing to zero: skip a full copy of the activations
-    m = mask.to(dtype=x.dtype, device=x.device)
-    if t != mask.shape[1]:
-        m = m.repeat(1, t // mask.shape[1])
-    return x * m.unsqueeze(-1)
-
-
-def token_count(x: torch.Tensor, mask: torch.Tensor | None) -> float:
-    b, t = x.shape[0], x.shape[1]
-    if mask is None or mask.shape[0] != b or t % mask.shape[1] != 0:
-        return float(b * t)
-    return float(mask.to(torch.float64).sum()) * (t // mask.shape[1])
-
-
-def per_example_gradients(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """``DW_b = sum_t s_bt a_bt^T`` for every example: ``[B, d_out, d_in]``."""
-    return grads.transpose(1, 2) @ acts
-
-
-@contextmanager
-def model_mode(model: nn.Module, train: bool = False):
-    """Put the model in eval (or train) mode for a pass and restore each module's mode after."""
-    modes = {m: m.training for m in model.modules()}
-    model.train(train)
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-def checked_loss(loss: Any, batch_index: int, what: str = "training loss") -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise TaskInputError(
-            f"the task's {what} for batch {batch_index} is {shape}, not a scalar tensor; "
-            "return the loss SUMMED over the batch's examples"
-        )
-    if not torch.isfinite(loss):
-        raise TaskInputError(
-            f"the task's {what} for batch {batch_index} is {loss.item()}; influence needs finite losses. "
-            "Check the batch's data and the model's numerical stability (precision, learning rate)."
-        )
-    return loss
 
 
 def _phase_shapes(phase: str, layers: dict[str, TrackedLayer]) -> dict[str, tuple[int, ...]]:

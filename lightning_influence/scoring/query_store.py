@@ -28,14 +28,14 @@ from typing import Any, Iterable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_json, ensure_writable_dir, fsync_file, read_json_or_none, read_manifest, sha256_file
-from . import __version__
-from .factors import InfluenceFactors
-from .scoring import QueryGradients, ScoringError
+from lightning_influence.files import (atomic_write_json, ensure_writable_dir, fsync_file, read_json_or_none,
+                                       read_manifest, sha256_file)
+from lightning_influence import __version__
+from lightning_influence.factors import InfluenceFactors
+from lightning_influence.scoring.queries import QueryGradients
+from lightning_influence.errors import QueryStoreError
 
-__all__ = [
-    "QueryStoreError",
-    "save_query_gradients",
+__all__ = [ "save_query_gradients",
     "load_query_gradients",
     "read_query_manifest",
     "factors_fingerprint",
@@ -47,9 +47,6 @@ FORMAT_NAME = "lightning-influence-query-gradients"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
-
-class QueryStoreError(ScoringError):
-    """Stored query gradients that are missing, corrupt, or do not fit the factors/layers asked for."""
 
 
 # ---------------------------------------------------------------- fingerprint

@@ -22,13 +22,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from .factors import FactorsError, InfluenceFactors, check_damping, check_fisher, check_strategy
-from .loaders import rebuild_loader
-from .progress import length_of, progress_bar
-from .scoring import QUERY_SVD_METHODS
-from .statistics import remaining_phases, run_phase
-from .tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
-from .tracking import TrackingError, find_tracked_layers
+from lightning_influence.errors import FactorsError, TrackingError
+from lightning_influence.factors import InfluenceFactors, check_damping, check_fisher, check_strategy
+from lightning_influence.loaders import rebuild_loader
+from lightning_influence.progress import length_of, progress_bar
+from lightning_influence.scoring.queries import QUERY_SVD_METHODS
+from lightning_influence.passes import remaining_phases, run_phase
+from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
+from lightning_influence.capture import find_tracked_layers
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ class InfluenceCallback(Callback):
         self._ran_this_fit = True
         factors = self.fit_factors(trainer, pl_module, device=device)
         if self.queries is not None:
-            from .pipeline import score_and_report  # noqa: PLC0415 (reporting is only needed with queries)
+            from lightning_influence.integration.pipeline import score_and_report  # noqa: PLC0415 (reporting is only needed with queries)
 
             self.scores = score_and_report(self, trainer, pl_module)
         return factors

@@ -28,16 +28,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .data import (
-    LMCollator,
-    LMDataset,
-    QueryCollator,
-    QueryDataset,
-    generate_corpus,
-    make_queries,
-    supporting_indices,
-    train_tokenizer,
-)
+from lightning_influence.text import LMCollator, LMDataset, QueryCollator, QueryDataset
+from lightning_influence.demo.corpus import generate_corpus, make_queries, supporting_indices
+from lightning_influence.demo.tokenizer import train_tokenizer
 
 __all__ = [
     "TinyGPT2LM",
@@ -342,7 +335,7 @@ class DemoResult:
 
 def query_log_probs(model: torch.nn.Module, loader: DataLoader) -> list[float]:
     """The model's ``log p(completion | prompt)`` for each query of ``loader`` (in order)."""
-    from .tasks import CausalLMTask
+    from lightning_influence.tasks import CausalLMTask
 
     task, out = CausalLMTask(), []
     was_training = model.training
@@ -573,10 +566,10 @@ def _run_demo(out: Path, num_sequences: int, epochs: int, strategy: str, seed: i
 
     from lightning.pytorch.loggers import WandbLogger
 
-    from . import InfluenceCallback
-    from .data import write_jsonl_queries
-    from .pipeline import QuerySet, run_queries
-    from .tasks import CausalLMTask
+    from lightning_influence import InfluenceCallback
+    from lightning_influence.text import write_jsonl_queries
+    from lightning_influence.integration.pipeline import QuerySet, run_queries
+    from lightning_influence.tasks import CausalLMTask
 
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

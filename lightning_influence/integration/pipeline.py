@@ -18,11 +18,11 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .factors import InfluenceFactors
-from .files import atomic_write_json
-from .loaders import dist_info
-from .module import InfluenceModule
-from .tasks import Task
+from lightning_influence.factors import InfluenceFactors
+from lightning_influence.files import atomic_write_json
+from lightning_influence.loaders import dist_info
+from lightning_influence.integration.module import InfluenceModule
+from lightning_influence.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def load_query_set(spec: str, tokenizer=None, batch_size: int = 8) -> QuerySet:
     The function is imported and called without arguments; it returns a DataLoader of
     query batches (its dataset may carry ``query_ids`` and ``queries`` for display).
     """
-    from .data.lm import QueryCollator, QueryDataset, read_jsonl_queries
+    from lightning_influence.text import QueryCollator, QueryDataset, read_jsonl_queries
 
     if ":" in spec and not Path(spec).exists():
         module_name, _, fn_name = spec.partition(":")
@@ -141,7 +141,7 @@ def run_queries(
     shows progress bars on the scoring passes (rank zero only); ``query_svd`` is the SVD of
     rank-r queries (``"randomized"`` or ``"exact"``).
     """
-    from .reporting import build_report, log_report, write_html_report
+    from lightning_influence.reporting import build_report, log_report, write_html_report
 
     module = InfluenceModule(model, task=task, factors=factors, query_rank=query_rank, dtype=dtype, layers=layers,
                              show_progress=show_progress, query_svd=query_svd)
@@ -170,7 +170,7 @@ def run_queries(
     def token_scores(q: int, m: int):
         if tokenizer is None:
             return None
-        from .data.lm import token_strings
+        from lightning_influence.text import token_strings
 
         batch = collate([dataset[m]])
         if not isinstance(batch, dict) or "input_ids" not in batch:

@@ -27,10 +27,11 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_json, read_json_or_none, read_manifest, sha256_file
-from . import __version__
+from lightning_influence.files import atomic_write_json, read_json_or_none, read_manifest, sha256_file
+from lightning_influence import __version__
+from lightning_influence.errors import TopKError
 
-__all__ = ["StreamingTopK", "ScoreShardWriter", "TopKError", "read_scores", "read_score_manifest"]
+__all__ = ["StreamingTopK", "ScoreShardWriter", "read_scores", "read_score_manifest"]
 
 FORMAT_NAME = "lightning-influence-scores"
 FORMAT_VERSION = 1
@@ -39,9 +40,6 @@ _SHARD = "scores-{:05d}.safetensors"
 _TOPK = "topk-{:05d}.safetensors"
 _OURS = re.compile(r"^(scores|topk)-\d{5}\.safetensors(\.tmp)?$")
 
-
-class TopKError(ValueError):
-    """Score chunks or score files that cannot be consumed, resumed or read."""
 
 
 def _as_indices(indices: torch.Tensor | Sequence[int] | int, b: int) -> torch.Tensor:

@@ -28,11 +28,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
+from lightning_influence.errors import QueryFileError
 
 __all__ = [
-    "IGNORE_INDEX",
-    "QueryFileError",
-    "LMDataset",
+    "IGNORE_INDEX", "LMDataset",
     "QueryDataset",
     "LMCollator",
     "QueryCollator",
@@ -248,9 +247,6 @@ def token_strings(tokenizer, input_ids, attention_mask=None) -> list[str]:
     return [tokenizer.decode([i], skip_special_tokens=False)
             for i in _id_list(input_ids, attention_mask)]
 
-
-class QueryFileError(ValueError):
-    """A malformed query JSONL file; the message names the file and line."""
 
 
 def read_jsonl_queries(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -15,18 +15,18 @@ gradient is known; parameters' ``.grad`` are never touched.
 from __future__ import annotations
 
 import fnmatch
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from lightning_influence.errors import TrackingError
 
-__all__ = ["TrackedLayer", "LayerCapture", "find_tracked_layers", "TrackingError", "layer_weight_matrix"]
+__all__ = ["TrackedLayer", "LayerCapture", "find_tracked_layers", "layer_weight_matrix", "masked_tokens", "token_count",
+           "per_example_gradients", "model_mode"]
 
-
-class TrackingError(ValueError):
-    """The module selection or a tracked layer cannot be handled."""
 
 
 def _conv1d_type():
@@ -394,3 +394,45 @@ class LayerCapture:
         self.backward(loss, keep, retain_graph=retain_graph)
         order = list(self.layers)
         return ({n: acts[n] for n in order if acts.get(n) is not None}, {n: grads[n] for n in order})
+
+
+def masked_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the tokens of ``x`` ``[B, T, d]`` where ``mask`` ``[B, T']`` is 0.
+
+    The mask applies when the layer's token axis is the batch's sequence axis (or a
+    whole multiple of it, for a module called several times); other layers (a pooled
+    classifier head, a conv net) see every token.
+    """
+    if mask is None:
+        return x
+    b, t = x.shape[0], x.shape[1]
+    if mask.shape[0] != b or t % mask.shape[1] != 0 or bool(mask.all()):
+        return x  # nothing to zero: skip a full copy of the activations
+    m = mask.to(dtype=x.dtype, device=x.device)
+    if t != mask.shape[1]:
+        m = m.repeat(1, t // mask.shape[1])
+    return x * m.unsqueeze(-1)
+
+
+def token_count(x: torch.Tensor, mask: torch.Tensor | None) -> float:
+    b, t = x.shape[0], x.shape[1]
+    if mask is None or mask.shape[0] != b or t % mask.shape[1] != 0:
+        return float(b * t)
+    return float(mask.to(torch.float64).sum()) * (t // mask.shape[1])
+
+
+def per_example_gradients(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """``DW_b = sum_t s_bt a_bt^T`` for every example: ``[B, d_out, d_in]``."""
+    return grads.transpose(1, 2) @ acts
+
+
+@contextmanager
+def model_mode(model: nn.Module, train: bool = False):
+    """Put the model in eval (or train) mode for a pass and restore each module's mode after."""
+    modes = {m: m.training for m in model.modules()}
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode

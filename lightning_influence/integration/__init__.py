@@ -1,0 +1,1 @@
+"""The Lightning glue: the callback, the LightningModule that scores, and the end-of-run pipeline."""

@@ -1,0 +1,1 @@
+"""Scoring: the engine, preconditioned queries and their store, streaming top-k and score shards, TF-IDF candidates."""
