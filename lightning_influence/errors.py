@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "InfluenceError", "TrackingError", "TaskInputError", "FactorsError", "ScoringError", "QueryStoreError",
     "TopKError", "TfidfError", "QueryFileError", "StoreError", "OptionsError",
+    "ReportError",
 ]
 
 
@@ -56,3 +57,7 @@ class TfidfError(ScoringError, StoreError):
 
 class QueryFileError(InfluenceError):
     """A JSONL query file that cannot be read."""
+
+
+class ReportError(InfluenceError):
+    """Inputs to an influence report that do not fit together (shapes, ids, prompt lengths)."""

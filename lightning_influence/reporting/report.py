@@ -1,9 +1,11 @@
 """Data model for influence reports, independent of how the scores were computed.
 
 An :class:`InfluenceReport` lists, for each query, the training examples with the most
-positive and the most negative influence scores. Sign convention (see
-``ekfac-reference.md`` section 1): a **positive** score means that training on the example
-made the query's completion **more** likely; a negative one, less likely.
+positive and the most negative influence scores. Sign convention (docs/method.md, section 1):
+a **positive** score means that training on the example made the query's completion
+**more** likely; a negative one, less likely. docs/reading-scores.md explains how to read
+a score's size; the report carries two per-query normalised views of each listed score
+(its share of the query's summed ``|score|`` and its z-score within the query's row).
 
 Reports are plain dataclasses that round-trip through JSON (:meth:`InfluenceReport.to_dict`,
 :meth:`InfluenceReport.from_dict`, :meth:`InfluenceReport.save_json`,
@@ -25,6 +27,8 @@ from typing import Any, Union
 
 import torch
 
+from lightning_influence.errors import ReportError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -35,7 +39,11 @@ __all__ = [
     "magnitude_curve",
     "layer_shares",
     "atomic_write_text",
+    "TOKEN_ALIGNMENTS",
 ]
+
+#: Values of :attr:`InfluenceReport.token_alignment`.
+TOKEN_ALIGNMENTS = ("input", "next")
 
 TrainTexts = Union[Sequence[str], Callable[[int], "str | None"], None]
 TokenScoresFn = Callable[[int, int], "tuple[Sequence[str], Sequence[float]] | None"]
@@ -74,6 +82,11 @@ class TrainInfluence:
         layer_scores: per tracked module score; these sum to ``score``.
         tokens: decoded tokens of the training sequence.
         token_scores: token-wise influence, same length as ``tokens``, summing to ``score``.
+            ``token_scores[t]`` is the score at input position ``t`` (see
+            :attr:`InfluenceReport.token_alignment` for which token it is about).
+        share: ``score / sum |score|`` over every scored training example of the query: the
+            fraction of the query's total influence this example carries (signed).
+        z_score: ``(score - mean) / std`` over the query's scored training examples.
     """
 
     train_index: int
@@ -83,6 +96,8 @@ class TrainInfluence:
     layer_scores: dict[str, float] | None = None
     tokens: list[str] | None = None
     token_scores: list[float] | None = None
+    share: float | None = None
+    z_score: float | None = None
 
     def __post_init__(self) -> None:
         if (self.tokens is None) != (self.token_scores is None):
@@ -105,6 +120,8 @@ class TrainInfluence:
             else {str(k): float(v) for k, v in self.layer_scores.items()},
             "tokens": None if self.tokens is None else [str(t) for t in self.tokens],
             "token_scores": None if self.token_scores is None else [float(s) for s in self.token_scores],
+            "share": _opt_float(self.share),
+            "z_score": _opt_float(self.z_score),
         }
 
     @classmethod
@@ -120,6 +137,8 @@ class TrainInfluence:
             else {str(k): float(v) for k, v in d["layer_scores"].items()},
             tokens=None if d.get("tokens") is None else [str(t) for t in d["tokens"]],
             token_scores=None if d.get("token_scores") is None else [float(s) for s in d["token_scores"]],
+            share=_opt_float(d.get("share")),
+            z_score=_opt_float(d.get("z_score")),
         )
 
 
@@ -130,20 +149,54 @@ class QueryInfluence:
     Attributes:
         query_id: identifier of the query.
         query_text: prompt + completion as shown to users.
-        top_positive: most positive first.
-        top_negative: most negative first.
+        top_positive: most positive first; only scores ``> 0``.
+        top_negative: most negative first; only scores ``< 0`` (so a query with fewer than
+            ``k`` negative scores lists fewer than ``k``: see ``num_negative``).
+        prompt_length: number of characters of ``query_text`` that are the prompt (the rest
+            is the completion whose log-probability is measured); ``None`` if unknown.
+        num_scored: training examples with a finite score for this query.
+        num_positive: of those, how many have a score ``> 0``.
+        num_negative: of those, how many have a score ``< 0``.
+        sum_abs: ``sum |score|`` over the scored examples (the denominator of ``share``).
     """
 
     query_id: str
     query_text: str
     top_positive: list[TrainInfluence] = field(default_factory=list)
     top_negative: list[TrainInfluence] = field(default_factory=list)
+    prompt_length: int | None = None
+    num_scored: int | None = None
+    num_positive: int | None = None
+    num_negative: int | None = None
+    sum_abs: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_length is not None and not 0 <= self.prompt_length <= len(self.query_text):
+            raise ReportError(
+                f"query {self.query_id!r}: prompt_length {self.prompt_length} is outside its text "
+                f"({len(self.query_text)} characters); give the prompt's length in characters of query_text"
+            )
+
+    @property
+    def prompt(self) -> str | None:
+        """The prompt part of ``query_text`` (``None`` when ``prompt_length`` is unknown)."""
+        return None if self.prompt_length is None else self.query_text[: self.prompt_length]
+
+    @property
+    def completion(self) -> str | None:
+        """The completion part of ``query_text`` (``None`` when ``prompt_length`` is unknown)."""
+        return None if self.prompt_length is None else self.query_text[self.prompt_length :]
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
         return {
             "query_id": str(self.query_id),
             "query_text": str(self.query_text),
+            "prompt_length": _opt_int(self.prompt_length),
+            "num_scored": _opt_int(self.num_scored),
+            "num_positive": _opt_int(self.num_positive),
+            "num_negative": _opt_int(self.num_negative),
+            "sum_abs": _opt_float(self.sum_abs),
             "top_positive": [t.to_dict() for t in self.top_positive],
             "top_negative": [t.to_dict() for t in self.top_negative],
         }
@@ -156,6 +209,11 @@ class QueryInfluence:
             query_text=str(d["query_text"]),
             top_positive=[TrainInfluence.from_dict(t) for t in d.get("top_positive", [])],
             top_negative=[TrainInfluence.from_dict(t) for t in d.get("top_negative", [])],
+            prompt_length=_opt_int(d.get("prompt_length")),
+            num_scored=_opt_int(d.get("num_scored")),
+            num_positive=_opt_int(d.get("num_positive")),
+            num_negative=_opt_int(d.get("num_negative")),
+            sum_abs=_opt_float(d.get("sum_abs")),
         )
 
 
@@ -171,6 +229,11 @@ class InfluenceReport:
             distribution (sorted magnitude vs rank) plot. Excluded from ``==``.
         layer_totals: optional share of the summed ``|score|`` per layer (sums to 1), for a
             bar chart.
+        token_alignment: which token ``token_scores[t]`` is about. ``"input"``: the token at
+            position ``t`` itself (e.g. a classifier). ``"next"``: the token at ``t + 1``, as in
+            a causal LM, where position ``t``'s output predicts the next token, so its score is
+            the influence of learning that next token; the renderers then show it on the
+            predicted token.
     """
 
     queries: list[QueryInfluence]
@@ -179,6 +242,11 @@ class InfluenceReport:
     # Tensors have no scalar truth value, so keep them out of the generated __eq__.
     scores: torch.Tensor | None = field(default=None, compare=False, repr=False)
     layer_totals: dict[str, float] | None = None
+    token_alignment: str = "input"
+
+    def __post_init__(self) -> None:
+        if self.token_alignment not in TOKEN_ALIGNMENTS:
+            raise ReportError(f"token_alignment must be one of {TOKEN_ALIGNMENTS}, got {self.token_alignment!r}")
 
     def to_dict(self, include_scores: bool = True) -> dict[str, Any]:
         """Return a JSON-serialisable dict.
@@ -192,6 +260,7 @@ class InfluenceReport:
             "layer_totals": None
             if self.layer_totals is None
             else {str(k): float(v) for k, v in self.layer_totals.items()},
+            "token_alignment": self.token_alignment,
             "queries": [q.to_dict() for q in self.queries],
             "scores": None,
             "scores_dtype": None,
@@ -217,6 +286,7 @@ class InfluenceReport:
             layer_totals=None
             if d.get("layer_totals") is None
             else {str(k): float(v) for k, v in d["layer_totals"].items()},
+            token_alignment=str(d.get("token_alignment") or "input"),
         )
 
     def save_json(self, path: str | os.PathLike, include_scores: bool = True, indent: int | None = 1) -> Path:
@@ -236,6 +306,14 @@ class InfluenceReport:
             for direction, entries in (("positive", q.top_positive), ("negative", q.top_negative)):
                 for entry in entries:
                     yield qi, q, direction, entry
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _opt_int(x: Any) -> int | None:
+    return None if x is None else int(x)
 
 
 def _train_text(train_texts: TrainTexts, idx: int) -> str | None:
@@ -271,13 +349,17 @@ def build_report(
     token_scores_fn: TokenScoresFn | None = None,
     strategy: str = "ekfac",
     keep_scores: bool = True,
-    strict_sign: bool = False,
+    strict_sign: bool = True,
+    prompt_lengths: Sequence[int | None] | None = None,
+    token_alignment: str = "input",
 ) -> InfluenceReport:
     """Build an :class:`InfluenceReport` from a score matrix.
 
     For every query, lists the ``k`` training examples with the largest scores (most
     positive first) and the ``k`` with the smallest (most negative first), as
-    ``torch.topk`` would. NaN scores are never listed.
+    ``torch.topk`` would. NaN scores are never listed. Each query also records how many
+    of its scores are positive and negative, and each listed entry its normalised views
+    (``share`` of the query's summed ``|score|``, ``z_score`` within the query's row).
 
     Args:
         scores: ``[num_queries, num_train]`` influence scores (positive = training on the
@@ -295,26 +377,50 @@ def build_report(
             called only for listed pairs, giving the token-wise decomposition.
         strategy: name of the preconditioning strategy, recorded in the report.
         keep_scores: keep a CPU copy of ``scores`` in the report (for distribution plots).
-        strict_sign: drop entries whose sign does not match their list (e.g. a positive
-            score in ``top_negative`` when fewer than ``k`` scores are negative).
+        strict_sign: list only positive scores as "most positive" and only negative ones as
+            "most negative" (default): a query with 3 negative scores lists 3, and its
+            ``num_negative`` says so. ``False`` lists ``k`` either way, as ``torch.topk``.
+        prompt_lengths: optional, per query, the number of characters of its text that are
+            the prompt (``None`` for a query where it is unknown), so that the renderers can
+            mark where the measured completion starts.
+        token_alignment: ``"input"`` or ``"next"``, which token a token score is about (see
+            :attr:`InfluenceReport.token_alignment`); ``"next"`` for causal LMs.
 
     Returns:
         The report.
+
+    Raises:
+        ReportError: inputs whose shapes, ids or prompt lengths do not fit together.
     """
     scores = torch.as_tensor(scores).detach()
     if scores.dim() != 2:
-        raise ValueError(f"scores must be [num_queries, num_train], got shape {tuple(scores.shape)}")
+        raise ReportError(f"scores must be [num_queries, num_train], got shape {tuple(scores.shape)}")
     num_queries, num_train = scores.shape
     query_ids = [str(q) for q in query_ids]
     query_texts = [str(t) for t in query_texts]
     if len(query_ids) != num_queries or len(query_texts) != num_queries:
-        raise ValueError(
+        raise ReportError(
             f"got {len(query_ids)} query ids and {len(query_texts)} query texts for {num_queries} queries"
         )
     if len(set(query_ids)) != len(query_ids):
-        raise ValueError("query_ids must be unique")
+        raise ReportError("query_ids must be unique")
+    if prompt_lengths is None:
+        prompt_lengths = [None] * num_queries
+    prompt_lengths = [None if n is None else int(n) for n in prompt_lengths]
+    if len(prompt_lengths) != num_queries:
+        raise ReportError(f"got {len(prompt_lengths)} prompt lengths for {num_queries} queries")
+    for text, n in zip(query_texts, prompt_lengths):
+        if n is not None and not 0 <= n <= len(text):
+            raise ReportError(
+                f"prompt length {n} is outside the query text {text!r} ({len(text)} characters): give the number "
+                "of characters of each query text that are its prompt"
+            )
+    if token_alignment not in TOKEN_ALIGNMENTS:
+        raise ReportError(
+            f"token_alignment must be one of {TOKEN_ALIGNMENTS} ('next' for causal LMs), got {token_alignment!r}"
+        )
     if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
+        raise ReportError(f"k must be >= 0, got {k}")
     k = min(int(k), num_train)
     if torch.isnan(scores).any():
         log.warning("influence scores contain %d NaN values; they are not listed", int(torch.isnan(scores).sum()))
@@ -324,13 +430,13 @@ def build_report(
     if layer_scores is not None:
         layer_scores = torch.as_tensor(layer_scores).detach()
         if layer_scores.dim() != 3 or tuple(layer_scores.shape[1:]) != (num_queries, num_train):
-            raise ValueError(
+            raise ReportError(
                 f"layer_scores must be [num_layers, {num_queries}, {num_train}], got {tuple(layer_scores.shape)}"
             )
         if layer_names is None:
             names = [f"layer_{i}" for i in range(layer_scores.shape[0])]
         if len(names) != layer_scores.shape[0]:
-            raise ValueError(f"got {len(names)} layer names for {layer_scores.shape[0]} layers")
+            raise ReportError(f"got {len(names)} layer names for {layer_scores.shape[0]} layers")
         layer_totals = layer_shares(layer_scores, names)
         # Index on CPU once; per-entry .item() on an accelerator would sync every time.
         layer_scores = layer_scores.cpu()
@@ -339,6 +445,7 @@ def build_report(
     queries: list[QueryInfluence] = []
     for qi in range(num_queries):
         row = scores_cpu[qi]
+        stats = _row_stats(row)
         lists: dict[bool, list[TrainInfluence]] = {}
         for largest in (True, False):
             vals, idxs = _topk_finite(row, k, largest)
@@ -366,10 +473,24 @@ def build_report(
                         else {n: float(layer_scores[li, qi, idx]) for li, n in enumerate(names)},
                         tokens=tokens,
                         token_scores=token_scores,
+                        share=float(val) / stats["sum_abs"] if stats["sum_abs"] > 0 else None,
+                        z_score=(float(val) - stats["mean"]) / stats["std"] if stats["std"] > 0 else None,
                     )
                 )
             lists[largest] = entries
-        queries.append(QueryInfluence(query_ids[qi], query_texts[qi], lists[True], lists[False]))
+        queries.append(
+            QueryInfluence(
+                query_ids[qi],
+                query_texts[qi],
+                lists[True],
+                lists[False],
+                prompt_length=prompt_lengths[qi],
+                num_scored=stats["num_scored"],
+                num_positive=stats["num_positive"],
+                num_negative=stats["num_negative"],
+                sum_abs=stats["sum_abs"],
+            )
+        )
 
     return InfluenceReport(
         queries=queries,
@@ -377,7 +498,24 @@ def build_report(
         layer_names=names,
         scores=scores_cpu.clone() if keep_scores else None,
         layer_totals=layer_totals,
+        token_alignment=token_alignment,
     )
+
+
+def _row_stats(row: torch.Tensor) -> dict[str, Any]:
+    """Counts and moments of one query's finite scores (float64: a row can hold 1e6-sized
+    scores next to tiny ones)."""
+    finite = row[torch.isfinite(row)].double()
+    n = finite.numel()
+    return {
+        "num_scored": n,
+        "num_positive": int((finite > 0).sum()),
+        "num_negative": int((finite < 0).sum()),
+        "sum_abs": float(finite.abs().sum()),
+        "mean": float(finite.mean()) if n else 0.0,
+        # Population std (divide by n): a z-score describes this row, not a sample of rows.
+        "std": float(finite.std(correction=0)) if n else 0.0,
+    }
 
 
 def layer_shares(layer_scores: torch.Tensor, layer_names: Sequence[str]) -> dict[str, float]:

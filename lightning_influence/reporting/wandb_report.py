@@ -4,20 +4,30 @@
 zero only, logs in a single ``run.log`` call:
 
 * ``{prefix}/top_influences`` -- a ``wandb.Table`` with one row per listed training example
-  (top positive and top negative per query);
+  (top positive and top negative per query): numeric columns that sort and filter in the
+  W&B UI (score, its per-query normalised views ``share`` and ``z_score``, and one
+  ``layer:<name>`` column per layer or layer group, see :mod:`.layers`), the query text with
+  its completion in ``⟦...⟧`` (plus separate ``prompt`` and ``completion`` columns), and
+  ``heatmap_key``, the key of the row's token heatmap panel;
+* ``{prefix}/layer_contributions`` -- the same per-layer numbers in long format, one row per
+  (query, listed example, layer), for grouping and plotting by layer;
+* ``{prefix}/queries`` -- one row per query: how many of its scores are positive and
+  negative (a "most negative" list is shorter than k when fewer scores are negative) and how
+  many examples each list shows;
 * ``{prefix}/heatmaps/<query>/<direction>_<rank>_train<index>`` -- one ``wandb.Html`` token
-  heatmap per listed training sequence that has token scores;
+  heatmap per listed training sequence that has token scores (W&B cannot show ``wandb.Html``
+  inside a Table, so rows link to these by key);
 * ``{prefix}/magnitude_distribution`` -- a ``wandb.plot.line`` of log10 sorted ``|score|`` vs
   log10 rank per query (the power-law view of Grosse et al.), when the report carries the
   full score matrix;
-* ``{prefix}/layer_shares`` -- a ``wandb.plot.bar`` of each layer's share of ``|score|``.
+* ``{prefix}/layer_shares`` -- a ``wandb.plot.bar`` of each layer's share of ``|score|``
+  (and ``{prefix}/layer_group_shares`` over the table's layer groups when layers are grouped).
 
 The plots are W&B custom charts over Tables, so no plotting library is needed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_influence.reporting.html_report import heatmap_document, token_heatmap_html
-from lightning_influence.reporting.report import InfluenceReport, layer_shares, magnitude_curve
+from lightning_influence.reporting.layers import DEFAULT_MAX_LAYER_COLUMNS, layer_columns, short_layer_names
+from lightning_influence.reporting.report import InfluenceReport, QueryInfluence, layer_shares, magnitude_curve
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +45,13 @@ __all__ = [
     "log_report",
     "log_factors_artifact",
     "report_table_rows",
+    "report_table_columns",
+    "layer_contribution_rows",
+    "query_summary_rows",
+    "marked_query_text",
     "TABLE_COLUMNS",
+    "LAYER_TABLE_COLUMNS",
+    "QUERY_TABLE_COLUMNS",
     "DEFAULT_MAX_ROWS",
     "DEFAULT_MAX_HEATMAPS",
 ]
@@ -48,18 +65,34 @@ DEFAULT_DIST_POINTS = 100
 #: Queries drawn in the magnitude-distribution plot.
 DEFAULT_MAX_DIST_QUERIES = 20
 
+#: The fixed leading columns of ``top_influences``; ``layer:<name>`` columns follow (see
+#: :func:`report_table_columns`).
 TABLE_COLUMNS = [
     "query_id",
     "query_text",
+    "prompt",
+    "completion",
     "direction",
     "rank",
     "train_index",
     "score",
-    "layer_scores",
-    "layer_shares",
+    "share",
+    "z_score",
+    "top_layer",
+    "top_layer_share",
     "train_text",
     "heatmap_key",
 ]
+#: Prefix of the per-layer (or per-group) contribution columns of ``top_influences``.
+LAYER_COLUMN_PREFIX = "layer:"
+#: Columns of the long-format ``layer_contributions`` table.
+LAYER_TABLE_COLUMNS = ["query_id", "direction", "rank", "train_index", "layer", "group", "score", "share",
+                       "module"]
+#: Columns of the per-query ``queries`` table.
+QUERY_TABLE_COLUMNS = ["query_id", "query_text", "prompt", "completion", "num_scored", "num_positive",
+                       "num_negative", "listed_positive", "listed_negative", "sum_abs_score"]
+#: Marks the completion inside ``query_text`` (rare characters, so they read as markup).
+COMPLETION_MARKS = ("\u27e6", "\u27e7")
 
 
 def _is_rank_zero() -> bool:
@@ -98,6 +131,29 @@ def _shares(layer_scores: dict[str, float] | None) -> dict[str, float] | None:
     return {k: (abs(v) / total if total > 0 and math.isfinite(v) else 0.0) for k, v in layer_scores.items()}
 
 
+def marked_query_text(query: QueryInfluence) -> str:
+    """The query's text with its completion inside ``⟦...⟧`` (unchanged when the prompt length
+    is unknown), so the measured part is visible in a table cell."""
+    if query.prompt_length is None:
+        return query.query_text
+    return f"{query.prompt}{COMPLETION_MARKS[0]}{query.completion}{COMPLETION_MARKS[1]}"
+
+
+def _report_layer_names(report: InfluenceReport) -> list[str]:
+    names = list(report.layer_names)
+    for *_, e in report.iter_entries():
+        names += [n for n in (e.layer_scores or {}) if n not in names]
+    return names
+
+
+def report_table_columns(report: InfluenceReport, max_layer_columns: int = DEFAULT_MAX_LAYER_COLUMNS) -> list[str]:
+    """Columns of the ``top_influences`` table: :data:`TABLE_COLUMNS`, then one numeric
+    ``layer:<name>`` column per layer (short names) or per layer group when there are more
+    than ``max_layer_columns`` layers."""
+    groups = layer_columns(_report_layer_names(report), max_layer_columns)
+    return list(TABLE_COLUMNS) + [LAYER_COLUMN_PREFIX + g for g in groups]
+
+
 def _cap_fairly(items: list[tuple], cap: int) -> list[tuple]:
     """Keep at most ``cap`` items, taking rank 1 of every query and direction before any
     rank 2, so that capping drops the tail of every list rather than whole queries.
@@ -127,29 +183,77 @@ def _heatmap_keys(report: InfluenceReport, key_prefix: str) -> dict[tuple[int, s
     return keys
 
 
-def report_table_rows(report: InfluenceReport, heatmap_keys: dict[tuple[int, str, int], str] | None = None) -> list[list]:
-    """Rows of the top-influences table, in :data:`TABLE_COLUMNS` order: every listed example
-    of every query, positive list first. Layer scores and shares are JSON strings (``""``
-    when absent) so the column set does not depend on the layers."""
+def report_table_rows(
+    report: InfluenceReport,
+    heatmap_keys: dict[tuple[int, str, int], str] | None = None,
+    max_layer_columns: int = DEFAULT_MAX_LAYER_COLUMNS,
+) -> list[list]:
+    """Rows of the top-influences table, in :func:`report_table_columns` order: every listed
+    example of every query, positive list first. Numbers stay numbers (``None`` where
+    unknown) so that W&B can sort and filter them; a ``layer:<name>`` cell is that layer's
+    (or group's) contribution to the score."""
     heatmap_keys = heatmap_keys or {}
+    names = _report_layer_names(report)
+    short = short_layer_names(names)
+    groups = layer_columns(names, max_layer_columns)
     rows = []
     for qi, q, direction, e in report.iter_entries():
-        shares = _shares(e.layer_scores)
+        ls = e.layer_scores or {}
+        shares = _shares(ls) or {}
+        top_layer, top_share = None, None
+        if shares:
+            top = max(shares, key=lambda n: shares[n])
+            top_layer, top_share = short[names.index(top)], float(shares[top])
+        group_cells = [
+            float(math.fsum(ls[names[i]] for i in idx if names[i] in ls)) if ls else None for idx in groups.values()
+        ]
         rows.append(
             [
                 q.query_id,
-                q.query_text,
+                marked_query_text(q),
+                q.prompt,
+                q.completion,
                 direction,
                 int(e.rank),
                 int(e.train_index),
                 float(e.score),
-                json.dumps(e.layer_scores) if e.layer_scores else "",
-                json.dumps(shares) if shares else "",
+                e.share,
+                e.z_score,
+                top_layer,
+                top_share,
                 e.text if e.text is not None else "",
                 heatmap_keys.get((qi, direction, e.rank), ""),
             ]
+            + group_cells
         )
     return rows
+
+
+def layer_contribution_rows(report: InfluenceReport, max_layer_columns: int = DEFAULT_MAX_LAYER_COLUMNS) -> list[list]:
+    """Rows of the long-format ``layer_contributions`` table (:data:`LAYER_TABLE_COLUMNS`): one
+    per (query, listed example, layer), with the layer's short name, the group it is summed
+    into in ``top_influences``, its contribution and its share of the example's ``|score|``."""
+    names = _report_layer_names(report)
+    short = short_layer_names(names)
+    group_of = {names[i]: g for g, idx in layer_columns(names, max_layer_columns).items() for i in idx}
+    rows = []
+    for _qi, q, direction, e in report.iter_entries():
+        shares = _shares(e.layer_scores) or {}
+        for name, value in (e.layer_scores or {}).items():
+            li = names.index(name)
+            rows.append([q.query_id, direction, int(e.rank), int(e.train_index), short[li], group_of[name],
+                         float(value), float(shares[name]), name])
+    return rows
+
+
+def query_summary_rows(report: InfluenceReport) -> list[list]:
+    """Rows of the per-query ``queries`` table (:data:`QUERY_TABLE_COLUMNS`): how many scores
+    are positive and negative, and how many examples each list shows."""
+    return [
+        [q.query_id, marked_query_text(q), q.prompt, q.completion, q.num_scored, q.num_positive, q.num_negative,
+         len(q.top_positive), len(q.top_negative), q.sum_abs]
+        for q in report.queries
+    ]
 
 
 def log_report(
@@ -162,6 +266,7 @@ def log_report(
     log_plots: bool = True,
     dist_points: int = DEFAULT_DIST_POINTS,
     max_dist_queries: int = DEFAULT_MAX_DIST_QUERIES,
+    max_layer_columns: int = DEFAULT_MAX_LAYER_COLUMNS,
 ) -> dict[str, Any] | None:
     """Log an :class:`~.report.InfluenceReport` to W&B (on global rank zero only).
 
@@ -176,9 +281,11 @@ def log_report(
         log_heatmaps: log one ``wandb.Html`` token heatmap per listed sequence with token scores.
         max_heatmaps: cap on the number of heatmaps (warned about when it applies).
         log_plots: log the magnitude-distribution line plot (needs ``report.scores``) and
-            the per-layer bar chart (needs layer data).
+            the per-layer bar charts (need layer data).
         dist_points: log-spaced points per query in the distribution plot.
         max_dist_queries: queries drawn in the distribution plot.
+        max_layer_columns: with more layers than this, ``top_influences`` sums them into
+            groups (per block and kind, then per kind); ``layer_contributions`` keeps every layer.
 
     Returns:
         The dict passed to ``run.log`` (key -> W&B object), or ``None`` on other ranks.
@@ -208,11 +315,12 @@ def log_report(
             if key is None:
                 continue
             title = f"{report.queries[qi].query_id}: {direction} #{e.rank}, training example {e.train_index}"
-            frag = token_heatmap_html(e.tokens, e.token_scores, e.score, title)
+            frag = token_heatmap_html(e.tokens, e.token_scores, e.score, title, alignment=report.token_alignment)
             payload[key] = _html(wandb, heatmap_document(frag, title))
 
-    rows = report_table_rows(report, heatmap_keys)
     cap = min(int(max_rows), int(getattr(wandb.Table, "MAX_ROWS", max_rows)))
+    qindex = {q.query_id: i for i, q in enumerate(report.queries)}
+    rows = report_table_rows(report, heatmap_keys, max_layer_columns)
     if len(rows) > cap:
         log.warning(
             "influence table has %d rows; logging only %d (W&B table row cap %d), keeping the top ranks of every query",
@@ -220,10 +328,20 @@ def log_report(
             max(cap, 0),
             cap,
         )
-        qindex = {q.query_id: i for i, q in enumerate(report.queries)}
-        keyed = [(qindex[r[0]], r[2], r[3], r) for r in rows]
+        keyed = [(qindex[r[0]], r[4], r[5], r) for r in rows]
         rows = [t[3] for t in _cap_fairly(keyed, max(cap, 0))]
-    payload[f"{key_prefix}/top_influences"] = wandb.Table(columns=list(TABLE_COLUMNS), data=rows)
+    payload[f"{key_prefix}/top_influences"] = wandb.Table(
+        columns=report_table_columns(report, max_layer_columns), data=rows
+    )
+    payload[f"{key_prefix}/queries"] = wandb.Table(columns=list(QUERY_TABLE_COLUMNS), data=query_summary_rows(report))
+    long_rows = layer_contribution_rows(report, max_layer_columns)
+    if long_rows:
+        if len(long_rows) > cap:
+            log.warning("layer_contributions table has %d rows; logging only %d (W&B table row cap %d)",
+                        len(long_rows), max(cap, 0), cap)
+            keyed = [(qindex[r[0]], r[1], r[2], r) for r in long_rows]
+            long_rows = [t[3] for t in _cap_fairly(keyed, max(cap, 0))]
+        payload[f"{key_prefix}/layer_contributions"] = wandb.Table(columns=list(LAYER_TABLE_COLUMNS), data=long_rows)
 
     if log_plots:
         dist = _distribution_table(report, dist_points, max_dist_queries, cap)
@@ -237,10 +355,21 @@ def log_report(
             )
         totals = _layer_totals(report)
         if totals:
-            bar = wandb.Table(columns=["layer", "share"], data=[[k, float(v)] for k, v in totals.items()])
+            names = list(totals)
+            short = short_layer_names(names)
+            bar = wandb.Table(columns=["layer", "share"], data=[[s, float(totals[n])] for s, n in zip(short, names)])
             payload[f"{key_prefix}/layer_shares"] = wandb.plot.bar(
                 bar, "layer", "share", title="Share of |influence| per layer"
             )
+            groups = layer_columns(names, max_layer_columns)
+            if len(groups) < len(names):
+                data = [[g, float(math.fsum(totals[names[i]] for i in idx))] for g, idx in groups.items()]
+                payload[f"{key_prefix}/layer_group_shares"] = wandb.plot.bar(
+                    wandb.Table(columns=["layer_group", "share"], data=data),
+                    "layer_group",
+                    "share",
+                    title="Share of |influence| per layer group",
+                )
 
     run.log(payload)
     return payload
