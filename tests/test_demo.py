@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_html_report_shows_queries_and_tokens(demo):
     page = result.report_html.read_text(encoding="utf-8")
     for q in result.queries:
         assert q.query_id in page
-        assert html.escape(q.text) in page or q.text in page
+        assert html.escape(q.text) in re.sub(r"<[^>]+>", "", page)  # the text, split at the completion by markup
     # Token heatmaps of the listed training sequences: the queried names appear as tokens.
     name = result.queries[0].text.split()[0]
     assert name in page
@@ -59,7 +60,7 @@ def test_wandb_offline_run_holds_the_table(demo):
     tables = list(run_dir.glob("files/media/table/influence/top_influences_*.table.json"))
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
-    assert table["columns"] == TABLE_COLUMNS
+    assert table["columns"][:len(TABLE_COLUMNS)] == TABLE_COLUMNS  # then one numeric column per layer
     report = json.loads(result.report_json.read_text())
     expected = [(q["query_id"], d, e["rank"], e["train_index"]) for q in report["queries"]
                 for d in ("positive", "negative") for e in q[f"top_{d}"]]

@@ -617,7 +617,7 @@ def _run_demo(out: Path, num_sequences: int, epochs: int, strategy: str, seed: i
     model.cpu().eval()
     t = time.perf_counter()
     query_set = QuerySet(dm.query_dataloader(queries), [q["query_id"] for q in queries],
-                         [query_text(q) for q in queries])
+                         [query_text(q) for q in queries], [len(q["prompt"].rstrip()) for q in queries])
     scores, _report = run_queries(model, task, callback.factors, query_set, dm.train_dataloader(shuffle=False), out,
                                   tokenizer=tokenizer, top_k=top_k, wandb_run=logger,
                                   title=f"Influence report: tiny GPT-2 on planted facts ({strategy})",

@@ -22,7 +22,7 @@ from lightning_influence.factors import InfluenceFactors
 from lightning_influence.files import atomic_write_json
 from lightning_influence.loaders import dist_info
 from lightning_influence.integration.module import InfluenceModule
-from lightning_influence.tasks import Task
+from lightning_influence.tasks import CausalLMTask, Task
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class QuerySet:
     loader: Any
     ids: list[str]
     texts: list[str]
+    prompt_lengths: list[int | None] | None = None  # characters of each text that are the prompt
 
 
 def _find_tokenizer(*holders: Any):
@@ -183,7 +184,8 @@ def run_queries(
 
     report = build_report(scores, queries.ids, queries.texts, train_texts=_train_text_fn(dataset, tokenizer),
                           k=top_k, layer_scores=layer_scores, layer_names=list(module.scorer().layer_names),
-                          token_scores_fn=token_scores, strategy=factors.strategy)
+                          token_scores_fn=token_scores, strategy=factors.strategy, prompt_lengths=queries.prompt_lengths,
+                          token_alignment="next" if isinstance(task, CausalLMTask) else "input")
     out = Path(output_dir)
     # Prepared once: the stored query gradients can be scored later against any training shard.
     module.save_queries(out / "queries", [{"query_id": i, "text": t} for i, t in zip(queries.ids, queries.texts)])

@@ -228,7 +228,8 @@ h3 { font-size: 1em; margin: 0.9em 0 0.2em 0; }
 .legend li { margin: 0.2em 0; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; vertical-align: middle; border-radius: 2px; }
 .gradient { display: inline-block; width: 110px; height: 0.9em; vertical-align: middle; border: 1px solid #999; }
-.overview { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }
+.overview { display: flex; flex-wrap: wrap; gap: 2.5em; align-items: flex-start; }
+.distribution { max-width: 720px; }
 section.query { border-top: 2px solid #cbd5e1; margin-top: 1.8em; padding-top: 0.3em; }
 .query-text { white-space: pre-wrap; word-break: break-word; font-family: monospace; font-size: 1.05em;
               background: #f6f6f6; padding: 0.5em; border-radius: 4px; }
