@@ -42,9 +42,9 @@ def _apt_install() -> str | None:
 @functools.lru_cache(maxsize=1)  # once per session: apt-get is slow, and its answer does not change
 def chromium_or_reason() -> tuple[str, str] | str:
     """``(chromium path, chromedriver path)``, or the reason they cannot be had."""
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed (pip install -e '.[test]')"
     browser, driver = _binaries()
     if browser is None or driver is None:

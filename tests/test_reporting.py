@@ -160,12 +160,19 @@ def _check_wandb_output(run_dir: Path, report: InfluenceReport) -> None:
     assert 0 < len(with_tokens) < len(expected)
     assert len(html_files) == len(with_tokens)
     keys = {r["heatmap_key"] for r in rows if r["heatmap_key"]}
-    for _q, direction, e in with_tokens:
-        key = next(k for k in keys if k.endswith(f"/{direction}_{e.rank:03d}_train{e.train_index}"))
+    key_of = {(r["query_id"], r["direction"], r["rank"]): r["heatmap_key"] for r in rows if r["heatmap_key"]}
+    assert set(key_of.values()) == keys
+    for q, direction, e in with_tokens:
+        key = key_of[(q.query_id, direction, e.rank)]
+        assert key.endswith(f"/{direction}_{e.rank:03d}_train{e.train_index}")
         (path,) = [p for p in html_files if str(p.relative_to(html_dir)).startswith(key + "_")]
         text = path.read_text()
         for tok in e.tokens:
             assert html.escape(tok) in text
+        # the panel says which query it belongs to, with the completion marked
+        n = PROMPT_LENGTHS[QUERY_IDS.index(q.query_id)]
+        qtext = q.query_text if n is None else f"{q.query_text[:n]}\u27e6{q.query_text[n:]}\u27e7"
+        assert f"query: {html.escape(qtext)}</div>" in text
         assert "<script>" not in text and "&lt;script&gt;" in text
         assert "http" not in text  # self-contained: no injected stylesheet link
 

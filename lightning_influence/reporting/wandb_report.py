@@ -28,6 +28,7 @@ The plots are W&B custom charts over Tables, so no plotting library is needed.
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import os
@@ -316,6 +317,9 @@ def log_report(
                 continue
             title = f"{report.queries[qi].query_id}: {direction} #{e.rank}, training example {e.train_index}"
             frag = token_heatmap_html(e.tokens, e.token_scores, e.score, title, alignment=report.token_alignment)
+            # A panel is seen alone in W&B: say which query it is about, completion marked.
+            query = html.escape(marked_query_text(report.queries[qi]))
+            frag = f'<div style="font-family:sans-serif;font-size:0.9em;color:#333;">query: {query}</div>{frag}'
             payload[key] = _html(wandb, heatmap_document(frag, title))
 
     cap = min(int(max_rows), int(getattr(wandb.Table, "MAX_ROWS", max_rows)))
