@@ -250,6 +250,7 @@ td.text { width: 100%; }
 .ltop { font-size: 0.8em; color: #555; white-space: nowrap; }
 .share-bar { display: inline-block; height: 0.9em; vertical-align: middle; }
 nav ol { columns: 3; font-size: 0.9em; }
+.layer-shares td { vertical-align: middle; }
 svg text { font-size: 11px; font-family: sans-serif; fill: #333; }
 """
 
