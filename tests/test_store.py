@@ -340,6 +340,8 @@ def test_shard_writer_refuses_another_identity_by_default(tmp_path):
     with pytest.raises(TopKError, match="other queries, factors or data.*queries: \"aaa\" saved") as err:
         ScoreShardWriter(tmp_path, shard_size=8, topk=3, identity={"queries": "bbb", "data": {"length": 20}})
     assert list(err.value.differences) == ["queries"]
+    unchecked = ScoreShardWriter(tmp_path, shard_size=8, topk=3)  # identity=None: continue whatever is there
+    assert unchecked.resume_from() == 8 and unchecked.identity == {"queries": "aaa", "data": {"length": 20}}
     resumed = ScoreShardWriter(tmp_path, shard_size=8, topk=3, identity={"queries": "aaa", "data": {"length": 20}})
     assert resumed.resume_from() == 8
     resumed.write(scores[:, 8:], start=8)

@@ -191,7 +191,9 @@ class ScoreShardWriter:
             written and saved with it (so top-k and shards always agree after a resume).
         metadata: JSON-serialisable information for the manifest (query ids, the factors' path...).
         identity: what the scores are computed from (JSON: the query gradients', factors' and
-            training data's fingerprints...), saved in the bundle and compared on resume.
+            training data's fingerprints, see :func:`scores_identity`), saved in the bundle and
+            compared on resume; ``None`` continues the run on disk whatever its identity (only
+            its shard size, query count and ``topk`` are checked).
         on_mismatch: what to do when the directory holds a run of another identity, shard size,
             query count or ``topk``: ``"raise"`` (default, a :class:`TopKError` naming what
             differs) or ``"restart"`` (warn naming what differs, discard it and start over).
@@ -222,7 +224,7 @@ class ScoreShardWriter:
         self.num_queries = num_queries
         self.k = topk
         self.metadata = dict(metadata or {})
-        self.identity = dict(identity or {})
+        self.identity = None if identity is None else dict(identity)
         self.topk: StreamingTopK | None = None
         self.shards: list[dict[str, Any]] = []
         self.completed = False
@@ -274,7 +276,7 @@ class ScoreShardWriter:
         if manifest.get("topk") != self.k:
             return TopKError(f"{where} were written with topk={manifest.get('topk')}, not {self.k}; "
                              f"resume with topk={manifest.get('topk')} or write to a new directory")
-        diffs = identity_differences(bundle.identity, self.identity)
+        diffs = identity_differences(bundle.identity, self.identity) if self.identity is not None else {}
         if diffs:
             return TopKError(f"{where} were computed from other queries, factors or data "
                              f"({describe_differences(diffs)}); write to a new directory", differences=diffs)
@@ -291,6 +293,8 @@ class ScoreShardWriter:
         self.dtype = getattr(torch, manifest["dtype"]) if manifest.get("dtype") else None
         if not self.metadata:
             self.metadata = dict(manifest.get("metadata") or {})
+        if self.identity is None:
+            self.identity = dict(bundle.identity)
         self._topk_file = manifest.get("topk_file")
         if self.k is not None and self.num_queries is not None:
             self.topk = StreamingTopK(self.num_queries, self.k)
