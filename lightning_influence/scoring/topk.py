@@ -35,7 +35,7 @@ from lightning_influence.store import (BundleFormat, describe_differences, ident
 
 __all__ = ["StreamingTopK", "ScoreShardWriter", "read_scores", "read_score_manifest", "scores_identity"]
 
-FORMAT_NAME = "lightning-influence-score-shards"  # 2: was "lightning-influence-scores", shared with save_scores
+FORMAT_NAME = "lightning-influence-score-shards"  # version 1 was "lightning-influence-scores" (shared with save_scores)
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _SHARD = "scores-{:05d}.safetensors"
