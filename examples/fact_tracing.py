@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
         print(format_query_table(o, dm.corpus.texts))
     print("=" * TABLE_WIDTH)
     print(format_summary(outcomes))
-    print(f"\nScores: {out / 'scores.safetensors'}   HTML report: {out / 'report.html'}")
+    print(f"\nScores: {out / 'scores.json'}   HTML report: {out / 'report.html'}")
     if logger:
         logger.experiment.finish()
     fwd = [o.recall for o in outcomes if not o.reversed and o.recall is not None]

@@ -37,14 +37,14 @@ InfluenceCallback attached (it fits EK-FAC factors at the end of training), then
 the demo questions: for each question it prints the 5 most helpful training sequences,
 whether they state the asked fact, and recall@10 next to a TF-IDF word-matching baseline.
 
-Everything is written to --output-dir: factors/, scores.safetensors, report.html (open it
+Everything is written to --output-dir: factors/, scores.json (+ its tensor file), report.html (open it
 in a browser), report.json, a W&B run in offline mode under wandb/ (upload it later with
 `wandb sync`), and the model, tokenizer, training texts and queries for `score`.
 """
 
 _SCORE_DESCRIPTION = """\
 Score training sequences against questions with a model and influence factors saved
-earlier (for example by `lightning-influence demo`). Writes scores.safetensors,
+earlier (for example by `lightning-influence demo`). Writes scores.json (+ its tensor file),
 report.json and report.html to --output-dir and prints the most influential training
 sequences per question.
 
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the training sequences, in training order: one text per line, or JSONL with a "
                             "\"text\" key (e.g. demo_output/train.jsonl)")
     score.add_argument("--output-dir", default="influence_scores", metavar="DIR",
-                       help="where scores.safetensors and the reports go (default: %(default)s)")
+                       help="where the scores (scores.json) and the reports go (default: %(default)s)")
     score.add_argument("--top-k", type=int, default=10, metavar="K",
                        help="training sequences listed per question in the reports (default: %(default)s)")
     score.add_argument("--query-rank", type=int, default=None, metavar="R",
@@ -238,7 +238,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         print("=" * TABLE_WIDTH)
         print(format_summary(outcomes))
     out = Path(args.output_dir)
-    print(f"\nInfluence scores: {out / 'scores.safetensors'}\nHTML report:      {out / 'report.html'}")
+    print(f"\nInfluence scores: {out / 'scores.json'}\nHTML report:      {out / 'report.html'}")
     return 0
 
 

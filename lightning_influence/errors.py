@@ -32,7 +32,15 @@ class TaskInputError(InfluenceError):
 
 
 class StoreError(InfluenceError):
-    """A saved bundle that is missing, corrupt, from another version, or from another run."""
+    """A saved bundle that is missing, corrupt, from another version, or from another run.
+
+    ``differences`` is ``{key: (saved, expected)}`` when the bundle is intact but its identity
+    differs from the one expected (empty otherwise), so that callers can decide to recompute.
+    """
+
+    def __init__(self, message: str = "", differences: dict | None = None):
+        super().__init__(message)
+        self.differences = dict(differences or {})
 
 
 class FactorsError(StoreError):

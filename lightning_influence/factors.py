@@ -11,22 +11,21 @@ Strategies (``../shared/ekfac-reference.md``, sections 2-4):
 Every statistic is stored as a float64 sum plus a count, so that it reduces across
 ranks with one all-reduce and a run can resume after each phase.
 
-Files: ``<dir>/manifest.json`` names the tensor file it goes with (``factors-<id>.safetensors``);
-a save writes the new tensor file first and then atomically replaces the manifest, so a
-process killed mid-save leaves the previous pair loadable.
+Files: one bundle of the persistence layer (``store.py``): ``<dir>/manifest.json`` names the
+tensor file it goes with (``factors-<id>.safetensors``), its checksum, and the factors'
+identity (the weights, data and options they were fitted from); a save writes the new tensor
+file first and then atomically replaces the manifest, so a process killed mid-save leaves the
+previous pair loadable.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from lightning_influence.files import atomic_write_json, ensure_writable_dir, fsync_file, read_manifest, sha256_file
-from lightning_influence import __version__
+from lightning_influence.store import BundleFormat, new_tensor_name, read_bundle, write_bundle
 from lightning_influence.capture import TrackedLayer
 from lightning_influence.errors import FactorsError
 
@@ -35,8 +34,13 @@ __all__ = ["InfluenceFactors", "STRATEGIES", "FISHER_TYPES", "PHASES_BY_STRATEGY
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHER_TYPES = ("sampled", "empirical")
 FORMAT_NAME = "lightning-influence-factors"
-FORMAT_VERSION = 1
-_MANIFEST_KEYS = ("tensor_file", "sha256", "strategy", "fisher", "damping", "damping_factor", "phase", "modules")
+FORMAT_VERSION = 2  # 2: the store's bundle layout (files, identity)
+_MANIFEST_KEYS = ("tensor_file", "strategy", "fisher", "damping", "damping_factor", "phase", "modules")
+FACTORS_FORMAT = BundleFormat(
+    FORMAT_NAME, FORMAT_VERSION, FactorsError, "factors", prefix="factors",
+    make="Fit them first (InfluenceCallback or fit_factors) or point to the callback's output_dir.",
+    redo="refit the factors", dir_what="output directory", dir_fix="choose another output_dir",
+)
 
 # The phases each strategy goes through; the last one is "complete".
 PHASES_BY_STRATEGY = {
@@ -229,10 +233,9 @@ class InfluenceFactors:
 
     # -------------------------------------------------------- persistence
     def manifest(self) -> dict:
+        """The factors' own manifest fields (the store adds format, version, files and identity)."""
+        metadata = {k: v for k, v in self.metadata.items() if k != "identity"}
         return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "library_version": __version__,
             "strategy": self.strategy,
             "fisher": self.fisher,
             "damping": self.damping,
@@ -245,73 +248,43 @@ class InfluenceFactors:
             "counts": {
                 n: {k: float(v) for k, v in t.items() if k.endswith("_count")} for n, t in self.tensors.items()
             },
-            "metadata": self.metadata,
+            "metadata": metadata,
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``manifest.json`` and a safetensors file into ``directory`` (created if needed).
+        """Write the factors as one bundle into ``directory`` (created if needed).
 
-        The previous save in the same directory stays loadable until the new manifest is in place.
+        The bundle's identity is ``metadata["identity"]`` (what the factors were fitted from:
+        weights, data, options; see ``passes.fit_identity``). The previous save in the same
+        directory stays loadable until the new manifest is in place.
         """
         directory = Path(directory)
-        ensure_writable_dir(directory, FactorsError, "output directory", "choose another output_dir")
         flat = {
-            f"{name}::{key}": value.detach().to("cpu").contiguous()
+            f"{name}::{key}": value
             for name, t in self.tensors.items()
             for key, value in t.items()
         }
-        tensor_file = f"factors-{uuid.uuid4().hex[:12]}.safetensors"
-        tmp = directory / (tensor_file + ".tmp")
-        try:
-            save_file(flat, str(tmp), metadata={"format": FORMAT_NAME})
-            fsync_file(tmp)
-            os.replace(tmp, directory / tensor_file)
-            manifest = self.manifest()
-            manifest["tensor_file"] = tensor_file
-            manifest["sha256"] = sha256_file(directory / tensor_file)
-            atomic_write_json(directory / "manifest.json", manifest)
-        except BaseException:
-            # The manifest still names the previous tensor file: drop only what this save wrote.
-            for leftover in (tmp, directory / tensor_file):
-                try:
-                    leftover.unlink()
-                except OSError:
-                    pass
-            raise
-        # The previous save's tensor file, and any left behind by a save that was killed mid-way.
-        for stale in directory.glob("factors-*.safetensors*"):
-            if stale.name != tensor_file:
-                try:
-                    stale.unlink()
-                except FileNotFoundError:
-                    pass
+        tensor_file = new_tensor_name(FACTORS_FORMAT)
+        write_bundle(FACTORS_FORMAT, directory, {**self.manifest(), "tensor_file": tensor_file},
+                     identity=self.metadata.get("identity"), tensors={tensor_file: flat})
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "InfluenceFactors":
-        """Load factors saved by :meth:`save`, verifying the format, version and checksum."""
-        directory = Path(directory)
-        manifest_path = directory / "manifest.json"
-        manifest = read_manifest(manifest_path, FactorsError, FORMAT_NAME, FORMAT_VERSION, "factors",
-                                 missing="Fit them first (InfluenceCallback or fit_factors) or point to the "
-                                         "callback's output_dir.",
-                                 redo="refit the factors")
+    def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu",
+             identity: dict | None = None) -> "InfluenceFactors":
+        """Load factors saved by :meth:`save`, verifying the format, version and checksum.
+
+        With ``identity``, the saved identity must equal it (checked before any tensor is read);
+        otherwise a :class:`FactorsError` whose ``differences`` name what differs is raised.
+        """
+        bundle = read_bundle(FACTORS_FORMAT, directory)
+        manifest, manifest_path = bundle.manifest, bundle.manifest_path
         missing = [k for k in _MANIFEST_KEYS if k not in manifest]
-        tensor_file = manifest.get("tensor_file")
-        if missing or not isinstance(tensor_file, str) or Path(tensor_file).name != tensor_file or not tensor_file:
-            raise FactorsError(
-                f"{manifest_path} is corrupt (missing or invalid entries: {missing or ['tensor_file']}); "
-                "refit the factors"
-            )
-        tensor_path = directory / tensor_file
-        if not tensor_path.is_file():
-            raise FactorsError(f"{tensor_path} named by {manifest_path} is missing; refit the factors")
-        if sha256_file(tensor_path) != manifest.get("sha256"):
-            raise FactorsError(f"{tensor_path} does not match its checksum (truncated or corrupt); refit the factors")
-        try:
-            flat = load_file(str(tensor_path), device=str(map_location))
-        except Exception as err:  # safetensors raises its own error types
-            raise FactorsError(f"{tensor_path} could not be read ({err}); refit the factors") from None
+        if missing:
+            raise FactorsError(f"{manifest_path} is corrupt (missing entries: {missing}); refit the factors")
+        if identity is not None:
+            bundle.check_identity(identity, "were fitted from other weights, data or options")
+        flat = bundle.tensors(manifest["tensor_file"], device=map_location)
         try:
             layers = {
                 n: TrackedLayer(n, m["kind"], int(m["d_out"]), int(m["d_in"]), bool(m["has_bias"]))
@@ -323,8 +296,12 @@ class InfluenceFactors:
         for key, value in flat.items():
             name, _, stat = key.rpartition("::")
             if name not in tensors:
-                raise FactorsError(f"{tensor_path} holds tensors of module '{name}' absent from the manifest")
+                raise FactorsError(f"{manifest['tensor_file']} holds tensors of module '{name}' absent from the "
+                                   "manifest; refit the factors")
             tensors[name][stat] = value
+        metadata = dict(manifest.get("metadata") or {})
+        if bundle.identity:
+            metadata["identity"] = bundle.identity
         return cls(
             manifest["strategy"],
             layers,
@@ -333,7 +310,7 @@ class InfluenceFactors:
             damping_factor=manifest["damping_factor"],
             tensors=tensors,
             phase=manifest["phase"],
-            metadata=manifest.get("metadata"),
+            metadata=metadata,
         )
 
     def with_damping(self, damping: float | None, damping_factor: float | None = None) -> "InfluenceFactors":

@@ -9,6 +9,7 @@ gives the global statistics (``../shared/ekfac-reference.md``, section 5).
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Iterable
 
@@ -25,9 +26,10 @@ from lightning_influence.capture import LayerCapture, TrackedLayer, find_tracked
 log = logging.getLogger(__name__)
 from lightning_influence.capture import masked_tokens, model_mode, per_example_gradients, token_count
 from lightning_influence.tasks import checked_loss
+from lightning_influence.store import data_fingerprint, describe_differences, identity_differences, weights_fingerprint
 
 __all__ = [
-    "SumStatistics", "fit_factors", "run_phase", "remaining_phases",
+    "SumStatistics", "fit_factors", "fit_identity", "run_phase", "remaining_phases",
 ]
 
 
@@ -252,6 +254,22 @@ def _check_resumable(factors: InfluenceFactors, model: nn.Module) -> None:
     factors.check_model(find_tracked_layers(model, list(factors.layers)))
 
 
+def fit_identity(model: nn.Module, batches: Any, layers: Iterable[str], strategy: str, fisher: str,
+                 max_batches: int | None, max_examples: int | None, seed: int, stats_dtype: torch.dtype,
+                 dtype: torch.dtype) -> dict:
+    """What a factor fit depends on, as saved in the factors' bundle and compared on resume:
+    the model's weights, the data, and every option that changes the statistics."""
+    return {
+        "weights": weights_fingerprint(model),
+        "data": data_fingerprint(batches),
+        "options": {
+            "strategy": strategy, "fisher": fisher, "modules": sorted(layers),
+            "max_batches": max_batches, "max_examples": max_examples, "seed": seed,
+            "stats_dtype": str(stats_dtype).removeprefix("torch."), "capture_dtype": str(dtype).removeprefix("torch."),
+        },
+    }
+
+
 def fit_factors(
     model: nn.Module,
     task: Task,
@@ -278,15 +296,35 @@ def fit_factors(
     passing partially fitted ``factors`` resumes after their last completed phase.
     ``stats_dtype`` keeps the statistics in float64 (default) or float32 (half the memory and
     file size; eigendecompositions stay float64).
+
+    Partial ``factors`` are resumed only when they were fitted from the same weights, data and
+    options (their ``metadata["identity"]``, see :func:`fit_identity`); otherwise the fit starts
+    over, with a warning naming what differed.
     """
     check_strategy(strategy)
     check_fisher(fisher)
     check_stats_dtype(stats_dtype)
     if factors is None:
         layers = find_tracked_layers(model, modules, module_types)
-        factors = InfluenceFactors(strategy, layers, fisher=fisher, damping=damping, damping_factor=damping_factor)
+        factors = InfluenceFactors(strategy, layers, fisher=fisher, damping=damping, damping_factor=damping_factor,
+                                   metadata={"identity": fit_identity(model, batches, layers, strategy, fisher,
+                                                                      max_batches, max_examples, seed,
+                                                                      stats_dtype, dtype)})
     else:
         _check_resumable(factors, model)
+        # Resuming continues the factors' own strategy, fisher and modules; the rest must match.
+        identity = fit_identity(model, batches, factors.layers, factors.strategy, factors.fisher, max_batches,
+                                max_examples, seed, stats_dtype, dtype)
+        saved = factors.metadata.get("identity")
+        diffs = identity_differences(saved, identity) if saved is not None else {}
+        if diffs and not factors.is_complete:
+            warnings.warn(f"[lightning-influence] not resuming the factors passed: they were fitted from other "
+                          f"weights, data or options ({describe_differences(diffs)}); fitting from scratch")
+            factors = InfluenceFactors(factors.strategy, factors.layers, fisher=factors.fisher,
+                                       damping=factors.damping, damping_factor=factors.damping_factor,
+                                       metadata={**factors.metadata, "identity": identity})
+        elif saved is None and not factors.is_complete:
+            factors.metadata["identity"] = identity
     for phase in remaining_phases(factors):
         run_phase(phase, factors, model, task, batches, device=device, dtype=dtype,
                   max_batches=max_batches, max_examples=max_examples, seed=seed, stats_dtype=stats_dtype)

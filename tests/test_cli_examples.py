@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from lightning_influence.integration.pipeline import load_scores
 
 from lightning_influence.cli import main, read_train_texts
 from lightning_influence.reporting import TABLE_COLUMNS
@@ -86,7 +86,7 @@ def test_cli_demo_then_score(tmp_path, capsys):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "recall@10" in run.stdout and "W&B offline run:" in run.stdout
     assert not (tmp_path / "wandb").exists()  # W&B wrote into --output-dir only
-    demo_scores = load_file(str(demo_dir / "scores.safetensors"))["scores"]
+    demo_scores = load_scores(demo_dir).scores
 
     # The Lightning checkpoint (loaded with weights_only=True) gives the demo's scores back.
     out = tmp_path / "rescored"
@@ -97,7 +97,7 @@ def test_cli_demo_then_score(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "states fact?" in printed and "recall@10" in printed and "TF-IDF" in printed
-    scores = load_file(str(out / "scores.safetensors"))["scores"]
+    scores = load_scores(out).scores
     torch.testing.assert_close(scores, demo_scores, rtol=1e-4, atol=1e-3)
     report = json.loads((out / "report.json").read_text())
     assert [len(q["top_positive"]) for q in report["queries"]] == [5] * 6
@@ -113,7 +113,7 @@ def test_cli_demo_then_score(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "Query q0_occupation" in printed
-    assert load_file(str(out2 / "scores.safetensors"))["scores"].shape == (6, 300)
+    assert load_scores(out2).scores.shape == (6, 300)
     assert json.loads((out2 / "scores.json").read_text())["query_rank"] == 4
 
 
@@ -134,7 +134,7 @@ def test_lightning_cli_with_queries_config(tmp_path):
     assert manifest["strategy"] == "ekfac"
     assert manifest["phase"] == "complete"
     assert all(".transformer.h." in name for name in manifest["modules"])
-    assert load_file(str(out / "scores.safetensors"))["scores"].shape == (6, 200)
+    assert load_scores(out).scores.shape == (6, 200)
     assert "q5_title_reversed" in (out / "report.html").read_text()
     tables = list((tmp_path / "runs").glob("wandb/offline-run-*/files/media/table/influence/top_influences_*.table.json"))
     assert len(tables) == 1
@@ -195,6 +195,6 @@ def test_fact_tracing_quick(tmp_path, capsys, keep_threads):
     tracing = _load_example("fact_tracing")
     result = tracing.main(["--quick", "--no-progress-bar", "--output-dir", str(tmp_path)])
     assert result["mean_recall"] > 0
-    assert (tmp_path / "scores.safetensors").is_file() and (tmp_path / "report.html").is_file()
+    assert (tmp_path / "scores.json").is_file() and (tmp_path / "report.html").is_file()
     printed = capsys.readouterr().out
     assert "states fact?" in printed and "mean (trained order)" in printed

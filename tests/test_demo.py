@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from lightning_influence.integration.pipeline import load_scores
 
 from lightning_influence.demo.driver import (FactsDataModule, TinyGPT2LM, best_rank, recall_at_k, run_demo,
                                              tfidf_scores)
@@ -30,7 +30,7 @@ def demo(tmp_path_factory):
 
 def test_scores_and_factors_are_saved(demo):
     result, _ = demo
-    scores = load_file(str(result.scores_path))["scores"]
+    scores = load_scores(result.output_dir).scores
     assert scores.shape == (6, 300)
     assert torch.isfinite(scores).all()
     assert (result.factors_dir / "manifest.json").is_file()

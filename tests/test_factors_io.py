@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lightning_influence.factors as factors_mod
+from lightning_influence import store
 from lightning_influence import ClassificationTask, InfluenceFactors, InfluenceScorer, fit_factors
 from lightning_influence.errors import FactorsError
 from lightning_influence.passes import run_phase
@@ -176,12 +177,13 @@ def test_corrupt_manifest(saved, content):
 
 @pytest.mark.parametrize("edit", [
     {"tensor_file": "../elsewhere.safetensors"},
+    {"files": {"../elsewhere.safetensors": "0" * 64}},
     {"modules": {"0": {"kind": "linear"}}},
     {"modules": ["0", "2"]},
     {"strategy": "newton"},
     {"damping": -1.0},
     {"phase": "halfway"},
-], ids=["escaping-path", "module-entry", "modules-list", "strategy", "damping", "phase"])
+], ids=["escaping-path", "escaping-file-list", "module-entry", "modules-list", "strategy", "damping", "phase"])
 def test_manifest_with_bad_entries(saved, edit):
     directory, _, manifest = saved
     (directory / "manifest.json").write_text(json.dumps({**manifest, **edit}))
@@ -221,7 +223,7 @@ def test_crash_before_manifest_keeps_previous_factors(tmp_path, monkeypatch):
     def crash(path, payload):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(factors_mod, "atomic_write_json", crash)
+    monkeypatch.setattr(store, "atomic_write_json", crash)
     with pytest.raises(OSError, match="simulated"):
         fitted("ekfac").save(tmp_path)
     assert tensor_files(tmp_path) == before  # the half-done save left nothing behind
@@ -235,7 +237,7 @@ def test_crash_while_writing_tensor_file_keeps_previous_factors(tmp_path, monkey
     def crash(*args, **kwargs):
         raise OSError("killed (simulated)")
 
-    monkeypatch.setattr(factors_mod, "save_file", crash)
+    monkeypatch.setattr(store, "save_file", crash)
     with pytest.raises(OSError, match="simulated"):
         fitted("kfac").save(tmp_path)
     assert len(tensor_files(tmp_path)) == 1

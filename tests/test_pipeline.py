@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from lightning_influence import CausalLMTask, InfluenceModule, fit_factors
-from lightning_influence.integration.pipeline import QuerySet, run_queries
+from lightning_influence.integration.pipeline import QuerySet, load_scores, run_queries
 
 from . import models
 from .test_module_tools import DictRows, collate
@@ -35,8 +34,9 @@ def test_outputs_written_and_consistent(case, tmp_path):
     model, task, factors, tl, qs, full = case
     scores, report = run_queries(model, task, factors, qs, tl, tmp_path, top_k=3)
     torch.testing.assert_close(scores, full.sum(0))
-    saved = load_file(str(tmp_path / "scores.safetensors"))
-    torch.testing.assert_close(saved["scores"], scores)
+    saved = load_scores(tmp_path)
+    torch.testing.assert_close(saved.scores, scores)
+    torch.testing.assert_close(saved.layer_scores, full)
     assert json.loads((tmp_path / "scores.json").read_text())["query_ids"] == ["qa", "qb", "qc"]
     assert (tmp_path / "queries" / "manifest.json").is_file()
     html = (tmp_path / "report.html").read_text()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_influence import ClassificationTask, InfluenceFactors, InfluenceScorer, TrackedLayer, fit_factors
-from lightning_influence.scoring import query_store
+from lightning_influence import store
 from lightning_influence.errors import QueryStoreError
 from lightning_influence.scoring.query_store import factors_fingerprint, load_query_gradients, save_query_gradients
 
@@ -117,7 +117,7 @@ def test_atomic_replacement_and_corruption(case, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(query_store, "atomic_write_json", crash)
+    monkeypatch.setattr(store, "atomic_write_json", crash)
     with pytest.raises(KeyboardInterrupt):
         save_query_gradients(qg, tmp_path, factors, META)
     monkeypatch.undo()

@@ -72,7 +72,7 @@ def test_ties_break_by_lower_index():
 def test_save_load_rebuilds_identical_vectorizer(tmp_path):
     index = TfidfCandidates.fit(TRAIN, ngram_range=(1, 2))
     index.save(tmp_path)
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json", ".safetensors"]  # no pickle
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".safetensors"]  # no pickle
     loaded = TfidfCandidates.load(tmp_path, texts=TRAIN)
     probe = TRAIN + QUERIES + ["unseen words only", "violin violin violin"]
     diff = abs(loaded.vectorizer.transform(probe) - index.vectorizer.transform(probe))
@@ -88,8 +88,9 @@ def test_save_load_rebuilds_identical_vectorizer(tmp_path):
     with pytest.raises(TfidfError, match="does not reproduce"):
         loaded._verify_probes()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    (tmp_path / manifest["vocab_file"]).write_text('{"terms": []}')
-    with pytest.raises(TfidfError, match="missing or corrupt"):
+    tensor_file = tmp_path / manifest["tensor_file"]  # the vocabulary lives in the tensor file
+    tensor_file.write_bytes(tensor_file.read_bytes()[:-4])
+    with pytest.raises(TfidfError, match="checksum"):
         TfidfCandidates.load(tmp_path)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_influence.scoring import topk as topk_module
+from lightning_influence import store
 from lightning_influence.scoring.topk import ScoreShardWriter, StreamingTopK, read_scores
 from lightning_influence.errors import TopKError
 
@@ -123,7 +123,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
 
     if crash_in_flush:  # killed after writing a shard file, before its manifest
         calls = {"n": 0}
-        real = topk_module.atomic_write_json
+        real = store.atomic_write_json
 
         def flaky(path, payload):
             calls["n"] += 1
@@ -131,7 +131,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
                 raise KeyboardInterrupt
             real(path, payload)
 
-        monkeypatch.setattr(topk_module, "atomic_write_json", flaky)
+        monkeypatch.setattr(store, "atomic_write_json", flaky)
         with pytest.raises(KeyboardInterrupt):
             run_writer(tmp_path / "run", full, finish=False)
         monkeypatch.undo()

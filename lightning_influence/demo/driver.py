@@ -638,7 +638,7 @@ def _run_demo(out: Path, num_sequences: int, epochs: int, strategy: str, seed: i
     echo(format_summary(outcomes))
 
     run_dir = _wandb_run_dir(logger)
-    result = DemoResult(output_dir=out, factors_dir=out / "factors", scores_path=out / "scores.safetensors",
+    result = DemoResult(output_dir=out, factors_dir=out / "factors", scores_path=out / "scores.json",
                         report_html=out / "report.html", report_json=out / "report.json", wandb_run_dir=run_dir,
                         checkpoint=ckpt, model_dir=Path(model_dir), tokenizer_dir=tokenizer_dir,
                         train_texts=train_file, queries_file=queries_file, queries=outcomes, timings=timings,

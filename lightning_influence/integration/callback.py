@@ -9,11 +9,10 @@ eigenvalue-correction pass resumes without recomputing the covariances.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import lightning as L
 import torch
@@ -27,7 +26,8 @@ from lightning_influence.factors import InfluenceFactors, check_damping, check_f
 from lightning_influence.loaders import rebuild_loader
 from lightning_influence.progress import length_of, progress_bar
 from lightning_influence.scoring.queries import QUERY_SVD_METHODS
-from lightning_influence.passes import remaining_phases, run_phase
+from lightning_influence.passes import fit_identity, remaining_phases, run_phase
+from lightning_influence.store import describe_differences
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 from lightning_influence.capture import find_tracked_layers
 
@@ -49,17 +49,6 @@ def resolve_task(task: Task | str) -> Task:
     raise MisconfigurationException(
         f"unknown task {task!r}: pass a Task instance or one of {', '.join(TASKS_BY_NAME)}"
     )
-
-
-def weights_fingerprint(model: nn.Module, names: Iterable[str]) -> str:
-    """A cheap fingerprint of the tracked layers' weights, to resume only on the same model state."""
-    h = hashlib.sha256()
-    for name in names:
-        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
-            flat = p.detach().flatten().double()
-            h.update(f"{name}.{pname}:{tuple(p.shape)}:{flat.sum().item():.12e}:{flat.square().sum().item():.12e}:"
-                     f"{flat[:: max(1, flat.numel() // 64)].tolist()}".encode())
-    return h.hexdigest()[:16]
 
 
 class InfluenceCallback(Callback):
@@ -245,8 +234,8 @@ class InfluenceCallback(Callback):
                     dataloader: Any = None, device: torch.device | None = None) -> InfluenceFactors:
         """Run the statistics passes now and return (and save) the factors.
 
-        Resumes from ``output_dir`` when it holds unfinished factors of the same
-        strategy, modules and weights.
+        Resumes from ``output_dir`` when it holds factors fitted from the same weights, data
+        and options (see ``passes.fit_identity``); otherwise refits, saying what differed.
         """
         model = self.network(pl_module)
         loader = self._training_loader(trainer, pl_module, dataloader)
@@ -254,12 +243,13 @@ class InfluenceCallback(Callback):
             layers = find_tracked_layers(model, self.modules, self.module_types)
         except TrackingError as err:
             raise MisconfigurationException(str(err)) from None
-        fingerprint = weights_fingerprint(model, layers)
-        factors = self._resume(layers, fingerprint)
+        identity = fit_identity(model, loader, layers, self.strategy, self.fisher, self.max_batches,
+                                self.max_examples, self.seed, self.stats_dtype, self.dtype)
+        fingerprint = identity["weights"]
+        factors = self._resume(layers, identity)
         if factors is None:
             factors = InfluenceFactors(self.strategy, layers, fisher=self.fisher, damping=self.damping,
-                                       damping_factor=self.damping_factor,
-                                       metadata={"weights_fingerprint": fingerprint})
+                                       damping_factor=self.damping_factor, metadata={"identity": identity})
         pass_loader = rebuild_loader(loader)
         device = device if device is not None else trainer.strategy.root_device
         total = length_of(pass_loader)
@@ -313,18 +303,20 @@ class InfluenceCallback(Callback):
             )
         return loader
 
-    def _resume(self, layers, fingerprint: str) -> InfluenceFactors | None:
+    def _resume(self, layers, identity: dict) -> InfluenceFactors | None:
+        """The factors saved in ``output_dir`` if they were fitted from ``identity``; else ``None``
+        (refit), with a warning naming what differed."""
         if not (self.output_dir / "manifest.json").is_file():
             return None
         try:
-            saved = InfluenceFactors.load(self.output_dir)
+            saved = InfluenceFactors.load(self.output_dir, identity=identity)
             saved.check_model(layers)
         except FactorsError as err:
-            rank_zero_warn(f"[lightning-influence] not resuming from {self.output_dir}: {err}")
-            return None
-        same = (saved.strategy == self.strategy and saved.fisher == self.fisher
-                and saved.metadata.get("weights_fingerprint") == fingerprint)
-        if not same:
+            if err.differences:
+                rank_zero_warn(f"[lightning-influence] refitting the factors: the ones in {self.output_dir} were "
+                               f"fitted from other weights, data or options ({describe_differences(err.differences)})")
+            else:
+                rank_zero_warn(f"[lightning-influence] not resuming from {self.output_dir}: {err}")
             return None
         saved = saved.with_damping(self.damping, self.damping_factor)
         if saved.phase != "none":

@@ -26,7 +26,7 @@ from lightning_influence.scoring.engine import InfluenceScorer
 from lightning_influence.scoring.queries import QueryGradients
 from lightning_influence.tasks import Task
 from lightning_influence.scoring.tfidf import TfidfCandidates, filtered_scores
-from lightning_influence.scoring.topk import ScoreShardWriter, StreamingTopK
+from lightning_influence.scoring.topk import ScoreShardWriter, StreamingTopK, scores_identity
 
 __all__ = ["InfluenceModule"]
 
@@ -195,7 +195,9 @@ class InfluenceModule(L.LightningModule):
 
         Memory stays flat in the number of training examples. With ``scores_dir`` all scores
         are also written in safetensors shards, and an interrupted run resumes from its last
-        completed shard. Returns ``{"positive": (values, indices), "negative": (values, indices)}``,
+        completed shard; a ``scores_dir`` holding scores of other queries, factors, layers, data,
+        ``k`` or ``shard_size`` is started over, with a warning naming what differed.
+        Returns ``{"positive": (values, indices), "negative": (values, indices)}``,
         each ``[Q, k]``, indices into the training dataset.
         """
         queries = self.prepare_queries(query_loader)
@@ -205,7 +207,11 @@ class InfluenceModule(L.LightningModule):
             if world > 1:
                 raise MisconfigurationException("top_k(scores_dir=...) writes shards from one process; under data "
                                                 "parallelism call it without scores_dir (top-k merges across ranks)")
-            writer = ScoreShardWriter(scores_dir, shard_size=shard_size, num_queries=queries.num_queries, topk=k)
+            # Scores of other queries, factors or data in scores_dir are discarded, never continued.
+            writer = ScoreShardWriter(scores_dir, shard_size=shard_size, num_queries=queries.num_queries, topk=k,
+                                      identity=scores_identity(queries, self.factors, scorer.layer_names,
+                                                               train_loader, scorer.dtype),
+                                      on_mismatch="restart")
             if not writer.completed:
                 start = writer.resume_from()
                 if start:

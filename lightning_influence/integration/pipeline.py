@@ -14,19 +14,20 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_influence.factors import InfluenceFactors
-from lightning_influence.files import atomic_write_json
+from lightning_influence.errors import TopKError
+from lightning_influence.store import BundleFormat, new_tensor_name, read_bundle, write_bundle
 from lightning_influence.loaders import dist_info
 from lightning_influence.integration.module import InfluenceModule
 from lightning_influence.tasks import CausalLMTask, Task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuerySet", "load_query_set", "run_queries", "score_and_report", "save_scores"]
+__all__ = ["QuerySet", "load_query_set", "run_queries", "score_and_report", "save_scores", "load_scores",
+           "SavedScores"]
 
 
 @dataclass
@@ -82,23 +83,52 @@ def load_query_set(spec: str, tokenizer=None, batch_size: int = 8) -> QuerySet:
     return QuerySet(loader, dataset.query_ids, texts)
 
 
+RUN_SCORES_FORMAT = BundleFormat(
+    "lightning-influence-run-scores", 1, TopKError, "saved scores", prefix="scores", manifest="scores.json",
+    make="Write them with run_queries (or InfluenceCallback(queries=...)), or save_scores.",
+    redo="rerun the scoring",
+)
+
+
+@dataclass
+class SavedScores:
+    """Scores read back by :func:`load_scores`."""
+
+    scores: torch.Tensor  # [Q, N]
+    layer_scores: torch.Tensor | None  # [L, Q, N]
+    query_ids: list[str]
+    layer_names: list[str]
+    manifest: dict
+
+
 def save_scores(directory: str | Path, scores: torch.Tensor, query_ids: Sequence[str],
                 layer_scores: torch.Tensor | None = None, layer_names: Sequence[str] | None = None,
-                extra: dict | None = None) -> Path:
-    """Write ``scores.safetensors`` (``scores`` [Q, N], optional ``layer_scores`` [L, Q, N]) and ``scores.json``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {"scores": scores.detach().cpu().contiguous()}
+                extra: dict | None = None, identity: dict | None = None) -> Path:
+    """Write the scores ``[Q, N]`` (and ``layer_scores`` ``[L, Q, N]``) as one bundle in ``directory``.
+
+    The manifest is ``scores.json`` (query ids, layer names, ``extra``); it names the tensor file
+    ``scores-<id>.safetensors`` and its checksum; both land atomically as a whole (read them
+    back with :func:`load_scores`). ``identity`` records what the scores were computed from.
+    """
+    tensors = {"scores": scores}
     if layer_scores is not None:
-        tensors["layer_scores"] = layer_scores.detach().cpu().contiguous()
-    tmp = directory / "scores.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(directory / "scores.safetensors")
-    atomic_write_json(directory / "scores.json", {
-        "format": "lightning-influence-scores", "format_version": 1, "query_ids": list(query_ids),
-        "num_train": int(scores.shape[-1]), "layer_names": list(layer_names or []), **(extra or {}),
-    })
-    return directory
+        tensors["layer_scores"] = layer_scores
+    tensor_file = new_tensor_name(RUN_SCORES_FORMAT)
+    write_bundle(RUN_SCORES_FORMAT, directory, {
+        **(extra or {}), "tensor_file": tensor_file, "query_ids": list(query_ids),
+        "num_train": int(scores.shape[-1]), "layer_names": list(layer_names or []),
+    }, identity=identity, tensors={tensor_file: tensors})
+    return Path(directory)
+
+
+def load_scores(directory: str | Path) -> SavedScores:
+    """The scores written by :func:`save_scores` (format, version and checksum checked)."""
+    bundle = read_bundle(RUN_SCORES_FORMAT, directory)
+    t = bundle.tensors(bundle.manifest.get("tensor_file"))
+    if "scores" not in t:
+        raise TopKError(f"{bundle.directory} holds no 'scores' tensor; rerun the scoring")
+    m = bundle.manifest
+    return SavedScores(t["scores"], t.get("layer_scores"), list(m["query_ids"]), list(m["layer_names"]), m)
 
 
 def _train_text_fn(dataset: Any, tokenizer) -> Callable[[int], str | None] | None:
@@ -218,5 +248,5 @@ def score_and_report(callback, trainer, pl_module) -> torch.Tensor:
         from lightning.pytorch.utilities import rank_zero_info
 
         rank_zero_info(f"[lightning-influence] scores for {len(queries.ids)} queries saved to "
-                       f"{callback.output_dir}/scores.safetensors; report: {callback.output_dir}/report.html")
+                       f"{callback.output_dir} (scores.json); report: {callback.output_dir}/report.html")
     return scores

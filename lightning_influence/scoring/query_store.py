@@ -1,12 +1,11 @@
 """Saving and loading preconditioned query gradients, so queries are computed once.
 
-A directory holds ``manifest.json`` and the tensor file it names
-(``query-gradients-<id>.safetensors``). As with the factors, a save writes the new tensor
-file first (temporary name, then ``os.replace``) and replaces the manifest last, so a
-process killed mid-save leaves the previous pair loadable. Nothing is pickled.
+A directory holds one bundle of the persistence layer (``store.py``): ``manifest.json`` and
+the tensor file it names (``query-gradients-<id>.safetensors``), written atomically as a
+whole, so a process killed mid-save leaves the previous pair loadable. Nothing is pickled.
 
 Preconditioned query gradients are only meaningful with the factors that preconditioned
-them (``P_q = (G + lambda I)^-1 grad f(z_q)``), so the manifest records a fingerprint of
+them (``P_q = (G + lambda I)^-1 grad f(z_q)``), so the bundle's identity is a fingerprint of
 those factors (:func:`factors_fingerprint`: strategy, damping, layer shapes and every
 statistic tensor) and loading against other factors is refused.
 
@@ -17,21 +16,17 @@ Tensor keys: ``full::<layer>`` ``[Q, d_out, d_in]`` (full rank), or ``left::<lay
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from lightning_influence.files import (atomic_write_json, ensure_writable_dir, fsync_file, read_json_or_none,
-                                       read_manifest, sha256_file)
-from lightning_influence import __version__
 from lightning_influence.factors import InfluenceFactors
+from lightning_influence.store import (BundleFormat, factors_fingerprint, new_tensor_name, read_bundle,
+                                       tensors_fingerprint, write_bundle)
 from lightning_influence.scoring.queries import QueryGradients
 from lightning_influence.errors import QueryStoreError
 
@@ -39,52 +34,36 @@ __all__ = [ "save_query_gradients",
     "load_query_gradients",
     "read_query_manifest",
     "factors_fingerprint",
+    "query_gradients_fingerprint",
     "FORMAT_NAME",
     "FORMAT_VERSION",
 ]
 
 FORMAT_NAME = "lightning-influence-query-gradients"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the store's bundle layout (files, identity)
 MANIFEST = "manifest.json"
+QUERY_GRADIENTS_FORMAT = BundleFormat(
+    FORMAT_NAME, FORMAT_VERSION, QueryStoreError, "query gradients", prefix="query-gradients",
+    make="Compute them with InfluenceScorer.query_gradients and save them with save_query_gradients.",
+    redo="recompute and save the query gradients",
+)
 
 
 
 # ---------------------------------------------------------------- fingerprint
-def factors_fingerprint(factors: InfluenceFactors) -> str:
-    """A sha256 over everything that decides how the factors precondition a gradient.
+def query_gradients_fingerprint(qg: QueryGradients) -> str:
+    """A sha256 over the layers, representation and every tensor of preconditioned query gradients.
 
-    Covers the strategy, fisher type, phase, the damping actually used per layer, the layer
-    shapes and the bytes of every statistic tensor, so that two factor objects share a
-    fingerprint exactly when they precondition identically (a saved-then-loaded copy does;
-    the same statistics with another damping do not). It reads every tensor once (about the
-    size of the factors' file; a second or so for GPT-2-small-sized factors).
+    Two query sets share it exactly when they score identically (other queries of the same
+    count do not); it goes into the identity of score shards computed from them.
     """
-    h = hashlib.sha256()
-    head = {
-        "strategy": factors.strategy,
-        "fisher": factors.fisher,
-        "phase": factors.phase,
-        "layers": {n: [l.kind, l.d_out, l.d_in, l.has_bias] for n, l in factors.layers.items()},
-        "damping": {n: _float_repr(factors.damping_for(n)) for n in factors.layers} if factors.is_complete else None,
-    }
-    h.update(json.dumps(head, sort_keys=True).encode())
-    for name in factors.layers:
-        for key in sorted(factors.tensors.get(name, {})):
-            t = factors.tensors[name][key].detach().to("cpu").contiguous()
-            h.update(f"|{name}::{key}:{t.dtype}:{tuple(t.shape)}|".encode())
-            h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
-
-def _float_repr(x: float) -> str:
-    return float(x).hex()
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    if t.numel() == 0:
-        return b""
-    # view as bytes without going through numpy (bf16 has no numpy dtype)
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    parts = []
+    for name in qg.layer_names:
+        if qg.low_rank:
+            parts += [(f"left::{name}", qg.left[name]), (f"right::{name}", qg.right[name])]
+        else:
+            parts.append((f"full::{name}", qg.full[name]))
+    return tensors_fingerprint(parts, {"num_queries": qg.num_queries, "rank": qg.rank, "layers": list(qg.layer_names)})
 
 
 # ------------------------------------------------------------------- saving
@@ -138,26 +117,11 @@ def save_query_gradients(
             flat[f"full::{name}"] = qg.full[name]
             info["dtype"] = str(qg.full[name].dtype).removeprefix("torch.")
         layers_info[name] = info
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in flat.items()}
-
-    ensure_writable_dir(directory, QueryStoreError)
-    tensor_file = f"query-gradients-{uuid.uuid4().hex[:12]}.safetensors"
-    tmp = directory / (tensor_file + ".tmp")
-    try:
-        save_file(flat, str(tmp), metadata={"format": FORMAT_NAME})
-        fsync_file(tmp)
-        os.replace(tmp, directory / tensor_file)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
     meta = queries_meta or [{} for _ in range(qg.num_queries)]
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "library_version": __version__,
+    fingerprint = factors_fingerprint(factors)
+    tensor_file = new_tensor_name(QUERY_GRADIENTS_FORMAT)
+    fields = {
         "tensor_file": tensor_file,
-        "sha256": sha256_file(directory / tensor_file),
         "num_queries": qg.num_queries,
         "query_ids": [str(m.get("query_id", m.get("id", f"q{i}"))) for i, m in enumerate(meta)],
         "query_texts": [m.get("text") for m in meta],
@@ -167,20 +131,16 @@ def save_query_gradients(
         "layers": layers_info,
         "layer_names": list(qg.layer_names),
         "factors": {
-            "fingerprint": factors_fingerprint(factors),
+            "fingerprint": fingerprint,
             "strategy": factors.strategy,
             "fisher": factors.fisher,
             "damping": factors.damping,
             "damping_factor": factors.damping_factor,
         },
     }
-    old = read_json_or_none(directory / MANIFEST)
-    atomic_write_json(directory / MANIFEST, manifest)
-    if old and isinstance(old.get("tensor_file"), str) and old["tensor_file"] != tensor_file:
-        try:
-            (directory / old["tensor_file"]).unlink()
-        except (FileNotFoundError, IsADirectoryError):
-            pass
+    # Preconditioned gradients are only meaningful with the factors that preconditioned them.
+    write_bundle(QUERY_GRADIENTS_FORMAT, directory, fields, identity={"factors": fingerprint},
+                 tensors={tensor_file: flat})
     return directory
 
 
@@ -216,12 +176,8 @@ def _check_consistent(qg: QueryGradients, factors: InfluenceFactors) -> None:
 
 # ------------------------------------------------------------------ loading
 def read_query_manifest(directory: str | os.PathLike) -> dict:
-    """The manifest of stored query gradients (checked for format and version)."""
-    return read_manifest(Path(directory) / MANIFEST, QueryStoreError, FORMAT_NAME, FORMAT_VERSION,
-                         "query gradients",
-                         missing="Compute them with InfluenceScorer.query_gradients and save them with "
-                                 "save_query_gradients.",
-                         redo="recompute and save the query gradients")
+    """The manifest of stored query gradients (checked for format, version and its file list)."""
+    return read_bundle(QUERY_GRADIENTS_FORMAT, directory).manifest
 
 
 def load_query_gradients(
@@ -244,7 +200,8 @@ def load_query_gradients(
     Returns ``(query_gradients, manifest)``; ``manifest["queries"]`` holds the ``queries_meta``.
     """
     directory = Path(directory)
-    manifest = read_query_manifest(directory)
+    bundle = read_bundle(QUERY_GRADIENTS_FORMAT, directory)
+    manifest = bundle.manifest
     stored = list(manifest["layer_names"])
     fix = "recompute the query gradients with these factors (InfluenceScorer(...).query_gradients) and save them again"
 
@@ -270,12 +227,13 @@ def load_query_gradients(
                     f"another model; {fix}"
                 )
         fingerprint = factors_fingerprint(factors)
-        if fingerprint != mine["fingerprint"]:
+        if bundle.differences({"factors": fingerprint}):
             raise QueryStoreError(
                 f"the query gradients in '{directory}' were preconditioned with other factors "
                 f"(fingerprint {mine['fingerprint'][:12]}, damping={mine['damping']}) than the ones given "
                 f"(fingerprint {fingerprint[:12]}, damping={factors.damping}): refitted factors or another "
-                f"damping change every preconditioned gradient; {fix}"
+                f"damping change every preconditioned gradient; {fix}",
+                differences=bundle.differences({"factors": fingerprint}),
             )
 
     if layers is None:
@@ -290,17 +248,8 @@ def load_query_gradients(
             )
         selected = [n for n in stored if n in set(layers)]
 
-    tensor_path = directory / manifest["tensor_file"]
-    if not tensor_path.is_file():
-        raise QueryStoreError(f"{tensor_path} named by {directory / MANIFEST} is missing; "
-                              "save the query gradients again")
-    if sha256_file(tensor_path) != manifest.get("sha256"):
-        raise QueryStoreError(f"{tensor_path} does not match its checksum (truncated or corrupt); "
-                              "save the query gradients again")
-    try:
-        flat = load_file(str(tensor_path), device=str(map_location))
-    except Exception as err:  # safetensors raises its own error types
-        raise QueryStoreError(f"{tensor_path} could not be read ({err}); save the query gradients again") from None
+    tensor_path = bundle.require_file(manifest["tensor_file"])
+    flat = bundle.tensors(manifest["tensor_file"], device=map_location)
 
     q = int(manifest["num_queries"])
     low_rank = manifest["representation"] == "low_rank"

@@ -3,9 +3,11 @@
 ``../shared/ekfac-reference.md`` section 5: the paper scores only the top-k training
 sequences most similar to the query under TF-IDF. :class:`TfidfCandidates` is fitted once
 on the training texts (scikit-learn's ``TfidfVectorizer``) and cached next to the factors
-(``<factors_dir>/tfidf/``) without pickle: the vocabulary goes to JSON, the idf weights and
-the training documents' TF-IDF matrix (CSR) to safetensors, and loading rebuilds the
-vectorizer and checks that it transforms the stored probe texts exactly as before.
+(``<factors_dir>/tfidf/``) as one bundle of the persistence layer, without pickle: the
+parameters go to the JSON manifest, the vocabulary, idf weights and the training documents'
+TF-IDF matrix (CSR) to safetensors; the identity is the texts' fingerprint and the parameters.
+Loading rebuilds the vectorizer and checks that it transforms the stored probe texts exactly
+as before.
 
 :func:`filtered_scores` then scores only the union of the candidates, each training example
 once, against the queries that selected it.
@@ -13,21 +15,17 @@ once, against the queries that selected it.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from safetensors.torch import load_file, save_file
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from lightning_influence.files import atomic_write_json, fsync_file, read_json_or_none, sha256_file
-from lightning_influence import __version__
+from lightning_influence.store import BundleFormat, new_tensor_name, read_bundle, texts_fingerprint, write_bundle
 from lightning_influence.scoring.engine import InfluenceScorer
 from lightning_influence.scoring.queries import QueryGradients
 from lightning_influence.errors import ScoringError
@@ -40,9 +38,16 @@ __all__ = [
     "DEFAULT_TFIDF_PARAMS",
 ]
 
+log = logging.getLogger(__name__)
+
 FORMAT_NAME = "lightning-influence-tfidf"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the store's bundle layout; the vocabulary moved into the tensor file
 MANIFEST = "manifest.json"
+TFIDF_FORMAT = BundleFormat(
+    FORMAT_NAME, FORMAT_VERSION, TfidfError, "TF-IDF index", prefix="tfidf",
+    make="Build it with TfidfCandidates.fit(texts).save(dir) or TfidfCandidates.load_or_fit.",
+    redo="delete the directory to rebuild the index",
+)
 NUM_PROBES = 16
 
 # Parameters of TfidfVectorizer that can be written to JSON and restored; callables cannot.
@@ -66,16 +71,6 @@ def query_text(query: Mapping[str, Any] | str) -> str:
     if "text" in query and query["text"]:
         return str(query["text"])
     return f"{query.get('prompt', '')} {query.get('completion', '')}".strip()
-
-
-def texts_fingerprint(texts: Sequence[str]) -> str:
-    """sha256 of the training texts in order (lengths included, so boundaries count)."""
-    h = hashlib.sha256()
-    for t in texts:
-        b = t.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
 
 
 class TfidfCandidates:
@@ -142,85 +137,59 @@ class TfidfCandidates:
         """The vectorizer's parameters as JSON (what the manifest stores)."""
         return _json_params(self.vectorizer)
 
+    def identity(self) -> dict[str, Any]:
+        """What the index was fitted from: the training texts' fingerprint and the vectorizer's parameters."""
+        return {"texts": self.texts_sha256, "params": self.params()}
+
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the index to ``directory`` (tensor file first, manifest last, both atomically)."""
+        """Write the index to ``directory`` as one bundle (tensor file first, manifest last)."""
         directory = Path(directory)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise TfidfError(f"cannot create '{directory}' ({err.strerror}); choose another directory") from None
         vocab = sorted(self.vectorizer.vocabulary_.items(), key=lambda kv: kv[1])
         terms = [t for t, _ in vocab]
         if [i for _, i in vocab] != list(range(len(terms))):
             raise TfidfError("the vectorizer's vocabulary indices are not 0..V-1; refit it")
+        # The vocabulary as UTF-8 bytes and offsets: tensors, so that one checksummed file holds it.
+        encoded = [t.encode("utf-8") for t in terms]
+        offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
         m = self.matrix
         tensors = {
             "idf": torch.from_numpy(np.asarray(self.vectorizer.idf_, dtype=np.float64).copy()),
             "data": torch.from_numpy(np.asarray(m.data, dtype=np.float64).copy()),
             "indices": torch.from_numpy(np.asarray(m.indices, dtype=np.int64).copy()),
             "indptr": torch.from_numpy(np.asarray(m.indptr, dtype=np.int64).copy()),
+            "terms_utf8": torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8),
+            "terms_offsets": torch.from_numpy(offsets),
         }
-        stem = f"tfidf-{uuid.uuid4().hex[:12]}"
-        tensor_file, vocab_file = stem + ".safetensors", stem + ".vocab.json"
-        tmp = directory / (tensor_file + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
-        fsync_file(tmp)
-        os.replace(tmp, directory / tensor_file)
-        atomic_write_json(directory / vocab_file, {"terms": terms})
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "library_version": __version__,
+        tensor_file = new_tensor_name(TFIDF_FORMAT)
+        write_bundle(TFIDF_FORMAT, directory, {
             "tensor_file": tensor_file,
-            "vocab_file": vocab_file,
-            "sha256": {tensor_file: sha256_file(directory / tensor_file), vocab_file: sha256_file(directory / vocab_file)},
             "params": self.params(),
             "num_documents": int(m.shape[0]),
             "num_terms": len(terms),
             "texts_sha256": self.texts_sha256,
             "probe_texts": self.probe_texts,
-        }
-        old = read_json_or_none(directory / MANIFEST)
-        atomic_write_json(directory / MANIFEST, manifest)
-        if old:
-            for key in ("tensor_file", "vocab_file"):
-                name = old.get(key)
-                if isinstance(name, str) and name not in (tensor_file, vocab_file):
-                    try:
-                        (directory / name).unlink()
-                    except (FileNotFoundError, IsADirectoryError):
-                        pass
+        }, identity=self.identity(), tensors={tensor_file: tensors})
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, texts: Sequence[str] | None = None) -> "TfidfCandidates":
         """Rebuild a saved index. With ``texts``, also check it was fitted on exactly those texts."""
         directory = Path(directory)
-        path = directory / MANIFEST
-        if not path.is_file():
-            raise TfidfError(f"no TF-IDF index at '{directory}' ({path} does not exist); build it with "
-                             "TfidfCandidates.fit(texts).save(dir) or TfidfCandidates.load_or_fit")
-        try:
-            manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TfidfError(f"{path} is corrupt ({err}); delete '{directory}' to rebuild the index") from None
-        if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
-            raise TfidfError(f"{path} is not a version-{FORMAT_VERSION} TF-IDF index; "
-                             f"delete '{directory}' to rebuild it")
-        for key in ("tensor_file", "vocab_file"):
-            f = directory / manifest[key]
-            if not f.is_file() or sha256_file(f) != manifest["sha256"].get(manifest[key]):
-                raise TfidfError(f"{f} is missing or corrupt; delete '{directory}' to rebuild the index")
+        bundle = read_bundle(TFIDF_FORMAT, directory)
+        manifest = bundle.manifest
         if texts is not None:
             texts = _check_texts(texts)
-            if texts_fingerprint(texts) != manifest["texts_sha256"]:
+            fingerprint = texts_fingerprint(texts)
+            if fingerprint != bundle.identity.get("texts"):
                 raise TfidfError(
                     f"the TF-IDF index at '{directory}' was fitted on other training texts "
                     f"({manifest['num_documents']} documents) than the {len(texts)} given; delete it "
-                    "(or call load_or_fit) to rebuild it for this dataset"
+                    "(or call load_or_fit) to rebuild it for this dataset",
+                    differences={"texts": (bundle.identity.get("texts"), fingerprint)},
                 )
-        t = load_file(str(directory / manifest["tensor_file"]))
-        terms = json.loads((directory / manifest["vocab_file"]).read_text())["terms"]
+        t = bundle.tensors(manifest["tensor_file"])
+        raw, offsets = bytes(t["terms_utf8"].numpy()), t["terms_offsets"].tolist()
+        terms = [raw[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
         params = dict(manifest["params"])
         params["ngram_range"] = tuple(params["ngram_range"])
         params["dtype"] = np.dtype(params["dtype"]).type
@@ -255,15 +224,17 @@ class TfidfCandidates:
         else fit it and save it there (e.g. ``tfidf_cache_dir(factors_dir)``)."""
         directory = Path(directory)
         texts = _check_texts(texts)
+        wanted = {"texts": texts_fingerprint(texts),
+                  "params": _json_params(TfidfVectorizer(**{**DEFAULT_TFIDF_PARAMS, **vectorizer_params}))}
         if (directory / MANIFEST).is_file():
             try:
-                cached = cls.load(directory, texts=texts)
-            except TfidfError:
-                cached = None
-            if cached is not None:
-                wanted = TfidfVectorizer(**{**DEFAULT_TFIDF_PARAMS, **vectorizer_params})
-                if _json_params(wanted) == cached.params():
-                    return cached
+                diffs = read_bundle(TFIDF_FORMAT, directory).differences(wanted)
+                if not diffs:
+                    return cls.load(directory)
+                log.info("refitting the TF-IDF index in %s: it was fitted from other texts or parameters (%s)",
+                         directory, ", ".join(diffs))
+            except TfidfError as err:
+                log.warning("refitting the TF-IDF index in %s: %s", directory, err)
         fitted = cls.fit(texts, **vectorizer_params)
         fitted.save(directory)
         return fitted

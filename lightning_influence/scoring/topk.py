@@ -10,8 +10,11 @@ scores seen so far (values and global training indices) in O(Q k) memory;
 Both resume: ``StreamingTopK.state_dict()`` is tensors only (safetensors-ready), and a
 writer opened on a directory with an unfinished run continues after its last complete shard
 (:meth:`ScoreShardWriter.resume_from`), with the top-k state saved alongside every shard so
-the two never disagree. Each shard file and the top-k state are written to a temporary
-file and renamed into place; the manifest is replaced last.
+the two never disagree. The run is one bundle of the persistence layer (``store.py``): each
+shard file and the top-k state are written to a temporary file and renamed into place, the
+manifest (with every file's checksum) is replaced last. Its identity (what the scores are
+computed from: queries, factors, data) is compared on resume, so a directory holding
+another query set's scores is never continued.
 
 Ties are broken deterministically: among equal scores the lower training index ranks first.
 """
@@ -20,25 +23,32 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from lightning_influence.files import atomic_write_json, read_json_or_none, read_manifest, sha256_file
-from lightning_influence import __version__
 from lightning_influence.errors import TopKError
+from lightning_influence.store import (BundleFormat, describe_differences, identity_differences, read_bundle,
+                                       read_json_or_none, remove_stale_files, write_bundle)
 
-__all__ = ["StreamingTopK", "ScoreShardWriter", "read_scores", "read_score_manifest"]
+__all__ = ["StreamingTopK", "ScoreShardWriter", "read_scores", "read_score_manifest", "scores_identity"]
 
-FORMAT_NAME = "lightning-influence-scores"
-FORMAT_VERSION = 1
+FORMAT_NAME = "lightning-influence-score-shards"  # version 1 was "lightning-influence-scores" (shared with save_scores)
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _SHARD = "scores-{:05d}.safetensors"
 _TOPK = "topk-{:05d}.safetensors"
-_OURS = re.compile(r"^(scores|topk)-\d{5}\.safetensors(\.tmp)?$")
+# Shard i and the top-k state after it have fixed names: each is written once, before any manifest
+# lists it (a restart with another identity first writes a manifest listing none).
+SHARDS_FORMAT = BundleFormat(
+    FORMAT_NAME, FORMAT_VERSION, TopKError, "score shards", prefix="scores",
+    make="Write them with ScoreShardWriter (InfluenceModule.top_k(scores_dir=...)).",
+    redo="rerun the scoring into a new directory",
+    pattern=r"^(scores|topk)-\d{5}\.safetensors(\.tmp)?$",
+)
+ON_MISMATCH = ("raise", "restart")
 
 
 
@@ -173,17 +183,24 @@ class ScoreShardWriter:
     """Writes a ``[Q, N]`` score matrix to disk in shards of ``shard_size`` training examples.
 
     Args:
-        directory: created if needed. If it holds an unfinished run, the writer resumes it:
-            :meth:`resume_from` is the first training index not yet on disk.
+        directory: created if needed. If it holds an unfinished run of the same identity, the
+            writer resumes it: :meth:`resume_from` is the first training index not yet on disk.
         shard_size: training examples per shard file (must match a resumed run).
         num_queries: Q (optional; taken from the first chunk, must match a resumed run).
         topk: also keep a :class:`StreamingTopK` of this ``k``, updated with each shard as it is
             written and saved with it (so top-k and shards always agree after a resume).
         metadata: JSON-serialisable information for the manifest (query ids, the factors' path...).
+        identity: what the scores are computed from (JSON: the query gradients', factors' and
+            training data's fingerprints, see :func:`scores_identity`), saved in the bundle and
+            compared on resume; ``None`` continues the run on disk whatever its identity (only
+            its shard size, query count and ``topk`` are checked).
+        on_mismatch: what to do when the directory holds a run of another identity, shard size,
+            query count or ``topk``: ``"raise"`` (default, a :class:`TopKError` naming what
+            differs) or ``"restart"`` (warn naming what differs, discard it and start over).
 
     Usage::
 
-        writer = ScoreShardWriter(out_dir, shard_size=4096, topk=100)
+        writer = ScoreShardWriter(out_dir, shard_size=4096, topk=100, identity={"queries": fp})
         start = writer.resume_from()
         for i0, batch in batches_from(start):      # any batch containing `start` is fine
             writer.write(scorer.score_batch(q, batch).sum(0), start=i0)
@@ -192,9 +209,12 @@ class ScoreShardWriter:
     """
 
     def __init__(self, directory: str | os.PathLike, shard_size: int = 4096, num_queries: int | None = None,
-                 topk: int | None = None, metadata: dict[str, Any] | None = None):
+                 topk: int | None = None, metadata: dict[str, Any] | None = None,
+                 identity: dict[str, Any] | None = None, on_mismatch: str = "raise"):
         if not isinstance(shard_size, int) or shard_size < 1:
             raise TopKError(f"shard_size must be a positive integer, got {shard_size!r}")
+        if on_mismatch not in ON_MISMATCH:
+            raise TopKError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -204,63 +224,89 @@ class ScoreShardWriter:
         self.num_queries = num_queries
         self.k = topk
         self.metadata = dict(metadata or {})
+        self.identity = None if identity is None else dict(identity)
         self.topk: StreamingTopK | None = None
         self.shards: list[dict[str, Any]] = []
         self.completed = False
         self.num_train: int | None = None
         self.dtype: torch.dtype | None = None
+        self._topk_file: str | None = None
         self._buffer: list[torch.Tensor] = []
         self._buffered = 0
-        if metadata is not None:
-            try:
-                json.dumps(self.metadata)
-            except (TypeError, ValueError) as err:
-                raise TopKError(f"metadata must be JSON-serialisable ({err})") from None
+        try:
+            json.dumps(self.metadata)
+            json.dumps(self.identity)
+        except (TypeError, ValueError) as err:
+            raise TopKError(f"metadata and identity must be JSON-serialisable ({err})") from None
         if (self.directory / MANIFEST).is_file():
-            self._resume(read_score_manifest(self.directory))
+            try:
+                bundle = read_bundle(SHARDS_FORMAT, self.directory)
+            except TopKError as err:
+                # Only a run of ours (an older layout, a corrupt one) may be started over, never
+                # another bundle's manifest (the factors', when scores_dir is their output_dir).
+                old = read_json_or_none(self.directory / MANIFEST)
+                ours = isinstance(old, dict) and old.get("format") in (FORMAT_NAME, "lightning-influence-scores")
+                if on_mismatch == "raise" or not ours:
+                    raise
+                bundle, mismatch = None, err
+            mismatch = self._mismatch(bundle) if bundle is not None else mismatch
+            if mismatch is None:
+                self._resume(bundle)
+            elif on_mismatch == "raise":
+                raise mismatch
+            else:
+                warnings.warn(f"[lightning-influence] starting the scores in '{self.directory}' over: {mismatch}")
+                # A manifest listing no shard comes first, so no new shard is ever paired with the old run.
+                self._write_manifest()
         if self.topk is None and self.k is not None and self.num_queries is not None:
             self.topk = StreamingTopK(self.num_queries, self.k)
         self._remove_stray_files()
 
     # ------------------------------------------------------------ resume
-    def _resume(self, manifest: dict) -> None:
+    def _mismatch(self, bundle) -> TopKError | None:
+        """Why the run on disk cannot be continued by this writer (``None`` when it can)."""
+        manifest = bundle.manifest
         where = f"the scores in '{self.directory}'"
         if manifest["shard_size"] != self.shard_size:
-            raise TopKError(f"{where} were written with shard_size={manifest['shard_size']}, not {self.shard_size}; "
-                            f"resume with shard_size={manifest['shard_size']} or write to a new directory")
+            return TopKError(f"{where} were written with shard_size={manifest['shard_size']}, not {self.shard_size}; "
+                             f"resume with shard_size={manifest['shard_size']} or write to a new directory")
         if self.num_queries is not None and manifest["num_queries"] not in (None, self.num_queries):
-            raise TopKError(f"{where} hold {manifest['num_queries']} queries, not {self.num_queries}; "
-                            "these are other queries: write to a new directory")
+            return TopKError(f"{where} hold {manifest['num_queries']} queries, not {self.num_queries}; "
+                             "these are other queries: write to a new directory")
         if manifest.get("topk") != self.k:
-            raise TopKError(f"{where} were written with topk={manifest.get('topk')}, not {self.k}; "
-                            f"resume with topk={manifest.get('topk')} or write to a new directory")
+            return TopKError(f"{where} were written with topk={manifest.get('topk')}, not {self.k}; "
+                             f"resume with topk={manifest.get('topk')} or write to a new directory")
+        diffs = identity_differences(bundle.identity, self.identity) if self.identity is not None else {}
+        if diffs:
+            return TopKError(f"{where} were computed from other queries, factors or data "
+                             f"({describe_differences(diffs)}); write to a new directory", differences=diffs)
+        return None
+
+    def _resume(self, bundle) -> None:
+        manifest = bundle.manifest
         self.num_queries = manifest["num_queries"]
         self.shards = list(manifest["shards"])
+        for entry in self.shards:
+            bundle.require_file(entry["file"])
         self.completed = bool(manifest["completed"])
         self.num_train = manifest.get("num_train")
         self.dtype = getattr(torch, manifest["dtype"]) if manifest.get("dtype") else None
         if not self.metadata:
             self.metadata = dict(manifest.get("metadata") or {})
+        if self.identity is None:
+            self.identity = dict(bundle.identity)
+        self._topk_file = manifest.get("topk_file")
         if self.k is not None and self.num_queries is not None:
             self.topk = StreamingTopK(self.num_queries, self.k)
-            if manifest.get("topk_file"):
-                path = self.directory / manifest["topk_file"]
-                if not path.is_file():
-                    raise TopKError(f"{path} named by the manifest is missing; write to a new directory")
-                self.topk.load_state_dict(load_file(str(path)))
+            if self._topk_file:
+                self.topk.load_state_dict(bundle.tensors(self._topk_file))
 
     def _remove_stray_files(self) -> None:
         """Temporary files of an interrupted write, and shard/top-k files the manifest does not list."""
         keep = {s["file"] for s in self.shards}
-        manifest = read_json_or_none(self.directory / MANIFEST) or {}
-        if manifest.get("topk_file"):
-            keep.add(manifest["topk_file"])
-        for path in self.directory.iterdir():
-            if _OURS.match(path.name) and path.name not in keep:
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
+        if self._topk_file:
+            keep.add(self._topk_file)
+        remove_stale_files(SHARDS_FORMAT, self.directory, keep)
 
     def resume_from(self) -> int:
         """The first training index whose scores are not on disk yet (0 for a new run)."""
@@ -316,28 +362,29 @@ class ScoreShardWriter:
         start = self.resume_from()
         number = len(self.shards)
         name = _SHARD.format(number)
-        _atomic_save({"scores": shard}, self.directory / name)
-        entry = {"file": name, "start": start, "stop": start + shard.shape[1],
-                 "sha256": sha256_file(self.directory / name)}
+        new = {name: {"scores": shard}}
         topk_file = None
         if self.topk is not None:
             self.topk.update(shard, start)
             topk_file = _TOPK.format(number)
-            _atomic_save(self.topk.state_dict(), self.directory / topk_file)
-        old_topk = (read_json_or_none(self.directory / MANIFEST) or {}).get("topk_file")
-        self.shards.append(entry)
-        self._write_manifest(topk_file)
-        if old_topk and old_topk != topk_file:
-            try:
-                (self.directory / old_topk).unlink()
-            except FileNotFoundError:
-                pass
+            new[topk_file] = self.topk.state_dict()
+        kept = [s["file"] for s in self.shards]
+        self.shards.append({"file": name, "start": start, "stop": start + shard.shape[1]})
+        try:
+            self._write_manifest(new, kept, topk_file)
+        except BaseException:
+            self.shards.pop()
+            raise
+        self._topk_file = topk_file
 
-    def _write_manifest(self, topk_file: str | None) -> None:
-        atomic_write_json(self.directory / MANIFEST, {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "library_version": __version__,
+    def _write_manifest(self, new: dict | None = None, kept: list[str] | None = None,
+                        topk_file: str | None = None) -> None:
+        """One atomic bundle write: the new shard and top-k files, then the manifest listing them."""
+        keep = list(kept or [])
+        if topk_file is None and self._topk_file and not new:
+            topk_file = self._topk_file
+            keep.append(topk_file)
+        write_bundle(SHARDS_FORMAT, self.directory, {
             "num_queries": self.num_queries,
             "shard_size": self.shard_size,
             "dtype": str(self.dtype).removeprefix("torch.") if self.dtype is not None else None,
@@ -347,7 +394,7 @@ class ScoreShardWriter:
             "topk": self.k,
             "topk_file": topk_file,
             "metadata": self.metadata,
-        })
+        }, identity=self.identity, tensors=new, keep=keep)
 
     def finish(self, num_train: int | None = None) -> Path:
         """Write the last (partial) shard and mark the run complete.
@@ -366,8 +413,7 @@ class ScoreShardWriter:
             raise TopKError("no scores were written; nothing to finish")
         self.completed = True
         self.num_train = total
-        topk_file = (read_json_or_none(self.directory / MANIFEST) or {}).get("topk_file")
-        self._write_manifest(topk_file)
+        self._write_manifest(kept=[s["file"] for s in self.shards])
         return self.directory
 
     def read_all(self, allow_incomplete: bool = False) -> torch.Tensor:
@@ -375,11 +421,21 @@ class ScoreShardWriter:
         return read_scores(self.directory, allow_incomplete=allow_incomplete)
 
 
+def scores_identity(queries: Any, factors: Any, layers: Sequence[str], train_data: Any,
+                    dtype: torch.dtype) -> dict[str, Any]:
+    """What a score run depends on, for :class:`ScoreShardWriter`'s ``identity``: the preconditioned
+    queries, the factors, the layers scored, the compute dtype and the training data."""
+    from lightning_influence.scoring.query_store import query_gradients_fingerprint
+    from lightning_influence.store import data_fingerprint, factors_fingerprint
+
+    return {"queries": query_gradients_fingerprint(queries), "factors": factors_fingerprint(factors),
+            "layers": list(layers), "dtype": str(dtype).removeprefix("torch."), "data": data_fingerprint(train_data)}
+
+
 # --------------------------------------------------------------- reading
 def read_score_manifest(directory: str | os.PathLike) -> dict:
-    return read_manifest(Path(directory) / MANIFEST, TopKError, FORMAT_NAME, FORMAT_VERSION, "score shards",
-                         missing="Write them with ScoreShardWriter (InfluenceModule.top_k(scores_dir=...)).",
-                         redo="rerun the scoring into a new directory")
+    """The manifest of a score-shard run (checked for format, version and its file list)."""
+    return read_bundle(SHARDS_FORMAT, directory).manifest
 
 
 def read_scores(directory: str | os.PathLike, allow_incomplete: bool = False) -> torch.Tensor:
@@ -388,38 +444,23 @@ def read_scores(directory: str | os.PathLike, allow_incomplete: bool = False) ->
     An unfinished run raises unless ``allow_incomplete`` (then the scores written so far).
     """
     directory = Path(directory)
-    manifest = read_score_manifest(directory)
+    bundle = read_bundle(SHARDS_FORMAT, directory)
+    manifest = bundle.manifest
     if not manifest["completed"] and not allow_incomplete:
         raise TopKError(f"the scoring run in '{directory}' is unfinished (scores up to training index "
                         f"{manifest['shards'][-1]['stop'] if manifest['shards'] else 0}); resume it with "
                         "ScoreShardWriter on the same directory, or pass allow_incomplete=True")
     parts, expected = [], 0
     for entry in manifest["shards"]:
-        path = directory / entry["file"]
         if entry["start"] != expected:
             raise TopKError(f"{directory / MANIFEST} lists shards that are not contiguous at index {expected}")
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
-            raise TopKError(f"{path} is missing or corrupt; rerun the scoring into a new directory")
-        t = load_file(str(path))["scores"]
+        t = bundle.tensors(entry["file"])["scores"]
         if t.shape[1] != entry["stop"] - entry["start"]:
-            raise TopKError(f"{path} holds {t.shape[1]} columns, the manifest says {entry['stop'] - entry['start']}")
+            raise TopKError(f"{directory / entry['file']} holds {t.shape[1]} columns, the manifest says "
+                            f"{entry['stop'] - entry['start']}")
         parts.append(t)
         expected = entry["stop"]
     if not parts:
         q = manifest["num_queries"] or 0
         return torch.empty(q, 0, dtype=getattr(torch, manifest["dtype"] or "float32"))
     return torch.cat(parts, 1)
-
-
-# ------------------------------------------------------------------ helpers
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT_NAME})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
