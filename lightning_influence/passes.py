@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from lightning_influence.errors import FactorsError, OptionsError, TaskInputError
+from lightning_influence.curvature import DEFAULT_STRATEGY
 from lightning_influence.factors import InfluenceFactors, check_fisher, check_strategy
 from lightning_influence.batches import move_to_device
 from lightning_influence.tasks import Task
@@ -235,7 +236,7 @@ def fit_factors(
     model: nn.Module,
     task: Task,
     batches: Iterable[Any],
-    strategy: str = "ekfac",
+    strategy: str = DEFAULT_STRATEGY,
     modules: str | list[str] | None = None,
     module_types: list[type] | None = None,
     fisher: str = "sampled",

@@ -20,7 +20,7 @@ from lightning_influence.errors import FactorsError, OptionsError
 if TYPE_CHECKING:
     from lightning_influence.curvature.base import CurvatureStrategy
 
-__all__ = ["get_strategy", "strategy_class", "register_strategy", "unregister_strategy", "strategy_names",
+__all__ = ["DEFAULT_STRATEGY", "get_strategy", "strategy_class", "register_strategy", "unregister_strategy", "strategy_names",
            "UnknownStrategyError"]
 
 # name -> the strategy class, or "module:Class" (in this package) until first use
@@ -30,6 +30,9 @@ _REGISTRY: dict[str, object] = {
     "kfac": "kfac:KFACStrategy",
     "ekfac": "ekfac:EKFACStrategy",
 }
+
+# The paper's method, the default everywhere a strategy can be chosen.
+DEFAULT_STRATEGY = "ekfac"
 
 
 class UnknownStrategyError(OptionsError, FactorsError):

@@ -27,6 +27,7 @@ from lightning_influence.factors import InfluenceFactors, check_damping, check_f
 from lightning_influence.loaders import rebuild_loader
 from lightning_influence.progress import length_of, progress_bar
 from lightning_influence.scoring.queries import QUERY_SVD_METHODS
+from lightning_influence.curvature import DEFAULT_STRATEGY
 from lightning_influence.curvature.base import DEFAULT_DAMPING_FACTOR
 from lightning_influence.passes import pass_title, remaining_phases, run_phase
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
@@ -99,7 +100,7 @@ class InfluenceCallback(Callback):
     def __init__(
         self,
         task: Task | str = "classification",
-        strategy: str = "ekfac",
+        strategy: str = DEFAULT_STRATEGY,
         modules: str | list[str] | None = None,
         fisher: str = "sampled",
         damping: float | None = None,
