@@ -12,6 +12,7 @@ section 5).
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Iterable
 
@@ -157,7 +158,10 @@ def run_phase(
                 stats.update({_EXAMPLES: torch.tensor(float(n), dtype=torch.float64)})
                 if progress is not None:
                     progress(n)
-    sums = stats.compute()  # reduced over ranks: every rank takes the same decision below
+    with warnings.catch_warnings():
+        # A rank with an empty shard never called update(); what counts is the reduced count, checked below.
+        warnings.filterwarnings("ignore", message=r".*compute.* was called before the ..update.. method")
+        sums = stats.compute()  # reduced over ranks: every rank takes the same decision below
     if float(sums.pop(_EXAMPLES)) == 0:
         raise TaskInputError(
             f"the {phase} pass saw no training example"
