@@ -35,7 +35,8 @@ def run(rank: int, out: str) -> None:
         factors.save(out / f"{strategy}-one-empty-rank{rank}")
         # Every shard empty: every rank raises, and nothing is saved.
         try:
-            fit_factors(model, task, [], strategy=strategy, fisher="empirical", output_dir=out / f"{strategy}-all-empty")
+            fit_factors(model, task, [], strategy=strategy, fisher="empirical",
+                        output_dir=out / f"{strategy}-all-empty")
             errors[strategy] = None
         except TaskInputError as err:
             errors[strategy] = str(err)

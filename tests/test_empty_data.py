@@ -39,7 +39,8 @@ def test_iterator_used_up_by_the_covariance_pass(tmp_path):
     """EK-FAC reads the data twice: a one-shot iterator leaves the lambda pass nothing, which must not
     end in 'complete' factors."""
     batches = iter(train_batches())
-    with pytest.raises(TaskInputError, match="the lambda pass saw no training example.*re-iterable such as a DataLoader"):
+    with pytest.raises(TaskInputError,
+                       match="the lambda pass saw no training example.*re-iterable such as a DataLoader"):
         fit_factors(models.mlp(), ClassificationTask(), batches, strategy="ekfac", output_dir=tmp_path)
     saved = InfluenceFactors.load(tmp_path)
     assert saved.phase == "eigen" and not saved.is_complete  # the covariance pass's work is kept for a resume

@@ -20,8 +20,8 @@ from lightning_influence.errors import FactorsError, OptionsError
 if TYPE_CHECKING:
     from lightning_influence.curvature.base import CurvatureStrategy
 
-__all__ = ["DEFAULT_STRATEGY", "get_strategy", "strategy_class", "register_strategy", "unregister_strategy", "strategy_names",
-           "UnknownStrategyError"]
+__all__ = ["DEFAULT_STRATEGY", "get_strategy", "strategy_class", "register_strategy", "unregister_strategy",
+           "strategy_names", "UnknownStrategyError"]
 
 # name -> the strategy class, or "module:Class" (in this package) until first use
 _REGISTRY: dict[str, object] = {
@@ -68,7 +68,8 @@ def register_strategy(cls: type["CurvatureStrategy"], replace: bool = False) -> 
     passes that do not end in the ``complete`` phase (or share a name or phase, or use ``none``),
     or reuses a taken name (unless ``replace``).
     """
-    from lightning_influence.curvature.base import COMPLETE, NOT_STARTED, CurvatureStrategy  # noqa: PLC0415 (torch on demand)
+    # imported here, not at the top: base imports torch, which listing the names does not need
+    from lightning_influence.curvature.base import COMPLETE, NOT_STARTED, CurvatureStrategy  # noqa: PLC0415
 
     if not (isinstance(cls, type) and issubclass(cls, CurvatureStrategy)):
         raise OptionsError(f"register_strategy needs a CurvatureStrategy subclass, got {cls!r}")
@@ -79,7 +80,8 @@ def register_strategy(cls: type["CurvatureStrategy"], replace: bool = False) -> 
         raise OptionsError(f"{cls.__name__}: the last pass must end in phase '{COMPLETE}', "
                            f"not '{cls.passes[-1].phase}'")
     phases = [p.phase for p in cls.passes]
-    if NOT_STARTED in phases or len(set(phases)) != len(phases) or len({p.name for p in cls.passes}) != len(cls.passes):
+    names = [p.name for p in cls.passes]
+    if NOT_STARTED in phases or len(set(phases)) != len(phases) or len(set(names)) != len(names):
         raise OptionsError(f"{cls.__name__}: every pass needs its own name and phase, got {cls.passes}")
     if name in _REGISTRY and not replace and _REGISTRY[name] is not cls:
         raise OptionsError(f"a strategy named '{name}' is registered already; pick another name or pass replace=True")
