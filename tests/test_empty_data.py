@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence import ClassificationTask, InfluenceCallback, InfluenceFactors, fit_factors
+from lightning_influence import CausalLMTask, ClassificationTask, InfluenceCallback, InfluenceFactors, fit_factors
 from lightning_influence.capture import find_tracked_layers
 from lightning_influence.errors import OptionsError, TaskInputError
 from lightning_influence.passes import run_phase
@@ -93,3 +93,12 @@ def test_empty_shards_under_data_parallelism(tmp_path):
                     torch.testing.assert_close(got.tensors[name][key], value, rtol=1e-12, atol=1e-14)
                 torch.testing.assert_close(got.dense_matrix(name), single.dense_matrix(name), rtol=1e-10,
                                            atol=1e-12 * float(single.dense_matrix(name).abs().max()))
+
+
+def test_every_token_masked_is_refused(tmp_path):
+    batch = models.lm_batch(4, vocab=9, max_len=6)
+    batch["attention_mask"] = torch.zeros_like(batch["attention_mask"])
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    with pytest.raises(TaskInputError, match="counted no tokens for layer 'up'.*masked as padding"):
+        fit_factors(models.seq_lm(), CausalLMTask(), [batch], strategy="ekfac", output_dir=tmp_path)
+    assert not (tmp_path / "manifest.json").exists()

@@ -67,7 +67,8 @@ class InfluenceCallback(Callback):
 
     Args:
         task: a :class:`Task` or its name (``classification``, ``regression``, ``causal_lm``).
-        strategy: ``ekfac`` (default), ``kfac``, ``diagonal`` or ``identity``.
+        strategy: ``ekfac`` (default), ``kfac``, ``diagonal``, ``identity``, or a name registered with
+            ``lightning_influence.curvature.register_strategy``.
         modules: glob patterns of module names to track (``None``: every Linear/Conv1D/Conv2d).
         fisher: ``sampled`` (labels drawn from the model, the paper's default) or ``empirical``.
         damping: absolute damping, or ``None`` for 0.1 x the mean eigenvalue of each layer.
