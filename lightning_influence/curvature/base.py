@@ -58,7 +58,27 @@ class CurvatureStrategy:
     accumulation methods for its passes and :meth:`eigenvalues`; strategies whose
     preconditioning basis is not the parameter basis also override :meth:`precondition`,
     :meth:`inverse_quadratic` and :meth:`dense_matrix` (see ``kfac.py``). It is then
-    registered with :func:`lightning_influence.curvature.register_strategy`.
+    registered with :func:`lightning_influence.curvature.register_strategy`. For example, one
+    scalar per layer, the mean of the diagonal Fisher (``G = c I``)::
+
+        @register_strategy
+        class ScalarStrategy(CurvatureStrategy):
+            name = "scalar"
+            passes = (StatisticsPass("squares", "Influence: mean squared gradient", COMPLETE),)
+
+            def statistics(self, pass_name, layer):
+                return {"square_sum": (), "example_count": ()}
+
+            def gradient_update(self, pass_name, layer, a, s, mask, inputs):
+                return {"square_sum": per_example_gradients(a, s).square().sum(),
+                        "example_count": torch.tensor(float(a.shape[0]))}
+
+            def eigenvalues(self, layer, tensors):
+                c = tensors["square_sum"] / (tensors["example_count"] * layer.d_out * layer.d_in)
+                return c.expand(layer.shape)
+
+    after which ``fit_factors(..., strategy="scalar")``, the callback, scoring and the factor files
+    all work with it.
     """
 
     #: the strategy's name (``strategy=`` everywhere, and in the factors' manifest)
