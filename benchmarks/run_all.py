@@ -713,9 +713,9 @@ def _reading(w, p: dict, sp: dict) -> None:
           "time: rebuilding `U V^T` costs queries x rank x d_out x d_in per batch, as much again as the dot "
           "product itself at batch 32.")
     if fit:
-        w(f"* Factor fitting: the statistics (`_layer_update`: gradient covariances, eigenbasis rotations and "
-          f"Lambda, in the backward; `_activation_update`: activation covariances, in the forward) are "
-          f"{100 * (_share(fit, '(_layer_update)') + _share(fit, '(_activation_update)')):.0f}% of our time and "
+        w(f"* Factor fitting: the statistics (the strategy's `gradient_update`: gradient covariances, eigenbasis "
+          f"rotations and Lambda, in the backward; `activation_update`: activation covariances, in the forward) are "
+          f"{100 * (_share(fit, '(gradient_update)') + _share(fit, '(activation_update)')):.0f}% of our time and "
           f"the task's forward {100 * _share(fit, '(train_loss)'):.0f}%. Each layer's statistics are taken as soon "
           "as its tensors exist and its captured tokens dropped right after (as Kronfluence does in its hooks), "
           "and parameters do not require grad during the passes, so autograd keeps no layer input for a weight "

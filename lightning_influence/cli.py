@@ -17,8 +17,6 @@ from typing import Any, Sequence
 
 __all__ = ["main", "build_parser", "read_train_texts", "load_model"]
 
-STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
-
 _MAIN_DESCRIPTION = """\
 Influence functions for PyTorch Lightning: which training examples made my model do this?
 
@@ -71,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from lightning_influence import __version__
+    from lightning_influence.curvature import strategy_names  # lists the names without importing torch
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training sequences in the generated corpus (default: 2000, or 300 with --quick)")
     demo.add_argument("--epochs", type=int, default=None, metavar="N",
                       help="training epochs (default: about 1000 optimizer steps, tuned for the corpus size)")
-    demo.add_argument("--strategy", default="ekfac", choices=STRATEGIES,
+    demo.add_argument("--strategy", default="ekfac", choices=strategy_names(),
                       help="Hessian approximation: ekfac (default, the paper's), kfac, diagonal, or identity "
                            "(plain gradient dot products, for comparison)")
     demo.add_argument("--quick", action="store_true",

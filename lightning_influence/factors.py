@@ -1,15 +1,12 @@
-"""Curvature factors per tracked layer, their inverse-Hessian-vector products, and their files.
+"""The fitted factors of every tracked layer: a container that delegates the math to its strategy.
 
-Strategies (``../shared/ekfac-reference.md``, sections 2-4):
+:class:`InfluenceFactors` holds the tracked layers, each layer's named tensors (sums,
+counts, eigenbases), the phase reached, the damping settings, and the strategy object
+(``lightning_influence.curvature``) that knows what the tensors mean: its passes, its
+eigenvalues and damping heuristic, and how it preconditions (docs/method.md, sections 2-4).
 
-* ``identity``: no preconditioning; scores are plain gradient dot products.
-* ``diagonal``: the diagonal of the (per-sequence) Fisher in the parameter basis.
-* ``kfac``: ``G ~ A (x) S``, eigenvalues ``L_S[i] * L_A[j]`` in the Kronecker eigenbasis.
-* ``ekfac``: the same eigenbasis with eigenvalues ``Lambda`` re-fitted from per-sequence
-  pseudo-gradients.
-
-Every statistic is stored as a float64 sum plus a count, so that it reduces across
-ranks with one all-reduce and a run can resume after each phase.
+Every statistic is stored as a sum plus a count, so that it reduces across ranks with one
+all-reduce and a run can resume after each phase.
 
 Files: one bundle of the persistence layer (``store.py``): ``<dir>/manifest.json`` names the
 tensor file it goes with (``factors-<id>.safetensors``), its checksum, and the factors'
@@ -27,11 +24,12 @@ import torch
 
 from lightning_influence.store import BundleFormat, new_tensor_name, read_bundle, write_bundle
 from lightning_influence.capture import TrackedLayer
+from lightning_influence.curvature import get_strategy, strategy_class
+from lightning_influence.curvature.base import COMPLETE, DEFAULT_DAMPING_FACTOR
 from lightning_influence.errors import FactorsError
 
-__all__ = ["InfluenceFactors", "STRATEGIES", "FISHER_TYPES", "PHASES_BY_STRATEGY"]
+__all__ = ["InfluenceFactors", "FISHER_TYPES", "check_strategy", "check_fisher", "check_damping"]
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHER_TYPES = ("sampled", "empirical")
 FORMAT_NAME = "lightning-influence-factors"
 FORMAT_VERSION = 2  # 2: the store's bundle layout (files, identity)
@@ -42,19 +40,10 @@ FACTORS_FORMAT = BundleFormat(
     redo="refit the factors", dir_what="output directory", dir_fix="choose another output_dir",
 )
 
-# The phases each strategy goes through; the last one is "complete".
-PHASES_BY_STRATEGY = {
-    "identity": ("complete",),
-    "diagonal": ("complete",),
-    "kfac": ("complete",),
-    "ekfac": ("eigen", "complete"),  # eigen: covariances and eigenbases done, Lambda not yet
-}
-
-
 
 def check_strategy(strategy: str) -> str:
-    if strategy not in STRATEGIES:
-        raise FactorsError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
+    """``strategy`` if it is a registered strategy name; ``UnknownStrategyError`` listing the names otherwise."""
+    strategy_class(strategy)
     return strategy
 
 
@@ -67,13 +56,14 @@ def check_fisher(fisher: str) -> str:
     return fisher
 
 
-def check_damping(damping: float | None, damping_factor: float) -> None:
+def check_damping(damping: float | None, damping_factor: float | None = None) -> None:
     if damping is not None and (
         isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf")
     ):
         raise FactorsError(f"damping must be a non-negative number or None (heuristic), got {damping!r}")
-    if isinstance(damping_factor, bool) or not isinstance(damping_factor, (int, float)) or not (
-        0 <= damping_factor < float("inf")
+    if damping_factor is not None and (
+        isinstance(damping_factor, bool) or not isinstance(damping_factor, (int, float))
+        or not 0 <= damping_factor < float("inf")
     ):
         raise FactorsError(f"damping_factor must be non-negative, got {damping_factor!r}")
 
@@ -82,14 +72,19 @@ class InfluenceFactors:
     """The fitted curvature of every tracked layer, and how to precondition with it.
 
     Args:
-        strategy: one of ``identity``, ``diagonal``, ``kfac``, ``ekfac``.
+        strategy: a registered strategy name (``identity``, ``diagonal``, ``kfac``, ``ekfac``, or one added
+            with :func:`lightning_influence.curvature.register_strategy`).
         layers: tracked layers by module name (their matrix shapes).
         fisher: ``sampled`` or ``empirical``, recorded for the manifest.
         damping: absolute damping lambda for every layer, or ``None`` for the paper's
             heuristic ``damping_factor * mean(eigenvalues)`` per layer.
-        damping_factor: the heuristic's factor (0.1 in the paper).
+        damping_factor: the heuristic's factor (``None``: the paper's 0.1, ``curvature.base.DEFAULT_DAMPING_FACTOR``).
         tensors: per module, the named statistic tensors (sums, counts, eigenbases).
-        phase: the last completed phase (see ``PHASES_BY_STRATEGY``).
+        phase: the last completed phase (one of ``self.curvature.phases``; default: nothing fitted yet).
+
+    Attributes:
+        strategy: the strategy's name.
+        curvature: the strategy object (:class:`~lightning_influence.curvature.base.CurvatureStrategy`).
     """
 
     def __init__(
@@ -98,40 +93,34 @@ class InfluenceFactors:
         layers: dict[str, TrackedLayer],
         fisher: str = "sampled",
         damping: float | None = None,
-        damping_factor: float = 0.1,
+        damping_factor: float | None = None,
         tensors: dict[str, dict[str, torch.Tensor]] | None = None,
         phase: str | None = None,
         metadata: dict | None = None,
     ):
-        self.strategy = check_strategy(strategy)
+        self.curvature = get_strategy(strategy)
+        self.strategy = self.curvature.name
         self.fisher = check_fisher(fisher)
         check_damping(damping, damping_factor)
         self.layers = dict(layers)
         self.damping = None if damping is None else float(damping)
-        self.damping_factor = float(damping_factor)
+        self.damping_factor = DEFAULT_DAMPING_FACTOR if damping_factor is None else float(damping_factor)
         self.tensors = {name: dict(tensors.get(name, {})) if tensors else {} for name in self.layers}
-        phases = PHASES_BY_STRATEGY[strategy]
-        self.phase = phase if phase is not None else ("complete" if strategy == "identity" else "none")
-        if self.phase not in phases + ("none",):
-            raise FactorsError(f"phase '{self.phase}' is not a phase of strategy '{strategy}' ({phases})")
+        self.phase = self.curvature.check_phase(self.curvature.initial_phase if phase is None else phase)
         self.metadata = dict(metadata or {})
         self._cache: dict = {}
 
     # ----------------------------------------------------------------- state
     @property
     def is_complete(self) -> bool:
-        return self.phase == "complete"
+        return self.phase == COMPLETE
 
     def phase_done(self, phase: str) -> bool:
-        phases = PHASES_BY_STRATEGY[self.strategy]
-        if self.phase == "none":
-            return False
-        return phases.index(self.phase) >= phases.index(phase)
+        """Whether ``phase`` (or a later phase of the strategy) has been reached."""
+        return self.curvature.phase_reached(self.phase, phase)
 
     def set_phase(self, phase: str) -> None:
-        if phase not in PHASES_BY_STRATEGY[self.strategy]:
-            raise FactorsError(f"'{phase}' is not a phase of {self.strategy}")
-        self.phase = phase
+        self.phase = self.curvature.check_phase(phase)
         self._cache.clear()
 
     def require_complete(self) -> None:
@@ -144,72 +133,34 @@ class InfluenceFactors:
     # -------------------------------------------------------- eigenvalues
     def eigenvalues(self, name: str) -> torch.Tensor:
         """``[d_out, d_in]`` curvature eigenvalues of a layer in its preconditioning basis (statistics dtype)."""
-        t = self.tensors[name]
-        if self.strategy == "ekfac":
-            return t["lambda_sum"] / t["lambda_count"]
-        if self.strategy == "kfac":
-            return torch.outer(t["S_eigvals"].clamp_min(0), t["A_eigvals"].clamp_min(0))
-        if self.strategy == "diagonal":
-            return t["diag_sum"] / t["diag_count"]
-        raise FactorsError("the identity strategy has no eigenvalues")
+        return self.curvature.eigenvalues(self.layers[name], self.tensors[name])
 
     def damping_for(self, name: str) -> float:
-        """The damping lambda used for a layer (absolute, or the heuristic)."""
-        if self.strategy == "identity":
-            return 0.0
-        if self.damping is not None:
-            return self.damping
-        return self.damping_factor * float(self.eigenvalues(name).mean())
+        """The damping lambda used for a layer (absolute, or the heuristic; 0 for ``identity``)."""
+        return self.curvature.damping(self.layers[name], self.tensors[name], self.damping, self.damping_factor)
 
     def _prepared(self, name: str, device: torch.device, dtype: torch.dtype):
         key = (name, str(device), dtype)
         if key not in self._cache:
             self.require_complete()
-            t = self.tensors[name]
-            inv = 1.0 / (self.eigenvalues(name) + self.damping_for(name))
-            if not torch.isfinite(inv).all():
-                raise FactorsError(
-                    f"layer '{name}' has zero curvature and zero damping; use damping=None (heuristic) "
-                    "or a positive damping"
-                )
-            entry = {"inv": inv.to(device=device, dtype=dtype)}
-            if self.strategy in ("kfac", "ekfac"):
-                entry["QA"] = t["A_eigvecs"].to(device=device, dtype=dtype)
-                entry["QS"] = t["S_eigvecs"].to(device=device, dtype=dtype)
-            self._cache[key] = entry
+            self._cache[key] = self.curvature.prepare(self.layers[name], self.tensors[name], self.damping_for(name),
+                                                      device, dtype)
         return self._cache[key]
 
     def precondition(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         """``(G + lambda I)^-1 V`` for gradients ``V`` of shape ``[..., d_out, d_in]``."""
-        if self.strategy == "identity":
-            return grads
-        p = self._prepared(name, grads.device, grads.dtype)
-        if self.strategy == "diagonal":
-            return grads * p["inv"]
-        rotated = p["QS"].transpose(0, 1) @ grads @ p["QA"]
-        return p["QS"] @ (rotated * p["inv"]) @ p["QA"].transpose(0, 1)
+        return self.curvature.precondition(self._prepared(name, grads.device, grads.dtype), grads)
 
     def inverse_quadratic(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         """``V^T (G + lambda I)^-1 V`` per leading index, for ``V`` of shape ``[B, d_out, d_in]``."""
-        if self.strategy == "identity":
-            return (grads * grads).flatten(1).sum(1)
-        p = self._prepared(name, grads.device, grads.dtype)
-        if self.strategy == "diagonal":
-            return (grads * grads * p["inv"]).flatten(1).sum(1)
-        rotated = p["QS"].transpose(0, 1) @ grads @ p["QA"]
-        return (rotated * rotated * p["inv"]).flatten(1).sum(1)
+        return self.curvature.inverse_quadratic(self._prepared(name, grads.device, grads.dtype), grads)
 
     def dense_matrix(self, name: str) -> torch.Tensor:
         """The layer's curvature as an explicit ``(d_out*d_in)^2`` float64 matrix (row-major vec).
 
         Only for tests and small layers: it is what the preconditioner inverts (without damping).
         """
-        lam = self.eigenvalues(name)
-        if self.strategy == "diagonal":
-            return torch.diag(lam.flatten())
-        t = self.tensors[name]
-        q = torch.kron(t["S_eigvecs"], t["A_eigvecs"])
-        return q @ torch.diag(lam.flatten()) @ q.T
+        return self.curvature.dense_matrix(self.layers[name], self.tensors[name])
 
     # --------------------------------------------------------- checking
     def check_model(self, layers: dict[str, TrackedLayer]) -> None:

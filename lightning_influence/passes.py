@@ -1,9 +1,12 @@
-"""The statistics passes: covariances, eigendecomposition, eigenvalue correction.
+"""The statistics passes, generic over curvature strategies.
 
-Nothing here knows about Lightning's ``Trainer``: a pass takes a model, a task and an
-iterable of batches. Sums live in a torchmetrics ``Metric`` with ``dist_reduce_fx="sum"``
-states, so under data parallelism each rank accumulates its shard and one reduction
-gives the global statistics (``../shared/ekfac-reference.md``, section 5).
+Nothing here knows about Lightning's ``Trainer`` nor about any one strategy: a pass takes a
+model, a task and an iterable of batches, and asks the factors' strategy
+(``lightning_influence.curvature``) which sums to accumulate, how each layer's tokens add to
+them, and what to do with them at the end (K-FAC's eigendecomposition). Sums live in a
+torchmetrics ``Metric`` with ``dist_reduce_fx="sum"`` states, so under data parallelism each
+rank accumulates its shard and one reduction gives the global statistics (docs/method.md,
+section 5).
 """
 
 from __future__ import annotations
@@ -17,20 +20,24 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_influence.errors import FactorsError, TaskInputError
+from lightning_influence.errors import FactorsError, OptionsError, TaskInputError
+from lightning_influence.curvature import DEFAULT_STRATEGY
 from lightning_influence.factors import InfluenceFactors, check_fisher, check_strategy
 from lightning_influence.batches import move_to_device
 from lightning_influence.tasks import Task
-from lightning_influence.capture import LayerCapture, TrackedLayer, find_tracked_layers
+from lightning_influence.capture import LayerCapture, find_tracked_layers
 
 log = logging.getLogger(__name__)
-from lightning_influence.capture import masked_tokens, model_mode, per_example_gradients, token_count
+from lightning_influence.capture import masked_tokens, model_mode
 from lightning_influence.tasks import checked_loss
 from lightning_influence.store import data_fingerprint, describe_differences, identity_differences, weights_fingerprint
 
 __all__ = [
     "SumStatistics", "fit_factors", "fit_identity", "run_phase", "remaining_phases",
 ]
+
+# The examples a pass saw, summed over ranks: the global count decides whether the pass saw any data.
+_EXAMPLES = "::examples"
 
 
 class SumStatistics(Metric):
@@ -60,44 +67,16 @@ class SumStatistics(Metric):
         return {key: getattr(self, attr).clone() for key, attr in self._keys.items()}
 
 
-def _phase_shapes(phase: str, layers: dict[str, TrackedLayer]) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, l in layers.items():
-        if phase == "covariance":
-            shapes.update({f"{name}::A_sum": (l.d_in, l.d_in), f"{name}::S_sum": (l.d_out, l.d_out),
-                           f"{name}::A_count": (), f"{name}::S_count": ()})
-        elif phase == "lambda":
-            shapes.update({f"{name}::lambda_sum": (l.d_out, l.d_in), f"{name}::lambda_count": ()})
-        elif phase == "diagonal":
-            shapes.update({f"{name}::diag_sum": (l.d_out, l.d_in), f"{name}::diag_count": ()})
+def _pass_shapes(factors: InfluenceFactors, phase: str) -> dict[str, tuple[int, ...]]:
+    """Every layer's sums for pass ``phase``, keyed ``<module>::<statistic>``, and the example count."""
+    shapes = {f"{name}::{key}": shape for name, layer in factors.layers.items()
+              for key, shape in factors.curvature.statistics(phase, layer).items()}
+    shapes[_EXAMPLES] = ()
     return shapes
 
 
-def _activation_update(name: str, a: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Covariance pass, forward side: the layer's ``sum_t a_t a_t^T`` and token count."""
-    a = masked_tokens(a, mask)
-    a2 = a.reshape(-1, a.shape[-1])
-    return {f"{name}::A_sum": a2.T @ a2, f"{name}::A_count": torch.tensor(token_count(a, mask), dtype=torch.float64)}
-
-
-def _layer_update(phase: str, eigvecs: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str,
-                  a: torch.Tensor | None, s: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """One layer's contribution to a pass's sums, from its tokens ``a`` ``[B, T, d_in]`` and ``s`` ``[B, T, d_out]``.
-
-    ``eigvecs[name]`` holds the layer's ``(Q_A, Q_S)`` in the compute dtype (Lambda pass only)."""
-    s = masked_tokens(s, mask)
-    if phase == "covariance":  # the activation side was summed during the forward
-        s2 = s.reshape(-1, s.shape[-1])
-        return {f"{name}::S_sum": s2.T @ s2, f"{name}::S_count": torch.tensor(token_count(s, mask), dtype=torch.float64)}
-    a = masked_tokens(a, mask)
-    if phase == "lambda":
-        qa, qs = eigvecs[name]
-        # Rotate tokens first: (Q_S^T DW Q_A) = sum_t (Q_S^T s_t)(Q_A^T a_t)^T, cheaper than rotating DW.
-        rotated = per_example_gradients(a @ qa, s @ qs)
-        return {f"{name}::lambda_sum": rotated.square_().sum(0),
-                f"{name}::lambda_count": torch.tensor(float(a.shape[0]), dtype=torch.float64)}
-    dw = per_example_gradients(a, s)  # diagonal
-    return {f"{name}::diag_sum": dw.square_().sum(0), f"{name}::diag_count": torch.tensor(float(a.shape[0]), dtype=torch.float64)}
+def _prefixed(name: str, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{name}::{key}": value for key, value in update.items()}
 
 
 def run_phase(
@@ -116,22 +95,28 @@ def run_phase(
     forward_context: Callable[[], ContextManager] | None = None,
     stats_dtype: torch.dtype = torch.float64,
 ) -> None:
-    """Run one accumulation pass (``covariance``, ``lambda`` or ``diagonal``) and store it in ``factors``.
+    """Run the strategy's pass named ``phase`` (e.g. ``covariance``, ``lambda``) and store it in ``factors``.
 
     The model's weights are never changed and its train/eval mode is restored after.
-    Under ``torch.distributed`` each rank passes its own shard; the sums are all-reduced.
+    Under ``torch.distributed`` each rank passes its own shard; the sums are all-reduced, and a
+    pass that saw no example on any rank raises :class:`TaskInputError` on every rank, before
+    the factors' phase moves on.
     ``progress(n)`` is called after each batch with the number of examples processed;
     ``forward_context()`` wraps each forward (e.g. the trainer's autocast for bf16-mixed).
     ``stats_dtype`` is the dtype the sums are kept (and saved) in: float64, or float32 for
     half the memory (eigendecompositions are done in float64 either way).
     """
     check_stats_dtype(stats_dtype)
+    check_limits(max_batches, max_examples)
+    strategy = factors.curvature
+    spec = strategy.get_pass(phase)
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
     if transfer is None:
         transfer = lambda b: move_to_device(b, device)  # noqa: E731
-    stats = SumStatistics(_phase_shapes(phase, factors.layers), dtype=stats_dtype).to(device)
+    shapes = _pass_shapes(factors, phase)
+    stats = SumStatistics(shapes, dtype=stats_dtype).to(device)
     sample = factors.fisher == "sampled"
     seen_batches = seen_examples = 0
     # Sampled labels come from a fixed seed so that a rerun gives identical factors.
@@ -142,22 +127,24 @@ def run_phase(
         if device.type == "cuda":
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed + _rank())
-        # Each layer's sums are taken as soon as its tensors exist (activations in the forward for the
-        # covariance pass, everything else in the backward) and its captured tokens dropped right after,
+        # Each layer's sums are taken as soon as its tensors exist (activations in the forward for a
+        # forward-side pass, everything else in the backward) and its captured tokens dropped right after,
         # so a batch never holds every layer's activations and gradients at once.
         mask: list[torch.Tensor | None] = [None]  # the current batch's token mask
-        # The eigenbases in the compute dtype once per pass, not once per batch and layer.
-        eigvecs = {n: (t["A_eigvecs"].to(device=device, dtype=dtype), t["S_eigvecs"].to(device=device, dtype=dtype))
-                   for n, t in factors.tensors.items() if n in factors.layers} if phase == "lambda" else {}
+        layers = factors.layers
+        # What the updates read from earlier passes (eigenbases), in the compute dtype once per pass.
+        inputs = {n: strategy.pass_inputs(phase, factors.tensors[n], device, dtype) for n in layers}
 
         def consume(name, a, s):
-            stats.update(_layer_update(phase, eigvecs, name, a, s, mask[0]))
+            a = None if a is None else masked_tokens(a, mask[0])
+            update = strategy.gradient_update(phase, layers[name], a, masked_tokens(s, mask[0]), mask[0], inputs[name])
+            stats.update(_prefixed(name, update))
 
-        on_activation = None
-        if phase == "covariance":
-            on_activation = lambda name, a: stats.update(_activation_update(name, a, mask[0]))  # noqa: E731
+        def on_forward(name, a):
+            stats.update(_prefixed(name, strategy.activation_update(phase, layers[name], masked_tokens(a, mask[0]),
+                                                                    mask[0])))
 
-        with LayerCapture(model, factors.layers, dtype=dtype, on_activation=on_activation) as cap:
+        with LayerCapture(model, layers, dtype=dtype, on_activation=on_forward if spec.forward_side else None) as cap:
             for batch_index, batch in enumerate(_limited(batches, max_batches)):
                 if max_examples is not None and seen_examples >= max_examples:
                     break
@@ -169,25 +156,28 @@ def run_phase(
                 seen_batches += 1
                 n = task.batch_size(batch)
                 seen_examples += n
+                stats.update({_EXAMPLES: torch.tensor(float(n), dtype=torch.float64)})
                 if progress is not None:
                     progress(n)
-    if stats._update_count == 0 and not _distributed():
+    with warnings.catch_warnings():
+        # A rank with an empty shard never called update(); what counts is the reduced count, checked below.
+        warnings.filterwarnings("ignore", message=r".*compute.* was called before the ..update.. method")
+        sums = stats.compute()  # reduced over ranks: every rank takes the same decision below
+    if float(sums.pop(_EXAMPLES)) == 0:
         raise TaskInputError(
-            f"the {phase} pass saw no batch: the training dataloader is empty (or max_batches/max_examples is 0)"
+            f"the {phase} pass saw no training example"
+            + (" on any rank" if _distributed() else "")
+            + ": the training dataloader is empty, or an iterator that an earlier pass used up (pass a re-iterable "
+            "such as a DataLoader), or max_batches/max_examples stop it before its first batch. "
+            "Give the pass data to fit on; no factors were marked complete"
         )
-    shapes = _phase_shapes(phase, factors.layers)
-    # torchmetrics squeezes one-element results: restore the declared shapes (1x1 covariances of 1-output layers).
-    sums = {k: v.reshape(shapes[k]).cpu() for k, v in stats.compute().items()}
     for key, value in sums.items():
         name, _, stat = key.rpartition("::")
-        factors.tensors[name][stat] = value
-    if phase == "covariance":
-        if any(float(factors.tensors[n]["A_count"]) == 0 for n in factors.layers):
-            raise TaskInputError("the covariance pass counted no tokens (every position masked as padding?)")
-        _eigendecompose(factors)
-        factors.set_phase("complete" if factors.strategy == "kfac" else "eigen")
-    else:
-        factors.set_phase("complete")
+        # torchmetrics squeezes one-element results: restore the declared shapes (1x1 covariances).
+        factors.tensors[name][stat] = value.reshape(shapes[key]).cpu()
+    for name, layer in layers.items():
+        strategy.finish_pass(phase, layer, factors.tensors[name])
+    factors.set_phase(spec.phase)
     log.info("%s pass done: %d batches, %d examples on this rank", phase, seen_batches, seen_examples)
 
 
@@ -204,19 +194,11 @@ def _limited(batches: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
             return
 
 
-def _eigendecompose(factors: InfluenceFactors) -> None:
-    """Eigendecompose the mean covariances in float64 (they are ill-conditioned), one layer at a time;
-    the results are kept in the dtype of the sums."""
-    for name in factors.layers:
-        t = factors.tensors[name]
-        for side in ("A", "S"):
-            total = t[f"{side}_sum"]
-            cov = total.to(torch.float64) / t[f"{side}_count"]
-            cov = 0.5 * (cov + cov.T)
-            vals, vecs = torch.linalg.eigh(cov)
-            t[f"{side}_eigvals"] = vals.to(total.dtype)
-            # eigh returns column-major; saved files are row-major
-            t[f"{side}_eigvecs"] = vecs.to(total.dtype).contiguous()
+def check_limits(max_batches: int | None, max_examples: int | None) -> None:
+    """A pass capped at zero batches or examples would fit factors from nothing: refuse it up front."""
+    for name, value in (("max_batches", max_batches), ("max_examples", max_examples)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise OptionsError(f"{name} must be a positive integer or None (no cap), got {value!r}")
 
 
 def check_stats_dtype(stats_dtype: torch.dtype) -> None:
@@ -234,12 +216,13 @@ def _rank() -> int:
 
 
 def remaining_phases(factors: InfluenceFactors) -> list[str]:
-    """The accumulation passes still to run for ``factors`` (resuming after the last saved phase)."""
-    if factors.is_complete:
-        return []
-    if factors.strategy == "ekfac":
-        return ["lambda"] if factors.phase_done("eigen") else ["covariance", "lambda"]
-    return {"diagonal": ["diagonal"], "kfac": ["covariance"]}[factors.strategy]
+    """The names of the passes still to run for ``factors`` (resuming after the last saved phase)."""
+    return [p.name for p in factors.curvature.remaining_passes(factors.phase)]
+
+
+def pass_title(factors: InfluenceFactors, phase: str) -> str:
+    """The progress-bar title of the strategy's pass named ``phase``."""
+    return factors.curvature.get_pass(phase).title
 
 
 def _check_resumable(factors: InfluenceFactors, model: nn.Module) -> None:
@@ -274,12 +257,12 @@ def fit_factors(
     model: nn.Module,
     task: Task,
     batches: Iterable[Any],
-    strategy: str = "ekfac",
+    strategy: str = DEFAULT_STRATEGY,
     modules: str | list[str] | None = None,
     module_types: list[type] | None = None,
     fisher: str = "sampled",
     damping: float | None = None,
-    damping_factor: float = 0.1,
+    damping_factor: float | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     max_batches: int | None = None,
@@ -291,11 +274,13 @@ def fit_factors(
 ) -> InfluenceFactors:
     """Fit influence factors in-process (no Lightning needed).
 
-    ``batches`` is iterated once per pass (twice for ``ekfac``), so pass a re-iterable
-    such as a ``DataLoader``. With ``output_dir`` the factors are saved after each phase;
-    passing partially fitted ``factors`` resumes after their last completed phase.
-    ``stats_dtype`` keeps the statistics in float64 (default) or float32 (half the memory and
-    file size; eigendecompositions stay float64).
+    ``batches`` is iterated once per pass of the strategy (twice for ``ekfac``), so pass a
+    re-iterable such as a ``DataLoader``. With ``output_dir`` the factors are saved after each
+    phase; passing partially fitted ``factors`` resumes after their last completed phase.
+    ``damping_factor=None`` is the paper's heuristic factor (0.1). ``stats_dtype`` keeps the
+    statistics in float64 (default) or float32 (half the memory and file size;
+    eigendecompositions stay float64). An empty ``batches`` (on every rank), or
+    ``max_batches``/``max_examples`` of 0, raise before any factors are marked complete.
 
     Partial ``factors`` are resumed only when they were fitted from the same weights, data and
     options (their ``metadata["identity"]``, see :func:`fit_identity`); otherwise the fit starts
@@ -304,6 +289,7 @@ def fit_factors(
     check_strategy(strategy)
     check_fisher(fisher)
     check_stats_dtype(stats_dtype)
+    check_limits(max_batches, max_examples)
     if factors is None:
         layers = find_tracked_layers(model, modules, module_types)
         factors = InfluenceFactors(strategy, layers, fisher=fisher, damping=damping, damping_factor=damping_factor,
@@ -330,6 +316,6 @@ def fit_factors(
                   max_batches=max_batches, max_examples=max_examples, seed=seed, stats_dtype=stats_dtype)
         if output_dir is not None and _rank() == 0:
             factors.save(output_dir)
-    if output_dir is not None and _rank() == 0 and factors.strategy == "identity":
-        factors.save(output_dir)
+    if output_dir is not None and _rank() == 0 and not factors.curvature.passes:
+        factors.save(output_dir)  # complete without a pass (identity): saved once all the same
     return factors

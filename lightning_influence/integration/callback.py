@@ -26,7 +26,9 @@ from lightning_influence.factors import InfluenceFactors, check_damping, check_f
 from lightning_influence.loaders import rebuild_loader
 from lightning_influence.progress import length_of, progress_bar
 from lightning_influence.scoring.queries import QUERY_SVD_METHODS
-from lightning_influence.passes import fit_identity, remaining_phases, run_phase
+from lightning_influence.curvature import DEFAULT_STRATEGY
+from lightning_influence.curvature.base import DEFAULT_DAMPING_FACTOR
+from lightning_influence.passes import fit_identity, pass_title, remaining_phases, run_phase
 from lightning_influence.store import describe_differences
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 from lightning_influence.capture import find_tracked_layers
@@ -36,8 +38,6 @@ log = logging.getLogger(__name__)
 __all__ = ["InfluenceCallback", "resolve_task"]
 
 TASKS_BY_NAME = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
-PHASE_TITLES = {"covariance": "Influence: covariances", "lambda": "Influence: eigenvalue correction",
-                "diagonal": "Influence: diagonal Fisher"}
 
 
 def resolve_task(task: Task | str) -> Task:
@@ -56,7 +56,8 @@ class InfluenceCallback(Callback):
 
     Args:
         task: a :class:`Task` or its name (``classification``, ``regression``, ``causal_lm``).
-        strategy: ``ekfac`` (default), ``kfac``, ``diagonal`` or ``identity``.
+        strategy: ``ekfac`` (default), ``kfac``, ``diagonal``, ``identity``, or a name registered with
+            ``lightning_influence.curvature.register_strategy``.
         modules: glob patterns of module names to track (``None``: every Linear/Conv1D/Conv2d).
         fisher: ``sampled`` (labels drawn from the model, the paper's default) or ``empirical``.
         damping: absolute damping, or ``None`` for 0.1 x the mean eigenvalue of each layer.
@@ -89,11 +90,11 @@ class InfluenceCallback(Callback):
     def __init__(
         self,
         task: Task | str = "classification",
-        strategy: str = "ekfac",
+        strategy: str = DEFAULT_STRATEGY,
         modules: str | list[str] | None = None,
         fisher: str = "sampled",
         damping: float | None = None,
-        damping_factor: float = 0.1,
+        damping_factor: float = DEFAULT_DAMPING_FACTOR,
         output_dir: str = "influence",
         fit_on: str | int = "fit_end",
         model_attr: str | None = None,
@@ -256,7 +257,7 @@ class InfluenceCallback(Callback):
         if total is not None and self.max_batches is not None:
             total = min(total, self.max_batches)
         for phase in remaining_phases(factors):
-            with progress_bar(total, PHASE_TITLES[phase], trainer.progress_bar_callback is not None) as bar:
+            with progress_bar(total, pass_title(factors, phase), trainer.progress_bar_callback is not None) as bar:
                 run_phase(
                     phase, factors, model, self.task, pass_loader, device=device, dtype=self.dtype,
                     stats_dtype=self.stats_dtype,
@@ -269,8 +270,8 @@ class InfluenceCallback(Callback):
                 factors.save(self.output_dir)
             trainer.strategy.barrier("influence_phase_saved")
             rank_zero_info(f"[lightning-influence] {phase} pass done; factors ({factors.phase}) saved to {self.output_dir}")
-        if self.strategy == "identity" and trainer.is_global_zero:
-            factors.save(self.output_dir)
+        if not factors.curvature.passes and trainer.is_global_zero:
+            factors.save(self.output_dir)  # complete without a pass (identity): saved once all the same
         self.factors = factors
         self._done_fingerprint = fingerprint
         return factors

@@ -1,0 +1,54 @@
+"""``ekfac``: K-FAC's eigenbasis with eigenvalues re-fitted per example (docs/method.md, section 3).
+
+After K-FAC's covariance pass (phase ``eigen``: covariances and eigenbases done), a second
+pass accumulates ``Lambda[i, j] = E_examples[(Q_S^T DW Q_A)[i, j]^2]`` with ``DW = sum_t s_t a_t^T``;
+``Lambda`` replaces the products ``L_S[i] L_A[j]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_influence.capture import TrackedLayer, per_example_gradients
+from lightning_influence.curvature.base import COMPLETE, LayerTensors, StatisticsPass
+from lightning_influence.curvature.kfac import COVARIANCE_PASS, KFACStrategy
+
+__all__ = ["EKFACStrategy", "LAMBDA_PASS"]
+
+LAMBDA_PASS = "lambda"
+
+
+class EKFACStrategy(KFACStrategy):
+    """K-FAC with the eigenvalue correction: eigenvalues ``Lambda`` from a second pass."""
+
+    name = "ekfac"
+    passes = (
+        StatisticsPass(COVARIANCE_PASS, "Influence: covariances", "eigen", forward_side=True),
+        StatisticsPass(LAMBDA_PASS, "Influence: eigenvalue correction", COMPLETE),
+    )
+
+    def statistics(self, pass_name: str, layer: TrackedLayer) -> dict[str, tuple[int, ...]]:
+        if pass_name != LAMBDA_PASS:
+            return super().statistics(pass_name, layer)
+        return {"lambda_sum": layer.shape, "lambda_count": ()}
+
+    def pass_inputs(self, pass_name, tensors, device, dtype):
+        if pass_name != LAMBDA_PASS:
+            return super().pass_inputs(pass_name, tensors, device, dtype)
+        return tensors["A_eigvecs"].to(device=device, dtype=dtype), tensors["S_eigvecs"].to(device=device, dtype=dtype)
+
+    def gradient_update(self, pass_name, layer, a, s, mask, inputs) -> LayerTensors:
+        if pass_name != LAMBDA_PASS:
+            return super().gradient_update(pass_name, layer, a, s, mask, inputs)
+        qa, qs = inputs
+        # Rotate tokens first: (Q_S^T DW Q_A) = sum_t (Q_S^T s_t)(Q_A^T a_t)^T, cheaper than rotating DW.
+        rotated = per_example_gradients(a @ qa, s @ qs)
+        return {"lambda_sum": rotated.square_().sum(0),
+                "lambda_count": torch.tensor(float(a.shape[0]), dtype=torch.float64)}
+
+    def finish_pass(self, pass_name: str, layer: TrackedLayer, tensors: LayerTensors) -> None:
+        if pass_name != LAMBDA_PASS:
+            super().finish_pass(pass_name, layer, tensors)
+
+    def eigenvalues(self, layer: TrackedLayer, tensors: LayerTensors) -> torch.Tensor:
+        return tensors["lambda_sum"] / tensors["lambda_count"]
