@@ -1,6 +1,6 @@
 """Curvature factors per tracked layer, their inverse-Hessian-vector products, and their files.
 
-Strategies (``../shared/ekfac-reference.md``, sections 2-4):
+Strategies (``docs/method.md``, sections 2-4):
 
 * ``identity``: no preconditioning; scores are plain gradient dot products.
 * ``diagonal``: the diagonal of the (per-sequence) Fisher in the parameter basis.

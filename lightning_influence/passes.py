@@ -3,7 +3,7 @@
 Nothing here knows about Lightning's ``Trainer``: a pass takes a model, a task and an
 iterable of batches. Sums live in a torchmetrics ``Metric`` with ``dist_reduce_fx="sum"``
 states, so under data parallelism each rank accumulates its shard and one reduction
-gives the global statistics (``../shared/ekfac-reference.md``, section 5).
+gives the global statistics (``docs/method.md``, section 5).
 """
 
 from __future__ import annotations

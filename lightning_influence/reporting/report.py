@@ -2,7 +2,7 @@
 
 An :class:`InfluenceReport` lists, for each query, the training examples with the most
 positive and the most negative influence scores. Sign convention (see
-``ekfac-reference.md`` section 1): a **positive** score means that training on the example
+``docs/method.md``, section 1): a **positive** score means that training on the example
 made the query's completion **more** likely; a negative one, less likely.
 
 Reports are plain dataclasses that round-trip through JSON (:meth:`InfluenceReport.to_dict`,

@@ -1,6 +1,6 @@
 """Influence scores from captured activations/gradients and fitted factors.
 
-Sign convention (``../shared/ekfac-reference.md``, section 1)::
+Sign convention (``docs/method.md``, section 1)::
 
     score(q, m) = grad f(z_q)^T (G + lambda I)^-1 grad(-L(z_m))
 

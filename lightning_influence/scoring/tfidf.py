@@ -1,6 +1,6 @@
 """TF-IDF candidate filtering: score each query only against its most similar training texts.
 
-``../shared/ekfac-reference.md`` section 5: the paper scores only the top-k training
+``docs/method.md``, section 5: the paper scores only the top-k training
 sequences most similar to the query under TF-IDF. :class:`TfidfCandidates` is fitted once
 on the training texts (scikit-learn's ``TfidfVectorizer``) and cached next to the factors
 (``<factors_dir>/tfidf/``) without pickle: the vocabulary goes to JSON, the idf weights and
