@@ -18,7 +18,6 @@ from torchmetrics import Metric
 
 from lightning_influence.errors import FactorsError, TaskInputError
 from lightning_influence.factors import InfluenceFactors, check_fisher, check_strategy
-from lightning_influence.batches import move_to_device
 from lightning_influence.tasks import Task
 from lightning_influence.capture import LayerCapture, TrackedLayer, find_tracked_layers
 
@@ -128,7 +127,8 @@ def run_phase(
         device = next(model.parameters()).device
     device = torch.device(device)
     if transfer is None:
-        transfer = lambda b: move_to_device(b, device)  # noqa: E731
+        from lightning.fabric.utilities.apply_func import move_data_to_device  # lazy: importing Lightning is slow
+        transfer = lambda b: move_data_to_device(b, device)  # noqa: E731
     stats = SumStatistics(_phase_shapes(phase, factors.layers), dtype=stats_dtype).to(device)
     sample = factors.fisher == "sampled"
     seen_batches = seen_examples = 0

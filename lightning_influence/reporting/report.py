@@ -25,6 +25,8 @@ from typing import Any, Union
 
 import torch
 
+from lightning_influence.scoring.topk import _select
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -249,15 +251,14 @@ def _train_text(train_texts: TrainTexts, idx: int) -> str | None:
 
 
 def _topk_finite(row: torch.Tensor, k: int, largest: bool) -> tuple[list[float], list[int]]:
-    """Top-k of a 1-D row ignoring NaNs (a NaN would otherwise sort as the largest value)."""
-    nan = torch.isnan(row)
-    if nan.any():
-        row = row.masked_fill(nan, -math.inf if largest else math.inf)
-        k = min(k, int((~nan).sum()))
+    """Top-k of a 1-D row ignoring NaNs (TF-IDF-filtered rows are NaN off the candidates), by the
+    library's one selection rule (``scoring.topk``: ties go to the lower training index)."""
+    keep = torch.nonzero(~torch.isnan(row)).flatten()
+    k = min(k, keep.numel())
     if k <= 0:
         return [], []
-    vals, idx = torch.topk(row, k, largest=largest, sorted=True)
-    return vals.tolist(), idx.tolist()
+    vals, idx = _select(row[keep].unsqueeze(0), keep.unsqueeze(0), k, largest)
+    return vals[0].tolist(), idx[0].tolist()
 
 
 def build_report(

@@ -18,7 +18,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from lightning_influence.files import atomic_write_json, fsync_file, read_json_or_none, sha256_file
+from lightning_influence.text import query_text  # the text a query is matched with (one rule)
 from lightning_influence import __version__
 from lightning_influence.scoring.engine import InfluenceScorer
 from lightning_influence.scoring.queries import QueryGradients
@@ -57,15 +58,6 @@ DEFAULT_TFIDF_PARAMS: dict[str, Any] = {"stop_words": "english", "sublinear_tf":
 def tfidf_cache_dir(factors_dir: str | os.PathLike) -> Path:
     """Where the TF-IDF index of a training set lives, next to its factors."""
     return Path(factors_dir) / "tfidf"
-
-
-def query_text(query: Mapping[str, Any] | str) -> str:
-    """The text a query is matched with: ``prompt + " " + completion`` (or ``text``)."""
-    if isinstance(query, str):
-        return query
-    if "text" in query and query["text"]:
-        return str(query["text"])
-    return f"{query.get('prompt', '')} {query.get('completion', '')}".strip()
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:
