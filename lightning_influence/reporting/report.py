@@ -277,8 +277,9 @@ def build_report(
     """Build an :class:`InfluenceReport` from a score matrix.
 
     For every query, lists the ``k`` training examples with the largest scores (most
-    positive first) and the ``k`` with the smallest (most negative first), as
-    ``torch.topk`` would. NaN scores are never listed.
+    positive first) and the ``k`` with the smallest (most negative first); among equal
+    scores the lower training index comes first (the rule of ``scoring.topk``). NaN scores
+    are never listed.
 
     Args:
         scores: ``[num_queries, num_train]`` influence scores (positive = training on the
