@@ -1,4 +1,4 @@
-"""Tests for the demo corpus, tokenizer and LM data plumbing (lightning_influence.data)."""
+"""Tests for the demo corpus, tokenizer and LM data plumbing (lightning_influence.demo, lightning_influence.text)."""
 
 import json
 import re

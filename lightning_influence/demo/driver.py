@@ -6,7 +6,7 @@ Three pieces, usable on their own:
   config (no download). Its ``forward(input_ids, attention_mask)`` returns the Hugging Face
   output, so :class:`~lightning_influence.tasks.CausalLMTask` works on the LightningModule
   itself (no ``model_attr`` needed).
-* :class:`FactsDataModule` -- the synthetic corpus of :mod:`lightning_influence.data`
+* :class:`FactsDataModule` -- the synthetic corpus of :mod:`lightning_influence.demo.corpus`
   (invented people with planted facts), a byte-level BPE tokenizer trained locally on it,
   and the demo queries about those facts.
 * :func:`run_demo` -- trains with :class:`~lightning_influence.InfluenceCallback` attached
@@ -163,8 +163,8 @@ class FactsDataModule(L.LightningDataModule):
     """The built-in corpus of planted facts, its tokenizer and the demo queries.
 
     Everything is a deterministic function of ``num_sequences`` and ``seed``: the corpus
-    (:func:`~lightning_influence.data.generate_corpus`), the tokenizer trained on it
-    (locally, no download) and the queries (:func:`~lightning_influence.data.make_queries`).
+    (:func:`~lightning_influence.demo.corpus.generate_corpus`), the tokenizer trained on it
+    (locally, no download) and the queries (:func:`~lightning_influence.demo.corpus.make_queries`).
     The corpus, with the same facts, depends on BOTH numbers: queries made for one size do
     not match a corpus of another size.
 
@@ -360,7 +360,7 @@ def query_log_probs(model: torch.nn.Module, loader: DataLoader) -> list[float]:
 def fact_accuracy(model: torch.nn.Module, dm: "FactsDataModule", max_queries: int = 60) -> tuple[int, int, int, int]:
     """How many questions about planted facts the model answers right (greedy, every completion token).
 
-    Asks up to ``max_queries`` questions from :func:`~lightning_influence.data.make_queries`
+    Asks up to ``max_queries`` questions from :func:`~lightning_influence.demo.corpus.make_queries`
     (one of them in reversed order). Returns ``(forward_right, forward_total, reversed_right,
     reversed_total)``.
     """
