@@ -1,7 +1,7 @@
 """Layer tracking: which modules influence is computed for, and per-token capture.
 
 Every tracked layer is seen as a matrix W of shape ``(d_out, d_in)`` acting on one
-token at a time (``../shared/ekfac-reference.md``): ``nn.Linear`` and transformers'
+token at a time (``docs/method.md``, notation): ``nn.Linear`` and transformers'
 ``Conv1D`` on the last dimension of any ``[..., d]`` input, ``nn.Conv2d`` on
 unfolded patches (each output position is a token). A bias is one more input
 column of ones.

@@ -42,11 +42,11 @@ columns of ``subsets``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 
-from lightning_influence.batches import move_to_device
 from lightning_influence.tasks import Task, batch_size_of
 
 __all__ = ["lds_subsets", "query_measurements", "retrain_measurements", "linear_datamodeling_score"]
@@ -70,24 +70,10 @@ def lds_subsets(num_train: int, num_subsets: int, fraction: float = 0.5, seed: i
     return subsets
 
 
-def _slice_batch(batch: Any, i: int, size: int) -> Any:
-    """Example ``i`` of a batch of ``size`` examples, kept as a batch of one."""
-    if isinstance(batch, torch.Tensor):
-        return batch[i:i + 1]
-    if isinstance(batch, Mapping):
-        sliced = {k: _slice_batch(v, i, size) for k, v in batch.items()}
-        try:
-            return type(batch)(sliced)
-        except TypeError:
-            return sliced
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_slice_batch(v, i, size) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        # A list of per-example items (e.g. strings) is sliced; a tuple/list of fields is recursed into.
-        if len(batch) == size and not any(isinstance(v, (torch.Tensor, Mapping, list, tuple)) for v in batch):
-            return type(batch)(batch[i:i + 1])
-        return type(batch)(_slice_batch(v, i, size) for v in batch)
-    return batch
+def _slice_batch(batch: Any, i: int) -> Any:
+    """Example ``i`` of a batch, kept as a batch of one: every tensor in the (nested) batch is cut to
+    ``[i:i+1]``; other leaves (strings, numbers) are kept whole."""
+    return apply_to_collection(batch, torch.Tensor, lambda t: t[i:i + 1])
 
 
 @torch.no_grad()
@@ -96,6 +82,8 @@ def query_measurements(model: torch.nn.Module, query_loader: Iterable, task: Tas
 
     ``Task.measurement`` sums over a batch, so each batch is cut into batches of one.
     """
+    from lightning.fabric.utilities.apply_func import move_data_to_device  # lazy: importing Lightning is slow
+
     was_training = model.training
     model.eval()
     try:
@@ -105,10 +93,10 @@ def query_measurements(model: torch.nn.Module, query_loader: Iterable, task: Tas
     values = []
     try:
         for batch in query_loader:
-            batch = move_to_device(batch, device)
+            batch = move_data_to_device(batch, device)
             size = task.batch_size(batch) if hasattr(task, "batch_size") else batch_size_of(batch)
             for i in range(size):
-                values.append(float(task.measurement(model, _slice_batch(batch, i, size))))
+                values.append(float(task.measurement(model, _slice_batch(batch, i))))
     finally:
         model.train(was_training)
     return torch.tensor(values, dtype=torch.float64)

@@ -23,7 +23,6 @@ from torchmetrics import Metric
 from lightning_influence.errors import FactorsError, OptionsError, TaskInputError
 from lightning_influence.curvature import DEFAULT_STRATEGY
 from lightning_influence.factors import InfluenceFactors, check_fisher, check_strategy
-from lightning_influence.batches import move_to_device
 from lightning_influence.tasks import Task
 from lightning_influence.capture import LayerCapture, find_tracked_layers
 
@@ -114,7 +113,8 @@ def run_phase(
         device = next(model.parameters()).device
     device = torch.device(device)
     if transfer is None:
-        transfer = lambda b: move_to_device(b, device)  # noqa: E731
+        from lightning.fabric.utilities.apply_func import move_data_to_device  # lazy: importing Lightning is slow
+        transfer = lambda b: move_data_to_device(b, device)  # noqa: E731
     shapes = _pass_shapes(factors, phase)
     stats = SumStatistics(shapes, dtype=stats_dtype).to(device)
     sample = factors.fisher == "sampled"

@@ -12,7 +12,7 @@ A :class:`Task` tells the library three things about a batch:
 * ``token_mask(batch)``: ``[B, T]`` of which token positions exist (padding is
   excluded from every statistic), or ``None`` when every position counts.
 
-Scores follow the reference's sign: ``score = grad f^T (G + lambda I)^-1 grad(-L)``,
+Scores follow the sign of ``docs/method.md``, section 1: ``score = grad f^T (G + lambda I)^-1 grad(-L)``,
 positive when training on the example made the query's measurement larger.
 """
 

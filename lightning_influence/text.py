@@ -3,19 +3,24 @@
 Encoding conventions, shared by training sequences and queries so that the measurement
 on a query is computed the same way as the loss on a training sequence:
 
-- every sequence starts with BOS (``tokenizer.bos_token_id``, the GPT-2
-  ``<|endoftext|>``), so that the first real token is predicted from a fixed context;
-- a training sequence ends with EOS (the same token): a document ends there;
-- a query is ``BOS + prompt + " " + completion`` with NO trailing EOS: the completion is
-  measured as a continuation inside a document (training sentences continue with "."
-  after the fact, not with EOS), and only completion tokens carry labels.
+- special tokens are the tokenizer's own: a training text is encoded as the tokenizer
+  encodes it for training (``tokenizer.encode(text)``, with its post-processor: a Llama
+  tokenizer adds BOS, GPT-2's adds nothing), and a query gets the same tokens before its
+  prompt (see :func:`special_tokens_around`). The demo's tokenizer adds BOS and EOS; that is
+  the demo's convention, set in :mod:`lightning_influence.demo.tokenizer`;
+- a query is ``prefix + prompt + completion`` with NO trailing special token: the
+  completion is measured as a continuation inside a document, and only completion tokens
+  carry labels. Its text follows one rule, :func:`join_query`, wherever a query is shown,
+  matched (TF-IDF) or tokenized;
+- queries are never cut: one longer than ``max_length`` (default: the tokenizer's
+  ``model_max_length`` when it is set) is an error naming the option.
 
-Prompt and completion are tokenized separately and concatenated. With the byte-level
-tokenizer of :mod:`.tokenizer` this gives the same ids as tokenizing the joined text,
-because the completion starts a new word (" clockmaker").
+Prompt and completion are tokenized separately and concatenated. With a byte-level
+tokenizer this gives the same ids as tokenizing the joined text, because the completion
+starts a new word (" clockmaker").
 
 Batches are right-padded with ``tokenizer.pad_token_id``; ``labels`` are ``-100`` on
-padding (and, for queries, on BOS and prompt tokens). Labels are NOT shifted: as in
+padding (and, for queries, on the prefix and prompt tokens). Labels are NOT shifted: as in
 Hugging Face causal LMs, the model shifts them internally.
 """
 
@@ -39,6 +44,10 @@ __all__ = [
     "collate_queries",
     "encode_query",
     "encode_text",
+    "join_query",
+    "query_text",
+    "query_max_length",
+    "special_tokens_around",
     "texts",
     "decode",
     "token_strings",
@@ -49,6 +58,8 @@ __all__ = [
 IGNORE_INDEX = -100
 # Completions starting with these attach to the prompt without a space ("Hi" + "!").
 _NO_SPACE_BEFORE = tuple(".,;:!?)]}'\"")
+# transformers sets model_max_length to int(1e30) when a tokenizer does not know its model's context.
+_UNSET_MODEL_MAX_LENGTH = 10 ** 18
 
 
 def texts(data: Any) -> list[str]:
@@ -56,47 +67,99 @@ def texts(data: Any) -> list[str]:
     return [d if isinstance(d, str) else d["text"] for d in data]
 
 
-def encode_text(tokenizer, text: str, *, max_length: int | None = None,
-                add_eos: bool = True) -> list[int]:
-    """``[BOS] + tokens(text) (+ [EOS])``, truncated on the right to ``max_length``."""
-    ids = [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
-    if add_eos:
-        ids.append(tokenizer.eos_token_id)
-    if max_length is not None and len(ids) > max_length:
-        ids = ids[:max_length]
-    return ids
+def join_query(prompt: str, completion: str) -> tuple[str, int]:
+    """A query's text and where its completion starts: ``(text, prompt_length)``.
 
-
-def _join_completion(prompt: str, completion: str) -> tuple[str, str]:
-    """Normalise whitespace at the boundary: the completion carries its separator."""
+    The one rule for a query's text (reports, TF-IDF matching, tokenization): whitespace at
+    the boundary is normalised, and the completion carries its separator, a space unless it
+    starts with punctuation (``"Hi" + "!"``). ``text[:prompt_length]`` is the prompt and
+    ``text[prompt_length:]`` the completion with its separator.
+    """
     prompt, completion = prompt.rstrip(), completion.strip()
     if prompt and completion and not completion.startswith(_NO_SPACE_BEFORE):
         completion = " " + completion
-    return prompt, completion
+    return prompt + completion, len(prompt)
+
+
+def query_text(query: Mapping[str, Any] | str) -> str:
+    """The display text of a query record: a string as it is, else its non-empty ``"text"``,
+    else its ``"prompt"`` and ``"completion"`` joined by :func:`join_query`."""
+    if isinstance(query, str):
+        return query
+    if query.get("text"):
+        return str(query["text"])
+    return join_query(str(query.get("prompt", "")), str(query.get("completion", "")))[0]
+
+
+def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text when it encodes one for training
+    (``add_special_tokens=True``): ``([BOS], [])`` for a Llama tokenizer, ``([], [])`` for GPT-2's."""
+    probe = "a"
+    bare = tokenizer.encode(probe, add_special_tokens=False)
+    full = tokenizer.encode(probe, add_special_tokens=True)
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    raise QueryFileError(
+        f"cannot tell which special tokens {type(tokenizer).__name__} adds: its encoding of {probe!r} with "
+        f"special tokens ({full}) does not contain the one without ({bare})"
+    )
+
+
+def query_max_length(tokenizer, max_length: int | None = None) -> tuple[int | None, str]:
+    """The longest query allowed, and where that limit comes from (for error messages).
+
+    An explicit ``max_length`` wins; else the tokenizer's ``model_max_length`` when it is a
+    real value (transformers' placeholder for "unknown" is not); else no limit.
+    """
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise QueryFileError(f"max_length must be a positive integer or None, got {max_length!r}")
+        return max_length, f"max_length={max_length}"
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < _UNSET_MODEL_MAX_LENGTH:
+        return limit, f"the tokenizer's model_max_length ({limit})"
+    return None, "no limit"
+
+
+def encode_text(tokenizer, text: str, *, max_length: int | None = None) -> list[int]:
+    """``text`` as the tokenizer encodes it for training (its special tokens included),
+    cut on the right to ``max_length``."""
+    ids = list(tokenizer.encode(text, add_special_tokens=True))
+    if max_length is not None and len(ids) > max_length:
+        ids = ids[:max_length]
+    return ids
 
 
 def encode_query(tokenizer, prompt: str, completion: str, *,
                  max_length: int | None = None) -> tuple[list[int], list[int]]:
     """Encode one prompt/completion pair.
 
-    Returns ``(input_ids, labels)`` of equal length: ``BOS + prompt + completion``, with
-    labels ``-100`` on BOS and the prompt. If too long, prompt tokens are dropped from
-    the left (BOS is kept); a completion that alone does not fit is an error.
+    Returns ``(input_ids, labels)`` of equal length: the tokenizer's leading special tokens
+    (:func:`special_tokens_around`), the prompt, then the completion, with labels ``-100``
+    on everything before the completion. Nothing is cut: a query longer than the limit of
+    :func:`query_max_length` raises :class:`~lightning_influence.errors.QueryFileError`.
     """
-    prompt, completion = _join_completion(prompt, completion)
-    p = tokenizer.encode(prompt, add_special_tokens=False)
-    c = tokenizer.encode(completion, add_special_tokens=False)
+    text, cut = join_query(prompt, completion)
+    prefix, _ = special_tokens_around(tokenizer)
+    p = tokenizer.encode(text[:cut], add_special_tokens=False) if cut else []
+    c = tokenizer.encode(text[cut:], add_special_tokens=False)
     if not c:
-        raise ValueError("query completion is empty")
-    if max_length is not None:
-        room = max_length - 1 - len(c)
-        if room < 0:
-            raise ValueError(
-                f"query completion has {len(c)} tokens, more than max_length={max_length} allows"
-            )
-        p = p[len(p) - room:] if len(p) > room else p
-    ids = [tokenizer.bos_token_id] + p + c
-    labels = [IGNORE_INDEX] * (1 + len(p)) + c
+        raise QueryFileError("query completion is empty")
+    if not prefix and not p:
+        raise QueryFileError(
+            "the query has an empty prompt and the tokenizer adds no leading special token (BOS), so the "
+            "completion's first token has nothing to be predicted from; give the query a prompt"
+        )
+    ids = list(prefix) + p + c
+    limit, source = query_max_length(tokenizer, max_length)
+    if limit is not None and len(ids) > limit:
+        raise QueryFileError(
+            f"the query has {len(ids)} tokens ({len(prefix)} special, {len(p)} prompt, {len(c)} completion), "
+            f"more than {source} allows; queries are never cut: shorten it, or pass a larger max_length= "
+            "(QueryDataset) up to the model's context length"
+        )
+    labels = [IGNORE_INDEX] * (len(prefix) + len(p)) + c
     return ids, labels
 
 
@@ -107,15 +170,19 @@ class LMDataset(Dataset):
         data: a ``Corpus``, a list of records (``{"text": ...}``) or a list of strings.
             Item ``i`` is sequence ``i`` in that order (for the generated corpus, the
             record with ``index == i``).
-        tokenizer: a tokenizer with ``bos/eos/pad`` ids (see :mod:`.tokenizer`).
-        max_length: truncate longer sequences on the right (``None``: keep all).
+        tokenizer: a Hugging Face tokenizer; texts are encoded with its special tokens
+            (:func:`encode_text`).
+        max_length: cut longer sequences on the right, as the training run must (``None``:
+            the tokenizer's ``model_max_length`` when it is set, else keep all).
 
     Items are ``{"input_ids": LongTensor[T]}``; batch them with :class:`LMCollator`.
     """
 
-    def __init__(self, data: Any, tokenizer, max_length: int | None = 64):
+    def __init__(self, data: Any, tokenizer, max_length: int | None = None):
         self.texts = texts(data)
         self.tokenizer = tokenizer
+        if max_length is None:
+            max_length = query_max_length(tokenizer)[0]
         self.max_length = max_length
         # Tokenize once up front: the corpus is small and every pass reuses it.
         self.input_ids = [encode_text(tokenizer, t, max_length=max_length) for t in self.texts]
@@ -132,17 +199,19 @@ class QueryDataset(Dataset):
 
     Args:
         queries: dicts with ``"prompt"`` and ``"completion"`` (e.g. from
-            :func:`~lightning_influence.data.corpus.make_queries` or
+            :func:`~lightning_influence.demo.corpus.make_queries` or
             :func:`read_jsonl_queries`); other keys are kept in ``self.queries``.
         tokenizer: as for :class:`LMDataset`.
-        max_length: see :func:`encode_query`.
+        max_length: the longest query in tokens (``None``: the tokenizer's
+            ``model_max_length`` when it is set, else no limit). A longer query is an
+            error, never cut (see :func:`encode_query`).
 
     Items are ``{"input_ids": LongTensor[T], "labels": LongTensor[T]}`` with labels
     ``-100`` except on completion tokens; batch them with :class:`QueryCollator`.
     """
 
     def __init__(self, queries: Sequence[Mapping[str, Any]], tokenizer,
-                 max_length: int | None = 64):
+                 max_length: int | None = None):
         self.queries = [dict(q) for q in queries]
         self.tokenizer = tokenizer
         self.encoded = []
@@ -151,8 +220,8 @@ class QueryDataset(Dataset):
                 self.encoded.append(
                     encode_query(tokenizer, q["prompt"], q["completion"], max_length=max_length)
                 )
-            except ValueError as e:
-                raise ValueError(f"query {q.get('query_id', n)!r}: {e}") from None
+            except QueryFileError as e:
+                raise QueryFileError(f"query {q.get('query_id', n)!r}: {e}") from None
 
     @property
     def query_ids(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""Tests for the demo corpus, tokenizer and LM data plumbing (lightning_influence.data)."""
+"""Tests for the demo corpus, tokenizer and LM data plumbing (lightning_influence.demo, lightning_influence.text)."""
 
 import json
 import re
@@ -174,14 +174,11 @@ def test_query_collate_masks_prompt_and_padding(queries, tokenizer):
         # Same ids as tokenizing the joined text, as a training sequence would be.
         joined = tokenizer.encode(q["prompt"] + " " + q["completion"], add_special_tokens=False)
         assert ids[1:] == joined
-    # Left-truncation keeps BOS and the whole completion.
-    ids, labels = encode_query(tokenizer, queries[0]["prompt"], queries[0]["completion"], max_length=4)
-    assert len(ids) == 4 and ids[0] == tokenizer.bos_token_id
-    assert [l for l in labels if l != IGNORE_INDEX] == tokenizer.encode(
-        " " + queries[0]["completion"], add_special_tokens=False
-    )
-    with pytest.raises(ValueError, match="completion"):
-        encode_query(tokenizer, "Hi", "Oswin Pelleck of Varnholm the third", max_length=3)
+    # Nothing is cut: a query longer than max_length is an error naming the option.
+    ids, _ = encode_query(tokenizer, queries[0]["prompt"], queries[0]["completion"])
+    with pytest.raises(QueryFileError, match=f"{len(ids)} tokens .* more than max_length=4"):
+        encode_query(tokenizer, queries[0]["prompt"], queries[0]["completion"], max_length=4)
+    assert encode_query(tokenizer, queries[0]["prompt"], queries[0]["completion"], max_length=len(ids))[0] == ids
 
 
 def test_token_strings(tokenizer, corpus):

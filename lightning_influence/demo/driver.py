@@ -6,7 +6,7 @@ Three pieces, usable on their own:
   config (no download). Its ``forward(input_ids, attention_mask)`` returns the Hugging Face
   output, so :class:`~lightning_influence.tasks.CausalLMTask` works on the LightningModule
   itself (no ``model_attr`` needed).
-* :class:`FactsDataModule` -- the synthetic corpus of :mod:`lightning_influence.data`
+* :class:`FactsDataModule` -- the synthetic corpus of :mod:`lightning_influence.demo.corpus`
   (invented people with planted facts), a byte-level BPE tokenizer trained locally on it,
   and the demo queries about those facts.
 * :func:`run_demo` -- trains with :class:`~lightning_influence.InfluenceCallback` attached
@@ -28,7 +28,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_influence.text import LMCollator, LMDataset, QueryCollator, QueryDataset
+from lightning_influence.scoring.topk import _select
+from lightning_influence.text import LMCollator, LMDataset, QueryCollator, QueryDataset, query_text
 from lightning_influence.demo.corpus import generate_corpus, make_queries, supporting_indices
 from lightning_influence.demo.tokenizer import train_tokenizer
 
@@ -162,8 +163,8 @@ class FactsDataModule(L.LightningDataModule):
     """The built-in corpus of planted facts, its tokenizer and the demo queries.
 
     Everything is a deterministic function of ``num_sequences`` and ``seed``: the corpus
-    (:func:`~lightning_influence.data.generate_corpus`), the tokenizer trained on it
-    (locally, no download) and the queries (:func:`~lightning_influence.data.make_queries`).
+    (:func:`~lightning_influence.demo.corpus.generate_corpus`), the tokenizer trained on it
+    (locally, no download) and the queries (:func:`~lightning_influence.demo.corpus.make_queries`).
     The corpus, with the same facts, depends on BOTH numbers: queries made for one size do
     not match a corpus of another size.
 
@@ -200,7 +201,7 @@ class FactsDataModule(L.LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = train_tokenizer(self.corpus.texts)
+            self._tokenizer = train_tokenizer(self.corpus.texts, model_max_length=self.max_length)
         return self._tokenizer
 
     @property
@@ -237,12 +238,20 @@ class FactsDataModule(L.LightningDataModule):
 
 
 # ------------------------------------------------------------------------------ evaluation
+def _ranked(scores: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` of the ``k`` highest scores of a row (all with ``None``), by the library's
+    selection rule (``scoring.topk``: ties go to the lower index); NaN ranks last."""
+    row = torch.nan_to_num(torch.as_tensor(scores, dtype=torch.float64).flatten(), nan=-math.inf)
+    n = row.numel() if k is None else min(k, row.numel())
+    values, indices = _select(row.unsqueeze(0), torch.arange(row.numel()).unsqueeze(0), n, largest=True)
+    return values[0], indices[0]
+
+
 def recall_at_k(scores: torch.Tensor, supporting: Sequence[int], k: int = RECALL_K) -> float:
     """Share of the ``supporting`` indices among the ``k`` highest ``scores`` (NaN never ranks)."""
     if not supporting:
         return float("nan")
-    row = torch.nan_to_num(torch.as_tensor(scores, dtype=torch.float64), nan=-math.inf)
-    top = set(torch.topk(row, min(k, row.numel())).indices.tolist())
+    top = set(_ranked(scores, k)[1].tolist())
     return len(top & set(supporting)) / len(supporting)
 
 
@@ -250,8 +259,7 @@ def best_rank(scores: torch.Tensor, supporting: Sequence[int]) -> int | None:
     """1-based rank of the highest-scored supporting index (``None`` without any)."""
     if not supporting:
         return None
-    row = torch.nan_to_num(torch.as_tensor(scores, dtype=torch.float64), nan=-math.inf)
-    order = torch.argsort(row, descending=True, stable=True)
+    order = _ranked(scores)[1]
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(1, order.numel() + 1)
     return int(ranks[list(supporting)].min())
@@ -352,7 +360,7 @@ def query_log_probs(model: torch.nn.Module, loader: DataLoader) -> list[float]:
 def fact_accuracy(model: torch.nn.Module, dm: "FactsDataModule", max_queries: int = 60) -> tuple[int, int, int, int]:
     """How many questions about planted facts the model answers right (greedy, every completion token).
 
-    Asks up to ``max_queries`` questions from :func:`~lightning_influence.data.make_queries`
+    Asks up to ``max_queries`` questions from :func:`~lightning_influence.demo.corpus.make_queries`
     (one of them in reversed order). Returns ``(forward_right, forward_total, reversed_right,
     reversed_total)``.
     """
@@ -392,8 +400,7 @@ def evaluate_queries(scores: torch.Tensor, queries: Sequence[dict[str, Any]], tr
     for qi, q in enumerate(queries):
         row = scores[qi]
         sup = list(supporting[qi]) if supporting[qi] is not None else []
-        finite = torch.nan_to_num(row.double(), nan=-math.inf)
-        vals, idx = torch.topk(finite, min(top, row.numel()))
+        vals, idx = _ranked(row, top)
         outcomes.append(QueryOutcome(
             query_id=str(q.get("query_id", f"q{qi}")), text=texts[qi], fact_id=q.get("fact_id"),
             reversed=bool(q.get("reversed", False)), supporting=sup,
@@ -403,13 +410,6 @@ def evaluate_queries(scores: torch.Tensor, queries: Sequence[dict[str, Any]], tr
             log_prob=float(log_probs[qi]) if log_probs is not None else None,
         ))
     return outcomes
-
-
-def query_text(q: dict[str, Any]) -> str:
-    """``prompt + " " + completion``, as the reports show it."""
-    completion = q["completion"].strip()
-    sep = "" if completion[:1] in ".,;:!?)]}'\"" else " "
-    return f"{q['prompt'].rstrip()}{sep}{completion}"
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:

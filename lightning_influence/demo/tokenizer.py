@@ -1,5 +1,13 @@
 """A small byte-level BPE tokenizer trained locally on the demo corpus (no hub access).
 
+The demo's special-token convention lives here, in the tokenizer's post-processor, and
+nowhere else: encoding a text for training gives ``BOS + text + EOS`` (both
+``<|endoftext|>``, as in GPT-2's documents), so the first real token is predicted from a
+fixed context and a document ends with EOS. The library's datasets
+(:mod:`lightning_influence.text`) use whatever special tokens a tokenizer adds: training
+texts get both, queries get the leading BOS only (their completion is measured as a
+continuation inside a document).
+
 Byte-level BPE (GPT-2 style) is used because it round-trips text exactly: spaces are
 part of the tokens (" clockmaker"), so ``decode(encode(text)) == text`` and per-token
 strings read naturally in influence reports. Its pre-tokenizer splits on whitespace and
@@ -11,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 __all__ = [
@@ -34,6 +42,7 @@ def train_tokenizer(
     save_dir: str | Path | None = None,
     *,
     min_frequency: int = 2,
+    model_max_length: int | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts``.
 
@@ -44,11 +53,14 @@ def train_tokenizer(
         save_dir: if given, the tokenizer is written there with ``save_pretrained`` and
             can be reloaded with :func:`load_tokenizer`.
         min_frequency: a pair must occur this often to be merged.
+        model_max_length: the context length of the model it is for (kept with the
+            tokenizer: query datasets refuse longer queries); ``None``: unknown.
 
     Returns:
         A ``PreTrainedTokenizerFast`` with ``eos_token == bos_token == "<|endoftext|>"``
-        (id 0), ``pad_token == "<pad>"`` (id 1), ``unk_token == "<unk>"`` (id 2). It
-        adds no special tokens by itself; the datasets in :mod:`.lm` add BOS/EOS.
+        (id 0), ``pad_token == "<pad>"`` (id 1), ``unk_token == "<unk>"`` (id 2). With
+        ``add_special_tokens=True`` (the default of ``encode``) it adds BOS before and EOS
+        after the text; with ``add_special_tokens=False`` nothing.
 
     Training is deterministic for a given list of texts.
     """
@@ -67,6 +79,11 @@ def train_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    eos_id = tok.token_to_id(EOS_TOKEN)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{EOS_TOKEN} $A {EOS_TOKEN}", pair=f"{EOS_TOKEN} $A {EOS_TOKEN} $B {EOS_TOKEN}",
+        special_tokens=[(EOS_TOKEN, eos_id)],
+    )
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS_TOKEN,
@@ -74,6 +91,7 @@ def train_tokenizer(
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
         padding_side="right",
+        **({} if model_max_length is None else {"model_max_length": model_max_length}),
     )
     if save_dir is not None:
         save_dir = Path(save_dir)

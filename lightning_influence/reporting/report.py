@@ -28,6 +28,7 @@ from typing import Any, Union
 import torch
 
 from lightning_influence.errors import ReportError
+from lightning_influence.scoring.topk import _select
 
 log = logging.getLogger(__name__)
 
@@ -327,15 +328,14 @@ def _train_text(train_texts: TrainTexts, idx: int) -> str | None:
 
 
 def _topk_finite(row: torch.Tensor, k: int, largest: bool) -> tuple[list[float], list[int]]:
-    """Top-k of a 1-D row ignoring NaNs (a NaN would otherwise sort as the largest value)."""
-    nan = torch.isnan(row)
-    if nan.any():
-        row = row.masked_fill(nan, -math.inf if largest else math.inf)
-        k = min(k, int((~nan).sum()))
+    """Top-k of a 1-D row ignoring NaNs (TF-IDF-filtered rows are NaN off the candidates), by the
+    library's one selection rule (``scoring.topk``: ties go to the lower training index)."""
+    keep = torch.nonzero(~torch.isnan(row)).flatten()
+    k = min(k, keep.numel())
     if k <= 0:
         return [], []
-    vals, idx = torch.topk(row, k, largest=largest, sorted=True)
-    return vals.tolist(), idx.tolist()
+    vals, idx = _select(row[keep].unsqueeze(0), keep.unsqueeze(0), k, largest)
+    return vals[0].tolist(), idx[0].tolist()
 
 
 def build_report(
@@ -356,10 +356,11 @@ def build_report(
     """Build an :class:`InfluenceReport` from a score matrix.
 
     For every query, lists the ``k`` training examples with the largest scores (most
-    positive first) and the ``k`` with the smallest (most negative first), as
-    ``torch.topk`` would. NaN scores are never listed. Each query also records how many
-    of its scores are positive and negative, and each listed entry its normalised views
-    (``share`` of the query's summed ``|score|``, ``z_score`` within the query's row).
+    positive first) and the ``k`` with the smallest (most negative first); among equal
+    scores the lower training index comes first (the rule of ``scoring.topk``). NaN scores
+    are never listed. Each query also records how many of its scores are positive and
+    negative, and each listed entry its normalised views (``share`` of the query's summed
+    ``|score|``, ``z_score`` within the query's row).
 
     Args:
         scores: ``[num_queries, num_train]`` influence scores (positive = training on the

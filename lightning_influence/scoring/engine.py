@@ -1,6 +1,6 @@
 """Influence scores from captured activations/gradients and fitted factors.
 
-Sign convention (``../shared/ekfac-reference.md``, section 1)::
+Sign convention (``docs/method.md``, section 1)::
 
     score(q, m) = grad f(z_q)^T (G + lambda I)^-1 grad(-L(z_m))
 
@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from lightning_influence.batches import move_to_device
 from lightning_influence.errors import FactorsError, TaskInputError
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.tasks import checked_loss, Task
@@ -136,7 +135,8 @@ class InfluenceScorer:
         so a batch never holds every layer's at once. ``query=True`` differentiates the task's
         measurement (query side), otherwise the training loss with the dataset's targets.
         """
-        batch = move_to_device(batch, self.device)
+        from lightning.fabric.utilities.apply_func import move_data_to_device  # lazy: importing Lightning is slow
+        batch = move_data_to_device(batch, self.device)
         if query:
             counts = self.task.query_target_count(batch)
             if counts is not None and (counts == 0).any():

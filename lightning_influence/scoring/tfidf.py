@@ -1,6 +1,6 @@
 """TF-IDF candidate filtering: score each query only against its most similar training texts.
 
-``../shared/ekfac-reference.md`` section 5: the paper scores only the top-k training
+``docs/method.md``, section 5: the paper scores only the top-k training
 sequences most similar to the query under TF-IDF. :class:`TfidfCandidates` is fitted once
 on the training texts (scikit-learn's ``TfidfVectorizer``) and cached next to the factors
 (``<factors_dir>/tfidf/``) as one bundle of the persistence layer, without pickle: the
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,6 +26,7 @@ import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from lightning_influence.store import BundleFormat, new_tensor_name, read_bundle, texts_fingerprint, write_bundle
+from lightning_influence.text import query_text  # the text a query is matched with (one rule)
 from lightning_influence.scoring.engine import InfluenceScorer
 from lightning_influence.scoring.queries import QueryGradients
 from lightning_influence.errors import ScoringError
@@ -64,13 +65,6 @@ def tfidf_cache_dir(factors_dir: str | os.PathLike) -> Path:
     return Path(factors_dir) / "tfidf"
 
 
-def query_text(query: Mapping[str, Any] | str) -> str:
-    """The text a query is matched with: ``prompt + " " + completion`` (or ``text``)."""
-    if isinstance(query, str):
-        return query
-    if "text" in query and query["text"]:
-        return str(query["text"])
-    return f"{query.get('prompt', '')} {query.get('completion', '')}".strip()
 
 
 class TfidfCandidates:
