@@ -45,9 +45,12 @@ def test_report_lists_ties_by_lower_index_and_skips_nan():
 def test_report_with_fewer_finite_scores_than_k():
     scores = torch.full((1, 10), float("nan"), dtype=torch.float64)
     scores[0, [2, 5, 7]] = torch.tensor([1.0, 1.0, -3.0], dtype=torch.float64)
-    q = build_report(scores, ["a"], ["text"], k=5).queries[0]
+    q = build_report(scores, ["a"], ["text"], k=5, strict_sign=False).queries[0]
     assert [e.train_index for e in q.top_positive] == [2, 5, 7]
     assert [e.train_index for e in q.top_negative] == [7, 2, 5]
+    strict = build_report(scores, ["a"], ["text"], k=5).queries[0]  # the default: each list keeps its own sign
+    assert [e.train_index for e in strict.top_positive] == [2, 5]
+    assert [e.train_index for e in strict.top_negative] == [7]
 
 
 def test_demo_ranking_follows_the_same_rule():
