@@ -23,7 +23,7 @@ from lightning_influence.tasks import Task
 from lightning_influence.capture import LayerCapture, TrackedLayer, find_tracked_layers
 
 log = logging.getLogger(__name__)
-from lightning_influence.capture import masked_tokens, model_mode, per_example_gradients, token_count
+from lightning_influence.capture import model_mode, per_example_gradients
 from lightning_influence.tasks import checked_loss
 
 __all__ = [
@@ -71,23 +71,21 @@ def _phase_shapes(phase: str, layers: dict[str, TrackedLayer]) -> dict[str, tupl
     return shapes
 
 
-def _activation_update(name: str, a: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Covariance pass, forward side: the layer's ``sum_t a_t a_t^T`` and token count."""
-    a = masked_tokens(a, mask)
+def _activation_update(name: str, a: torch.Tensor, count: float) -> dict[str, torch.Tensor]:
+    """Covariance pass, forward side: the layer's ``sum_t a_t a_t^T`` and token count (padding already zeroed)."""
     a2 = a.reshape(-1, a.shape[-1])
-    return {f"{name}::A_sum": a2.T @ a2, f"{name}::A_count": torch.tensor(token_count(a, mask), dtype=torch.float64)}
+    return {f"{name}::A_sum": a2.T @ a2, f"{name}::A_count": torch.tensor(count, dtype=torch.float64)}
 
 
 def _layer_update(phase: str, eigvecs: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str,
-                  a: torch.Tensor | None, s: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """One layer's contribution to a pass's sums, from its tokens ``a`` ``[B, T, d_in]`` and ``s`` ``[B, T, d_out]``.
+                  a: torch.Tensor | None, s: torch.Tensor, count: float) -> dict[str, torch.Tensor]:
+    """One layer's contribution to a pass's sums, from its tokens ``a`` ``[B, T, d_in]`` and ``s`` ``[B, T, d_out]``
+    (padding already zeroed by the capture; ``count`` real tokens).
 
     ``eigvecs[name]`` holds the layer's ``(Q_A, Q_S)`` in the compute dtype (Lambda pass only)."""
-    s = masked_tokens(s, mask)
     if phase == "covariance":  # the activation side was summed during the forward
         s2 = s.reshape(-1, s.shape[-1])
-        return {f"{name}::S_sum": s2.T @ s2, f"{name}::S_count": torch.tensor(token_count(s, mask), dtype=torch.float64)}
-    a = masked_tokens(a, mask)
+        return {f"{name}::S_sum": s2.T @ s2, f"{name}::S_count": torch.tensor(count, dtype=torch.float64)}
     if phase == "lambda":
         qa, qs = eigvecs[name]
         # Rotate tokens first: (Q_S^T DW Q_A) = sum_t (Q_S^T s_t)(Q_A^T a_t)^T, cheaper than rotating DW.
@@ -143,24 +141,23 @@ def run_phase(
         # Each layer's sums are taken as soon as its tensors exist (activations in the forward for the
         # covariance pass, everything else in the backward) and its captured tokens dropped right after,
         # so a batch never holds every layer's activations and gradients at once.
-        mask: list[torch.Tensor | None] = [None]  # the current batch's token mask
         # The eigenbases in the compute dtype once per pass, not once per batch and layer.
         eigvecs = {n: (t["A_eigvecs"].to(device=device, dtype=dtype), t["S_eigvecs"].to(device=device, dtype=dtype))
                    for n, t in factors.tensors.items() if n in factors.layers} if phase == "lambda" else {}
 
         def consume(name, a, s):
-            stats.update(_layer_update(phase, eigvecs, name, a, s, mask[0]))
+            stats.update(_layer_update(phase, eigvecs, name, a, s, cap.token_count))
 
         on_activation = None
         if phase == "covariance":
-            on_activation = lambda name, a: stats.update(_activation_update(name, a, mask[0]))  # noqa: E731
+            on_activation = lambda name, a: stats.update(_activation_update(name, a, cap.token_count))  # noqa: E731
 
         with LayerCapture(model, factors.layers, dtype=dtype, on_activation=on_activation) as cap:
             for batch_index, batch in enumerate(_limited(batches, max_batches)):
                 if max_examples is not None and seen_examples >= max_examples:
                     break
                 batch = transfer(batch)
-                mask[0] = task.token_mask(batch)
+                cap.next_batch(task.batch_size(batch), task.token_mask(batch))  # the capture masks padding per layer
                 with forward_context() if forward_context is not None else nullcontext():
                     loss = checked_loss(task.train_loss(model, batch, sample=sample), batch_index)
                 cap.backward(loss, consume)
