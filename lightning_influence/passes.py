@@ -24,7 +24,7 @@ from lightning_influence.capture import LayerCapture, TrackedLayer, find_tracked
 
 log = logging.getLogger(__name__)
 from lightning_influence.capture import model_mode, per_example_gradients
-from lightning_influence.tasks import checked_loss
+from lightning_influence.tasks import batch_train_loss
 
 __all__ = [
     "SumStatistics", "fit_factors", "run_phase", "remaining_phases",
@@ -159,7 +159,7 @@ def run_phase(
                 batch = transfer(batch)
                 cap.next_batch(task.batch_size(batch), task.token_mask(batch))  # the capture masks padding per layer
                 with forward_context() if forward_context is not None else nullcontext():
-                    loss = checked_loss(task.train_loss(model, batch, sample=sample), batch_index)
+                    loss = batch_train_loss(task, model, batch, batch_index, sample)
                 cap.backward(loss, consume)
                 seen_batches += 1
                 n = task.batch_size(batch)
