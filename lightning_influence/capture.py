@@ -320,8 +320,6 @@ class _TokenView:
 
     def count(self, positions: int) -> float:
         """The number of real tokens among the ``B x positions`` this view hands over."""
-        if self.kind == "packed":
-            return float(self.full_mask.sum())
         if self.mask is None:
             return float(self.batch * positions)
         return float(self.mask.sum())
@@ -386,7 +384,7 @@ def _token_view(name: str, module: nn.Module, layer: TrackedLayer, x: torch.Tens
         if rows == mask.numel():  # tokens() brings either order back to [B, T], where the mask applies as it is
             return _TokenView("flat_seq_first" if declared == "seq_first" else "flat", batch, mask, mask)
         if rows == int(mask.sum()):
-            return _TokenView("packed", batch, None, mask)
+            return _TokenView("packed", batch, mask, mask)  # the mask still zeroes the padding's bias column
         raise _layout_error(name, x, batch, f"its {rows} rows are neither one per example, nor the {mask.numel()} "
                             f"token positions of the batch, nor its {int(mask.sum())} real tokens")
     first, second = x.shape[0], x.shape[1]
