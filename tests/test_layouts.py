@@ -42,25 +42,31 @@ class SeqFirstMLP(nn.Module):
 
 
 class RoutedLM(nn.Module):
-    """Token-wise LM whose layers see the batch flattened ``[B*T, d]``, packed (real tokens only) and
-    split into heads ``[B, T, H, d/H]``."""
+    """Token-wise LM whose layers see the batch flattened ``[B*T, d]`` (``flat``), packed to its real tokens
+    (``packed``) and split into heads ``[B, T, H, d/H]`` (``heads``); ``paths`` picks which exist."""
 
-    def __init__(self, vocab: int = 9, dim: int = 6, heads: int = 2):
+    def __init__(self, paths=("flat", "packed", "heads"), vocab: int = 9, dim: int = 6, heads: int = 2):
         super().__init__()
         self.heads = heads
         self.emb = nn.Embedding(vocab, dim)
-        self.routed = nn.Linear(dim, dim)
-        self.packed = nn.Linear(dim, dim)
-        self.per_head = nn.Linear(dim // heads, dim // heads)
+        if "flat" in paths:
+            self.routed = nn.Linear(dim, dim)
+        if "packed" in paths:
+            self.packed = nn.Linear(dim, dim)
+        if "heads" in paths:
+            self.per_head = nn.Linear(dim // heads, dim // heads)
         self.down = nn.Linear(dim, vocab)
 
     def forward(self, input_ids, attention_mask):
         h = self.emb(input_ids)
         b, t, d = h.shape
-        h = torch.tanh(self.routed(h.reshape(-1, d))).reshape(b, t, d)
-        keep = attention_mask.bool().unsqueeze(-1)
-        h = h.masked_scatter(keep, torch.tanh(self.packed(h[keep.squeeze(-1)])))
-        h = h + torch.tanh(self.per_head(h.reshape(b, t, self.heads, d // self.heads))).reshape(b, t, d)
+        if hasattr(self, "routed"):
+            h = torch.tanh(self.routed(h.reshape(-1, d))).reshape(b, t, d)
+        if hasattr(self, "packed"):
+            keep = attention_mask.bool().unsqueeze(-1)
+            h = h.masked_scatter(keep, torch.tanh(self.packed(h[keep.squeeze(-1)])))
+        if hasattr(self, "per_head"):
+            h = h + torch.tanh(self.per_head(h.reshape(b, t, self.heads, d // self.heads))).reshape(b, t, d)
         return self.down(h)
 
 
@@ -165,10 +171,11 @@ def fit_and_score(model, task, train_batches, queries, strategy):
     return factors, scorer.pairwise_scores(queries, train_batches), scorer.self_scores(train_batches)
 
 
+@pytest.mark.parametrize("paths", [("flat",), ("packed",), ("heads",), ("flat", "packed", "heads")])
 @pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
-def test_flattened_packed_and_head_layouts_ignore_padding(strategy):
+def test_flattened_packed_and_head_layouts_ignore_padding(strategy, paths):
     """[B*T, d], packed real tokens and [B, T, H, d] layers: padded batches == each example unpadded."""
-    model = build(RoutedLM)
+    model = build(RoutedLM, paths=paths)
     train = models.lm_batch(6, max_len=8, pad_to=10, seed=1)
     assert (train["attention_mask"] == 0).any()
     queries = models.lm_batch(2, max_len=7, seed=3, prompt_len=2)
