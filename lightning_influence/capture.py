@@ -325,8 +325,8 @@ class _TokenView:
         return float(self.mask.sum())
 
     def apply_mask(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.mask is None or bool(self.mask.all()):
-            return tokens  # nothing to zero: skip a full copy
+        if self.mask is None:
+            return tokens
         return tokens * self.mask.to(device=tokens.device, dtype=tokens.dtype).unsqueeze(-1)
 
 
@@ -530,6 +530,8 @@ class LayerCapture:
             token_mask = token_mask.detach() != 0
         self._batch_size = batch_size
         self._token_mask = token_mask
+        # One device sync per batch, not one per layer: without padding no layer needs a masked copy.
+        self._padded = token_mask is not None and not bool(token_mask.all())
 
     def __enter__(self) -> "LayerCapture":
         self._frozen = [p for p in self.model.parameters() if p.requires_grad]
@@ -579,6 +581,8 @@ class LayerCapture:
             if mask is not None and mask.device != x.device:
                 mask = self._token_mask = mask.to(x.device)
             view = _token_view(name, module, layer, x, output, self._batch_size, mask, self._declared[name])
+            if not self._padded:
+                view.mask = None  # the layout is checked against the mask, but there is nothing to zero or discount
             a = _input_tokens(module, layer, view, x)
             if self.on_activation is not None:
                 self.token_count = view.count(a.shape[1])

@@ -51,6 +51,8 @@ class RoutedLM(nn.Module):
         self.emb = nn.Embedding(vocab, dim)
         if "flat" in paths:
             self.routed = nn.Linear(dim, dim)
+        if "flat_seq_first" in paths:  # rows in [T, B] order: the layer is declared sequence-first
+            self.routed_t = set_token_layout(nn.Linear(dim, dim), "seq_first")
         if "packed" in paths:
             self.packed = nn.Linear(dim, dim)
         if "heads" in paths:
@@ -62,6 +64,8 @@ class RoutedLM(nn.Module):
         b, t, d = h.shape
         if hasattr(self, "routed"):
             h = torch.tanh(self.routed(h.reshape(-1, d))).reshape(b, t, d)
+        if hasattr(self, "routed_t"):
+            h = torch.tanh(self.routed_t(h.transpose(0, 1).reshape(-1, d))).reshape(t, b, d).transpose(0, 1)
         if hasattr(self, "packed"):
             keep = attention_mask.bool().unsqueeze(-1)
             h = h.masked_scatter(keep, torch.tanh(self.packed(h[keep.squeeze(-1)])))
@@ -171,7 +175,8 @@ def fit_and_score(model, task, train_batches, queries, strategy):
     return factors, scorer.pairwise_scores(queries, train_batches), scorer.self_scores(train_batches)
 
 
-@pytest.mark.parametrize("paths", [("flat",), ("packed",), ("heads",), ("flat", "packed", "heads")])
+@pytest.mark.parametrize("paths", [("flat",), ("flat_seq_first",), ("packed",), ("heads",),
+                                   ("flat", "packed", "heads")])
 @pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
 def test_flattened_packed_and_head_layouts_ignore_padding(strategy, paths):
     """[B*T, d], packed real tokens and [B, T, H, d] layers: padded batches == each example unpadded."""

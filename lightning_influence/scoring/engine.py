@@ -132,7 +132,8 @@ class InfluenceScorer:
         """Run one batch and call ``consume(name, a, s)`` per layer during its backward.
 
         ``a`` ``[B, T, d_in]`` and ``s`` ``[B, T, d_out]`` are the layer's activations and output
-        gradients with padding tokens zeroed; each layer's tensors are released after its call,
+        gradients, batch-first whatever the layer's layout, with padding tokens zeroed (the capture
+        maps the task's token mask onto each layer's positions); each layer's tensors are released after its call,
         so a batch never holds every layer's at once. ``query=True`` differentiates the task's
         measurement (query side), otherwise the training loss with the dataset's targets.
         """
