@@ -107,3 +107,19 @@ def test_non_finite_lm_logits_under_the_sampled_fisher_name_the_batch():
     batch["input_ids"][1, 1] = 8  # a real (counted) position
     with pytest.raises(TaskInputError, match=r"training batch 0: the model's logits .* not finite"):
         fit_factors(model, CausalLMTask(), [batch], strategy="kfac", fisher="sampled", dtype=torch.float64)
+
+
+
+@pytest.mark.gpu
+def test_randomized_query_svd_on_cuda_is_seeded_and_leaves_the_cuda_rng_alone():
+    from lightning_influence.scoring.queries import low_rank_factorize
+
+    p = torch.randn(3, 40, 30, generator=torch.Generator().manual_seed(0)).cuda()
+    torch.cuda.manual_seed(1)
+    first = low_rank_factorize(p, 4, "randomized")
+    after = torch.cuda.get_rng_state()
+    torch.cuda.manual_seed(1)
+    assert torch.equal(after, torch.cuda.get_rng_state()), "the query SVD drew from the CUDA RNG"
+    torch.cuda.manual_seed(2)
+    second = low_rank_factorize(p, 4, "randomized")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
