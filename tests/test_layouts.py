@@ -189,9 +189,10 @@ def test_flattened_packed_and_head_layouts_ignore_padding(strategy, paths):
     factors, pair, own = fit_and_score(model, CausalLMTask(), models.split_batch(train, 3), [queries], strategy)
     for name in factors.layers:
         for side in ("A", "S"):
-            torch.testing.assert_close(factors.tensors[name][f"{side}_count"], ref_factors.tensors[name][f"{side}_count"])
-            torch.testing.assert_close(factors.tensors[name][f"{side}_sum"], ref_factors.tensors[name][f"{side}_sum"],
-                                       rtol=1e-9, atol=1e-11, msg=f"{name} {side}")
+            ours, ref = factors.tensors[name], ref_factors.tensors[name]
+            torch.testing.assert_close(ours[f"{side}_count"], ref[f"{side}_count"])
+            torch.testing.assert_close(ours[f"{side}_sum"], ref[f"{side}_sum"], rtol=1e-9, atol=1e-11,
+                                       msg=f"{name} {side}")
     torch.testing.assert_close(pair, ref_pair, rtol=1e-8, atol=1e-10 * float(ref_pair.abs().max()))
     torch.testing.assert_close(own, ref_self, rtol=1e-8, atol=1e-10 * float(ref_self.abs().max()))
 

@@ -35,7 +35,8 @@ def test_tied_head_is_left_out_of_the_default_selection(caplog):
 
 def test_tied_head_selected_by_a_pattern_warns_and_is_tracked():
     model = tied_gpt2()
-    with pytest.warns(UserWarning, match=r"'lm_head' shares its weight with untracked module\(s\) \['transformer.wte'\]"):
+    expected = r"'lm_head' shares its weight with untracked module\(s\) \['transformer.wte'\]"
+    with pytest.warns(UserWarning, match=expected):
         layers = find_tracked_layers(model, ["lm_head", "transformer.h.0.mlp.*"])
     assert "lm_head" in layers
 

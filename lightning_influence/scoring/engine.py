@@ -133,8 +133,8 @@ class InfluenceScorer:
 
         ``a`` ``[B, T, d_in]`` and ``s`` ``[B, T, d_out]`` are the layer's activations and output
         gradients, batch-first whatever the layer's layout, with padding tokens zeroed (the capture
-        maps the task's token mask onto each layer's positions); each layer's tensors are released after its call,
-        so a batch never holds every layer's at once. ``query=True`` differentiates the task's
+        maps the task's token mask onto each layer's positions); each layer's tensors are released
+        after its call, so a batch never holds every layer's at once. ``query=True`` differentiates the task's
         measurement (query side), otherwise the training loss with the dataset's targets.
         """
         batch = move_to_device(batch, self.device)
