@@ -363,8 +363,12 @@ def _token_view(name: str, module: nn.Module, layer: TrackedLayer, x: torch.Tens
     """Decide how the call ``module(x)`` lays out the batch (see the module docstring); raise when it cannot."""
     if batch is None and mask is not None:
         batch = mask.shape[0]
-    if batch is None:  # no batch size given: the leading axis is the batch, as before any check
-        batch = 1 if x.dim() == 1 or (layer.kind == "conv2d" and x.dim() == 3) else x.shape[0]
+    if batch is None:  # no batch size to check against: the batch axis is the declared one, else axis 0
+        declared = declared or "batch_first"
+        if x.dim() == 1 or (layer.kind == "conv2d" and x.dim() == 3):
+            batch = 1
+        else:
+            batch = x.shape[1] if declared == "seq_first" and x.dim() >= 3 else x.shape[0]
     if layer.kind == "conv2d":
         if (x.shape[0] if x.dim() == 4 else 1) != batch:
             raise _layout_error(name, x, batch, "a Conv2d input must be [B, C, H, W]")

@@ -211,3 +211,13 @@ def test_rows_that_map_to_no_example_raise():
     with pytest.raises(TrackingError, match=r"'1' got an input of shape \(10, 4\) for a batch of 2 examples"):
         with LayerCapture(model, find_tracked_layers(model), dtype=torch.float64, batch_size=2) as cap:
             cap.collect(model(x).sum())
+
+
+def test_without_a_batch_size_axis_zero_is_the_batch_even_when_t_equals_b():
+    """LayerCapture used without batch_size (tests, small models) keeps the batch-first reading: no ambiguity."""
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x = torch.randn(3, 3, 4, dtype=torch.float64)
+    with LayerCapture(model, find_tracked_layers(model), dtype=torch.float64) as cap:
+        acts, grads = cap.collect((model(x) ** 2).sum())
+    assert acts["0"].shape == (3, 3, 5) and grads["0"].shape == (3, 3, 3)
+    torch.testing.assert_close(acts["0"][..., :4], x)
