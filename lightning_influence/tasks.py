@@ -12,8 +12,15 @@ A :class:`Task` tells the library three things about a batch:
 * ``token_mask(batch)``: ``[B, T]`` of which token positions exist (padding is
   excluded from every statistic), or ``None`` when every position counts.
 
-Scores follow the reference's sign: ``score = grad f^T (G + lambda I)^-1 grad(-L)``,
+Scores follow the sign of docs/method.md, section 1: ``score = grad f^T (G + lambda I)^-1 grad(-L)``,
 positive when training on the example made the query's measurement larger.
+
+Batches. The built-in tasks read dicts in the transformers convention with no arguments: every
+key but the labels goes to the model as a keyword argument (the attention mask included), outputs
+with ``.logits`` are read, and ``attention_mask`` is the token mask of every statistic and score.
+Every task names its keys the same way: ``label_key=``, ``input_keys=``, ``mask_key=``.
+Classification and regression also read ``(x, y)`` tuples and ``{"x", "y"}`` dicts.
+Under the sampled Fisher, non-finite outputs are refused before any label is drawn.
 """
 
 from __future__ import annotations
@@ -304,8 +311,10 @@ class CausalLMTask(Task):
             with torch.no_grad():
                 targets = targets.clone()
                 if valid.any():
-                    _check_finite(logits.detach()[valid], "logits (at the positions that count)")
-                    targets[valid] = torch.distributions.Categorical(logits=logits.detach()[valid]).sample()
+                    counted = logits.detach()[valid]
+                    _check_finite(counted, "logits (at the positions that count)")
+                    targets[valid] = torch.distributions.Categorical(logits=counted).sample()
+                    del counted
         safe = torch.where(valid, targets, torch.zeros_like(targets))
         # Fused log-softmax + gather: no [B, T, vocab] log-probability tensor is kept for backward.
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe.reshape(-1), reduction="none")
