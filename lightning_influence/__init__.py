@@ -33,6 +33,7 @@ _EXPORTS = {
     "LayerCapture": "capture",
     "TrackedLayer": "capture",
     "find_tracked_layers": "capture",
+    "set_token_layout": "capture",
     "InfluenceCallback": "integration.callback",
     "InfluenceModule": "integration.module",
     "load_query_gradients": "scoring.query_store",

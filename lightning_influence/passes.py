@@ -27,8 +27,8 @@ from lightning_influence.tasks import Task
 from lightning_influence.capture import LayerCapture, find_tracked_layers
 
 log = logging.getLogger(__name__)
-from lightning_influence.capture import masked_tokens, model_mode
-from lightning_influence.tasks import checked_loss
+from lightning_influence.capture import model_mode
+from lightning_influence.tasks import batch_train_loss
 from lightning_influence.store import data_fingerprint, describe_differences, identity_differences, weights_fingerprint
 
 __all__ = [
@@ -130,28 +130,26 @@ def run_phase(
         # Each layer's sums are taken as soon as its tensors exist (activations in the forward for a
         # forward-side pass, everything else in the backward) and its captured tokens dropped right after,
         # so a batch never holds every layer's activations and gradients at once.
-        mask: list[torch.Tensor | None] = [None]  # the current batch's token mask
         layers = factors.layers
         # What the updates read from earlier passes (eigenbases), in the compute dtype once per pass.
         inputs = {n: strategy.pass_inputs(phase, factors.tensors[n], device, dtype) for n in layers}
 
+        # The capture zeroes padding per layer and counts the real tokens of the layer it hands over.
         def consume(name, a, s):
-            a = None if a is None else masked_tokens(a, mask[0])
-            update = strategy.gradient_update(phase, layers[name], a, masked_tokens(s, mask[0]), mask[0], inputs[name])
+            update = strategy.gradient_update(phase, layers[name], a, s, cap.token_count, inputs[name])
             stats.update(_prefixed(name, update))
 
         def on_forward(name, a):
-            stats.update(_prefixed(name, strategy.activation_update(phase, layers[name], masked_tokens(a, mask[0]),
-                                                                    mask[0])))
+            stats.update(_prefixed(name, strategy.activation_update(phase, layers[name], a, cap.token_count)))
 
         with LayerCapture(model, layers, dtype=dtype, on_activation=on_forward if spec.forward_side else None) as cap:
             for batch_index, batch in enumerate(_limited(batches, max_batches)):
                 if max_examples is not None and seen_examples >= max_examples:
                     break
                 batch = transfer(batch)
-                mask[0] = task.token_mask(batch)
+                cap.next_batch(task.batch_size(batch), task.token_mask(batch))  # the capture masks padding per layer
                 with forward_context() if forward_context is not None else nullcontext():
-                    loss = checked_loss(task.train_loss(model, batch, sample=sample), batch_index)
+                    loss = batch_train_loss(task, model, batch, batch_index, sample)
                 cap.backward(loss, consume)
                 seen_batches += 1
                 n = task.batch_size(batch)

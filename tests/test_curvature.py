@@ -37,7 +37,7 @@ class ScalarStrategy(CurvatureStrategy):
     def statistics(self, pass_name, layer):
         return {"square_sum": (), "example_count": ()}
 
-    def gradient_update(self, pass_name, layer, a, s, mask, inputs):
+    def gradient_update(self, pass_name, layer, a, s, count, inputs):
         dw = per_example_gradients(a, s)
         return {"square_sum": dw.square().sum(), "example_count": torch.tensor(float(a.shape[0]))}
 

@@ -69,7 +69,7 @@ class CurvatureStrategy:
             def statistics(self, pass_name, layer):
                 return {"square_sum": (), "example_count": ()}
 
-            def gradient_update(self, pass_name, layer, a, s, mask, inputs):
+            def gradient_update(self, pass_name, layer, a, s, count, inputs):
                 return {"square_sum": per_example_gradients(a, s).square().sum(),
                         "example_count": torch.tensor(float(a.shape[0]))}
 
@@ -131,18 +131,17 @@ class CurvatureStrategy:
         """What a pass's updates read from earlier passes (e.g. eigenbases), moved once per pass, not per batch."""
         return None
 
-    def activation_update(self, pass_name: str, layer: TrackedLayer, a: torch.Tensor,
-                          mask: torch.Tensor | None) -> LayerTensors:
+    def activation_update(self, pass_name: str, layer: TrackedLayer, a: torch.Tensor, count: float) -> LayerTensors:
         """Forward-side sums of one batch (passes with ``forward_side``), from the activations ``a`` ``[B, T, d_in]``.
 
-        Padding tokens of ``a`` are already zero; ``mask`` ``[B, T']`` (or ``None``) is given to count tokens.
+        Padding tokens of ``a`` are already zero; ``count`` is the number of real tokens among them.
         """
         raise NotImplementedError(f"{type(self).__name__} has no forward-side statistics")
 
     def gradient_update(self, pass_name: str, layer: TrackedLayer, a: torch.Tensor | None, s: torch.Tensor,
-                        mask: torch.Tensor | None, inputs: Any) -> LayerTensors:
+                        count: float, inputs: Any) -> LayerTensors:
         """Backward-side sums of one batch, from ``a`` ``[B, T, d_in]`` (``None`` after a forward-side update)
-        and the output gradients ``s`` ``[B, T, d_out]``; padding tokens already zero, ``mask`` to count tokens;
+        and the output gradients ``s`` ``[B, T, d_out]``; padding tokens already zero, ``count`` real tokens;
         ``inputs`` is what :meth:`pass_inputs` returned for this layer."""
         raise NotImplementedError(f"{type(self).__name__} accumulates no statistics")
 

@@ -23,7 +23,7 @@ class DiagonalStrategy(CurvatureStrategy):
     def statistics(self, pass_name: str, layer: TrackedLayer) -> dict[str, tuple[int, ...]]:
         return {"diag_sum": layer.shape, "diag_count": ()}
 
-    def gradient_update(self, pass_name, layer, a, s, mask, inputs) -> LayerTensors:
+    def gradient_update(self, pass_name, layer, a, s, count, inputs) -> LayerTensors:
         dw = per_example_gradients(a, s)
         return {"diag_sum": dw.square_().sum(0), "diag_count": torch.tensor(float(a.shape[0]), dtype=torch.float64)}
 

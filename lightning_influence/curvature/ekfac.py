@@ -37,9 +37,9 @@ class EKFACStrategy(KFACStrategy):
             return super().pass_inputs(pass_name, tensors, device, dtype)
         return tensors["A_eigvecs"].to(device=device, dtype=dtype), tensors["S_eigvecs"].to(device=device, dtype=dtype)
 
-    def gradient_update(self, pass_name, layer, a, s, mask, inputs) -> LayerTensors:
+    def gradient_update(self, pass_name, layer, a, s, count, inputs) -> LayerTensors:
         if pass_name != LAMBDA_PASS:
-            return super().gradient_update(pass_name, layer, a, s, mask, inputs)
+            return super().gradient_update(pass_name, layer, a, s, count, inputs)
         qa, qs = inputs
         # Rotate tokens first: (Q_S^T DW Q_A) = sum_t (Q_S^T s_t)(Q_A^T a_t)^T, cheaper than rotating DW.
         rotated = per_example_gradients(a @ qa, s @ qs)

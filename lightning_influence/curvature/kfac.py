@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_influence.capture import TrackedLayer, token_count
+from lightning_influence.capture import TrackedLayer
 from lightning_influence.curvature.base import COMPLETE, CurvatureStrategy, LayerTensors, StatisticsPass
 from lightning_influence.errors import TaskInputError
 
@@ -30,13 +30,13 @@ class KFACStrategy(CurvatureStrategy):
     def statistics(self, pass_name: str, layer: TrackedLayer) -> dict[str, tuple[int, ...]]:
         return {"A_sum": (layer.d_in, layer.d_in), "S_sum": (layer.d_out, layer.d_out), "A_count": (), "S_count": ()}
 
-    def activation_update(self, pass_name, layer, a, mask) -> LayerTensors:
+    def activation_update(self, pass_name, layer, a, count) -> LayerTensors:
         a2 = a.reshape(-1, a.shape[-1])
-        return {"A_sum": a2.T @ a2, "A_count": torch.tensor(token_count(a, mask), dtype=torch.float64)}
+        return {"A_sum": a2.T @ a2, "A_count": torch.tensor(float(count), dtype=torch.float64)}
 
-    def gradient_update(self, pass_name, layer, a, s, mask, inputs) -> LayerTensors:
+    def gradient_update(self, pass_name, layer, a, s, count, inputs) -> LayerTensors:
         s2 = s.reshape(-1, s.shape[-1])  # the activation side was summed during the forward
-        return {"S_sum": s2.T @ s2, "S_count": torch.tensor(token_count(s, mask), dtype=torch.float64)}
+        return {"S_sum": s2.T @ s2, "S_count": torch.tensor(float(count), dtype=torch.float64)}
 
     def finish_pass(self, pass_name: str, layer: TrackedLayer, tensors: LayerTensors) -> None:
         if float(tensors["A_count"]) == 0:

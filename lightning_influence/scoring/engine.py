@@ -24,8 +24,8 @@ from torch import nn
 from lightning_influence.errors import FactorsError, TaskInputError
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.tasks import checked_loss, Task
-from lightning_influence.capture import (masked_tokens, model_mode, per_example_gradients, LayerCapture,
-                                         TrackedLayer, find_tracked_layers)
+from lightning_influence.capture import (model_mode, per_example_gradients, LayerCapture, TrackedLayer,
+                                         find_tracked_layers)
 from lightning_influence.errors import ScoringError
 from lightning_influence.scoring.queries import QUERY_SVD_METHODS, QueryGradients, low_rank_factorize
 
@@ -131,8 +131,9 @@ class InfluenceScorer:
         """Run one batch and call ``consume(name, a, s)`` per layer during its backward.
 
         ``a`` ``[B, T, d_in]`` and ``s`` ``[B, T, d_out]`` are the layer's activations and output
-        gradients with padding tokens zeroed; each layer's tensors are released after its call,
-        so a batch never holds every layer's at once. ``query=True`` differentiates the task's
+        gradients, batch-first whatever the layer's layout, with padding tokens zeroed (the capture
+        maps the task's token mask onto each layer's positions); each layer's tensors are released
+        after its call, so a batch never holds every layer's at once. ``query=True`` differentiates the task's
         measurement (query side), otherwise the training loss with the dataset's targets.
         """
         from lightning.fabric.utilities.apply_func import move_data_to_device  # lazy: importing Lightning is slow
@@ -145,14 +146,15 @@ class InfluenceScorer:
                     f"query batch {batch_index}: queries at positions {bad} have no target token (all labels -100); "
                     "each query needs at least one completion token to measure"
                 )
-        mask = self.task.token_mask(batch)
         with model_mode(self.model, train=False), torch.enable_grad():
-            with LayerCapture(self.model, self.layers, dtype=self._accumulate_dtype()) as cap:
+            # The capture checks each layer's batch axis and zeroes padding per layer (its token positions).
+            with LayerCapture(self.model, self.layers, dtype=self._accumulate_dtype(),
+                              batch_size=self.task.batch_size(batch), token_mask=self.task.token_mask(batch)) as cap:
                 if query:
                     value = checked_loss(self.task.measurement(self.model, batch), batch_index, "query measurement")
                 else:
                     value = checked_loss(self.task.train_loss(self.model, batch, sample=False), batch_index)
-                cap.backward(value, lambda name, a, s: consume(name, masked_tokens(a, mask), masked_tokens(s, mask)))
+                cap.backward(value, consume)
 
     # ------------------------------------------------------------- queries
     def query_gradients(self, batches: Iterable[Any]) -> QueryGradients:
