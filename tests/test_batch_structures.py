@@ -23,7 +23,7 @@ class AttributeTask(ClassificationTask):
 
     def _split(self, batch):
         assert isinstance(batch, Pair), type(batch)
-        return batch.x, batch.y
+        return (batch.x,), {}, batch.y  # (positional inputs, keyword inputs, targets)
 
 
 class TinyLM(nn.Module):
