@@ -1,0 +1,209 @@
+"""Real sizes: GPT-2 small (124M parameters, 50257-token tied head) and a 32k-vocabulary Llama, with defaults.
+
+What a new user gets from ``InfluenceCallback(task="causal_lm")`` / ``fit_factors(model, CausalLMTask(), loader)``
+with no options: which layers are tracked (and which are left out, and why), the memory plan against the
+measured peak, the fit's time in plain forward+backward epochs, top-k scoring of 16 queries at full rank and
+rank 32, self-influence; Kronfluence on the same model and layers, side by side. Models are built from
+transformers configs (random weights: speed and memory do not depend on training). Every operation runs in its
+own interpreter (``python -m benchmarks.real_size worker ...``) so that peak RSS is that operation's alone.
+
+    .bench-venv/bin/python -m benchmarks.real_size [--quick] [--model gpt2|llama32k|both]
+
+Writes ``benchmarks/results/real_size.json``; ``benchmarks/run_all.py`` turns it into a section of
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .common import PeakRSS, ListDataset, loader, loadavg_now, run_worker, save_json, set_threads
+
+N_TRAIN, SEQ_LEN, BATCH, N_QUERY = 64, 128, 8, 16
+QUICK = dict(n_train=16, seq_len=32)
+
+
+def build_model(name: str, quick: bool) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(n_layer=2, n_embd=128, n_head=4) if quick else GPT2Config()
+        cfg.attn_pdrop = cfg.resid_pdrop = cfg.embd_pdrop = 0.0
+        return GPT2LMHeadModel(cfg).eval()
+    if name == "llama32k":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=128 if quick else 512, intermediate_size=352 if quick else 1408,
+                          num_hidden_layers=2 if quick else 4, num_attention_heads=4 if quick else 8,
+                          num_key_value_heads=4 if quick else 8, max_position_embeddings=SEQ_LEN,
+                          tie_word_embeddings=False, pad_token_id=0)
+        cfg._attn_implementation = "eager"
+        return LlamaForCausalLM(cfg).eval()
+    raise ValueError(name)
+
+
+def data(vocab: int, n: int, seq_len: int, seed: int, prompt_len: int = 0) -> ListDataset:
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        ids = torch.randint(1, vocab, (seq_len,), generator=g)
+        labels = ids.clone()
+        labels[:prompt_len] = -100
+        items.append({"input_ids": ids, "attention_mask": torch.ones(seq_len, dtype=torch.long), "labels": labels})
+    return ListDataset(items)
+
+
+def linear_copy(model: nn.Module) -> nn.Module:
+    """The same network with transformers' Conv1D replaced by nn.Linear (Kronfluence tracks only Linear/Conv2d)."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            d_in, d_out = module.weight.shape
+            lin = nn.Linear(d_in, d_out)
+            with torch.no_grad():
+                lin.weight.copy_(module.weight.T)
+                lin.bias.copy_(module.bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, lin)
+    return model
+
+
+def worker(args) -> dict:
+    set_threads()
+    quick = args.quick
+    seq_len = QUICK["seq_len"] if quick else SEQ_LEN
+    n = QUICK["n_train"] if quick else N_TRAIN
+    model = build_model(args.model, quick)
+    vocab = model.config.vocab_size
+    train = data(vocab, n, seq_len, seed=1)
+    queries = data(vocab, N_QUERY, seq_len, seed=2, prompt_len=seq_len // 2)
+    workdir = Path(args.workdir)
+    result: dict = {"op": args.op, "model": args.model, "n": n, "seq_len": seq_len, "threads": torch.get_num_threads(),
+                    "parameters": sum(p.numel() for p in model.parameters())}
+    precision = "bf16-mixed" if args.model == "llama32k" else "32"
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16-mixed" else None
+    from lightning_influence import CausalLMTask
+
+    task = CausalLMTask()
+    if args.op in ("epoch", "train"):
+        # epoch: plain forward+backward (the yardstick); train: a training epoch with AdamW ("training alone")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if args.op == "train" else None
+        with PeakRSS() as m:
+            for batch in loader(train, BATCH):
+                model.zero_grad(set_to_none=True)
+                ctx = autocast() if autocast else torch.enable_grad()
+                with ctx:
+                    loss = task.train_loss(model, batch) / BATCH
+                loss.backward()
+                if opt is not None:
+                    opt.step()
+    elif args.op == "fit":
+        from lightning_influence import fit_factors
+
+        with PeakRSS() as m:
+            factors = fit_factors(model, task, loader(train, BATCH), output_dir=str(workdir / f"factors-{args.model}"))
+        result["tracked"] = {name: [l.d_out, l.d_in] for name, l in factors.layers.items()}
+    elif args.op in ("topk_full", "topk_r32", "self"):
+        from lightning_influence import InfluenceFactors, InfluenceModule
+
+        factors = InfluenceFactors.load(workdir / f"factors-{args.model}")
+        module = InfluenceModule(model, task=task, factors=factors, show_progress=False,
+                                 query_rank=32 if args.op == "topk_r32" else None)
+        with PeakRSS() as m:
+            if args.op == "self":
+                module.self_scores(loader(train, BATCH))
+            else:
+                module.top_k(loader(queries, N_QUERY), loader(train, BATCH), k=10)
+    elif args.op in ("kron_fit", "kron_score"):
+        from . import kron_side
+
+        kmodel = linear_copy(model) if args.model == "gpt2" else model
+        names = json.loads((workdir / f"tracked-{args.model}.json").read_text())
+        ktask = kron_side.KronLMTask(names)
+        analyzer = kron_side.make_analyzer(kmodel, ktask, workdir / "kron", name=args.model, copy_model=False)
+        with PeakRSS() as m:
+            if args.op == "kron_fit":
+                kron_side.fit(analyzer, "ekfac", train, "ekfac", BATCH)
+            else:
+                kron_side.pairwise(analyzer, "ekfac", "scores", queries, train, BATCH)
+    result.update(m.as_dict())
+    return result
+
+
+def call(workdir: Path, model: str, op: str, quick: bool, log) -> dict:
+    args = ["worker", "--workdir", str(workdir), "--model", model, "--op", op] + (["--quick"] if quick else [])
+    r = run_worker("benchmarks.real_size", args, timeout=3 * 3600)
+    log(f"  {model:9s} {op:10s} wall={r['seconds']:7.1f}s cpu={r['cpu_seconds']:7.1f}s "
+        f"peak_rss={r['peak_rss'] / 2**20:7.0f}MiB (+{r['increment_rss'] / 2**20:.0f}MiB)")
+    return r
+
+
+def plan_for(model_name: str, quick: bool, tracked: dict) -> dict:
+    """The memory plan the library makes for these layers (nothing allocated)."""
+    from lightning_influence.capture import find_tracked_layers
+    from lightning_influence.memory import plan_memory
+
+    with torch.device("meta"):
+        model = build_model(model_name, quick)
+    layers = find_tracked_layers(model, list(tracked))
+    seq_len = QUICK["seq_len"] if quick else SEQ_LEN
+    plan = plan_memory(layers, "ekfac", batch_size=BATCH, tokens_per_example=seq_len,
+                       model_parameters=sum(p.numel() for p in model.parameters()))
+    return {"table": plan.table(), "peak_bytes": plan.peak.total, "peak_phase": plan.peak.phase}
+
+
+def run(models: list[str], quick: bool, log=print) -> dict:
+    set_threads()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-real-"))
+    out: dict = {"quick": quick, "models": {}, "loadavg_start": loadavg_now()}
+    for name in models:
+        rows = {op: call(workdir, name, op, quick, log) for op in ("epoch", "train", "fit")}
+        (workdir / f"tracked-{name}.json").write_text(json.dumps(list(rows["fit"]["tracked"])))
+        for op in ("topk_full", "topk_r32", "self", "kron_fit", "kron_score"):
+            try:
+                rows[op] = call(workdir, name, op, quick, log)
+            except Exception as err:  # a peer that cannot run this model is a result too
+                rows[op] = {"error": str(err)[-2000:]}
+                log(f"  {name} {op} failed: {str(err)[-300:]}")
+        rows["plan"] = plan_for(name, quick, rows["fit"]["tracked"])
+        out["models"][name] = rows
+    out["loadavg_end"] = loadavg_now()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd")
+    w = sub.add_parser("worker")
+    w.add_argument("--workdir", required=True)
+    w.add_argument("--model", required=True)
+    w.add_argument("--op", required=True)
+    w.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default="both", choices=["gpt2", "llama32k", "both"])
+    args = parser.parse_args()
+    if args.cmd == "worker":
+        print(json.dumps(worker(args)))
+        return
+    t0 = time.perf_counter()
+    models = ["gpt2", "llama32k"] if args.model == "both" else [args.model]
+    result = run(models, args.quick)
+    result["seconds"] = time.perf_counter() - t0
+    print(json.dumps({"saved": str(save_json("real_size-quick.json" if args.quick else "real_size.json", result))}))
+
+
+if __name__ == "__main__":
+    main()

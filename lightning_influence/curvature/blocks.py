@@ -1,0 +1,135 @@
+"""Block-diagonal sides for wide layers (docs/method.md, section 6).
+
+A K-FAC side (the activation side A, ``d_in x d_in``, or the output-gradient side S,
+``d_out x d_out``) whose dimension ``d`` is too large for a dense ``d x d`` covariance is kept
+as ``k`` diagonal blocks of size ``b`` (the last one shorter when ``b`` does not divide ``d``):
+``A ~ blockdiag(A_1, ..., A_k)``. Each block is eigendecomposed on its own, so the eigenbasis is
+block-diagonal and still orthogonal, and a rotation costs ``d * b`` instead of ``d^2``. With one
+block it is the ordinary dense side, stored as ``[d, d]``; with several, as ``[k, b, b]``.
+
+The last block is stored zero-padded to ``b``; its eigenbasis is the eigenbasis of the real
+``r x r`` part, embedded with the identity on the padding (and zero eigenvalues there), so
+padded coordinates never mix with real ones and rotating a zero-padded vector keeps the
+padding at zero: every operation here is exact on the real coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SideLayout"]
+
+
+class SideLayout:
+    """How one side of dimension ``dim`` is split: ``num_blocks`` blocks of ``block`` coordinates.
+
+    ``block_size=None`` (or at least ``dim``) is the dense side.
+    """
+
+    def __init__(self, dim: int, block_size: int | None = None):
+        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+            raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+        self.dim = int(dim)
+        self.block = self.dim if block_size is None or block_size >= dim else int(block_size)
+        self.num_blocks = math.ceil(self.dim / self.block)
+        self.padded = self.num_blocks * self.block
+
+    @property
+    def dense(self) -> bool:
+        return self.num_blocks == 1
+
+    def __repr__(self) -> str:
+        return f"SideLayout(dim={self.dim}, blocks={self.num_blocks}x{self.block})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SideLayout) and (self.dim, self.block) == (other.dim, other.block)
+
+    # ------------------------------------------------------------ shapes
+    @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        """Shape of a covariance or eigenbasis of this side."""
+        return (self.dim, self.dim) if self.dense else (self.num_blocks, self.block, self.block)
+
+    @property
+    def vector_shape(self) -> tuple[int, ...]:
+        """Shape of the eigenvalues of this side (padding included when blocked)."""
+        return (self.dim,) if self.dense else (self.num_blocks, self.block)
+
+    def matrix_elements(self) -> int:
+        return self.dim * self.dim if self.dense else self.num_blocks * self.block * self.block
+
+    # ------------------------------------------------------------ blocks of vectors
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., dim]`` -> ``[..., k, b]`` (zero-padded)."""
+        if self.padded != self.dim:
+            x = F.pad(x, (0, self.padded - self.dim))
+        return x.reshape(*x.shape[:-1], self.num_blocks, self.block)
+
+    def _join(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., k, b]`` -> ``[..., dim]`` (padding dropped)."""
+        return x.reshape(*x.shape[:-2], self.padded)[..., : self.dim]
+
+    # ------------------------------------------------------------ statistics
+    def outer_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``sum_n x_n x_n^T`` restricted to the diagonal blocks, for tokens ``x`` ``[N, dim]``."""
+        if self.dense:
+            return x.T @ x
+        xb = self._split(x).transpose(0, 1)  # [k, N, b]
+        return xb.transpose(1, 2) @ xb
+
+    def eigh(self, total: torch.Tensor, count: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues and eigenvectors (float64) of the mean covariance ``total / count``, block by block."""
+        cov = total.to(torch.float64) / count
+        if self.dense:
+            cov = 0.5 * (cov + cov.T)
+            vals, vecs = torch.linalg.eigh(cov)
+            return vals, vecs.contiguous()
+        cov = 0.5 * (cov + cov.transpose(1, 2))
+        vals = torch.zeros(self.num_blocks, self.block, dtype=torch.float64, device=cov.device)
+        vecs = torch.zeros_like(cov)
+        full = self.dim // self.block  # blocks with no padding
+        if full:
+            vals[:full], vecs[:full] = torch.linalg.eigh(cov[:full])
+        if full < self.num_blocks:  # the short last block: its real part only, identity on the padding
+            r = self.dim - full * self.block
+            v, q = torch.linalg.eigh(cov[full, :r, :r])
+            vals[full, :r] = v
+            vecs[full, :r, :r] = q
+            vecs[full, r:, r:] = torch.eye(self.block - r, dtype=torch.float64, device=cov.device)
+        return vals, vecs.contiguous()
+
+    def eigenvalues(self, vals: torch.Tensor) -> torch.Tensor:
+        """The ``[dim]`` eigenvalues in coordinate order (padding dropped)."""
+        return vals if self.dense else vals.reshape(-1)[: self.dim]
+
+    # ------------------------------------------------------------ rotations
+    def rotate(self, x: torch.Tensor, vecs: torch.Tensor, axis: int = -1) -> torch.Tensor:
+        """``Q^T x`` along ``axis`` of ``x`` (the coordinates of ``x`` in the eigenbasis)."""
+        return self._apply(x, vecs, axis, transpose=False)
+
+    def unrotate(self, x: torch.Tensor, vecs: torch.Tensor, axis: int = -1) -> torch.Tensor:
+        """``Q x`` along ``axis``: back from eigenbasis coordinates."""
+        return self._apply(x, vecs, axis, transpose=True)
+
+    def _apply(self, x: torch.Tensor, vecs: torch.Tensor, axis: int, transpose: bool) -> torch.Tensor:
+        moved = axis not in (-1, x.dim() - 1)
+        if moved:
+            x = x.movedim(axis, -1)
+        if self.dense:
+            y = x @ (vecs.T if transpose else vecs)
+        else:
+            xb = self._split(x)  # [..., k, b]
+            lead = xb.shape[:-2]
+            xb = xb.reshape(-1, self.num_blocks, self.block).transpose(0, 1)  # [k, M, b]
+            yb = xb @ (vecs.transpose(1, 2) if transpose else vecs)
+            y = self._join(yb.transpose(0, 1).reshape(*lead, self.num_blocks, self.block))
+        return y.movedim(-1, axis) if moved else y
+
+    def dense_matrix(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The explicit ``[dim, dim]`` matrix of a blocked covariance or eigenbasis (tests, small sides)."""
+        if self.dense:
+            return blocks
+        return torch.block_diag(*blocks)[: self.dim, : self.dim]
