@@ -80,13 +80,13 @@ def load_query_set(spec: str, tokenizer=None, batch_size: int = 8) -> QuerySet:
         n = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else len(ids)
         ids = ids or [f"q{i}" for i in range(n)]
         return QuerySet(loader, ids, texts or ids)
+    records = read_jsonl_queries(spec)  # a broken file is reported before a missing tokenizer
     if tokenizer is None:
         raise ValueError(
             f"queries={spec!r} is a JSONL file of prompt/completion pairs, which needs a tokenizer: give the "
             "datamodule or LightningModule a `tokenizer` attribute, or pass queries='module:function' returning "
             "a DataLoader of query batches"
         )
-    records = read_jsonl_queries(spec)
     dataset = QueryDataset(records, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=QueryCollator(pad))
