@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import lightning_influence.integration.callback as cb_mod  # noqa: E402
 from lightning_influence import ClassificationTask, InfluenceCallback, InfluenceModule  # noqa: E402
+from lightning_influence.errors import ScoringError  # noqa: E402
 from tests import lit_models as lm  # noqa: E402
 
 
@@ -54,6 +55,13 @@ def main(out: str) -> None:
                "top_pos_values": top["positive"][0], "shard_pos": sharded["positive"][1],
                "shard_neg": sharded["negative"][1]}
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, f"scores-rank{rank}.safetensors"))
+    try:  # the shards exist now: every rank refuses together (rank zero looked), none waits alone
+        module.top_k(queries, train, k=4, trainer=trainer, scores_dir=os.path.join(out, "shards"))
+        refused = "no"
+    except ScoringError as err:
+        refused = str(err)
+    with open(os.path.join(out, f"refused-rank{rank}.txt"), "w") as f:
+        f.write(refused)
     if trainer.is_global_zero:
         # The pattern of issue 13, item 1: the other rank is done (and gone); no collective may be entered.
         in_process = module.pairwise_scores(queries, train)

@@ -77,6 +77,8 @@ def test_ddp_matches_single_process(tmp_path):
     assert [e["train_index"] for e in report["queries"][0]["top_positive"]] == \
         torch.topk(expected[0], 4).indices.tolist()
     torch.testing.assert_close(read_scores(tmp_path / "factors" / "score_shards"), expected, **tol)
+    for rank in (0, 1):  # a second distributed run into the same shards: refused on both ranks
+        assert "already holds scores" in (tmp_path / f"refused-rank{rank}.txt").read_text(), rank
     # Rank zero alone, in-process, after the other rank left: the full matrix, no collective.
     alone = load_file(str(tmp_path / "rank0-alone.safetensors"))
     torch.testing.assert_close(alone["in_process"], expected, **tol)

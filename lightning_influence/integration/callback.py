@@ -209,8 +209,19 @@ class InfluenceCallback(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The first hook where the trainer's own training dataloader exists, still before any training step.
-        if self.fit_on != "manual":
+        if self.fit_on == "manual":
+            return
+        error = None
+        try:
             self.check_inputs(trainer, pl_module)
+        except MisconfigurationException as err:
+            error = err
+        # Every rank raises together: a rank that stopped alone would leave the others in a collective.
+        failed_somewhere = trainer.strategy.reduce_boolean_decision(error is not None, all=False)
+        if error is not None:
+            raise error
+        if failed_somewhere:
+            raise MisconfigurationException("InfluenceCallback's input check failed on another rank (see its error)")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if isinstance(self.fit_on, int) and not isinstance(self.fit_on, bool) and trainer.current_epoch + 1 == self.fit_on:
@@ -275,6 +286,8 @@ class InfluenceCallback(Callback):
         with torch.random.fork_rng(devices=fork_devices):
             batch = next(iter(rebuild_loader(loader)), None)
         if batch is None:
+            if trainer.world_size > 1:
+                return  # this rank's shard is empty (fewer examples than ranks); the others check theirs
             raise MisconfigurationException(
                 "InfluenceCallback: the training dataloader is empty; the statistics passes need training data")
         batch = trainer.strategy.batch_to_device(batch, device)

@@ -75,10 +75,10 @@ class InfluenceModule(L.LightningModule):
         self_scores = module.self_scores(train_loader)                   # [num_train]
         scores = module.pairwise_scores(query_loader, train_loader, trainer=L.Trainer(strategy="ddp"))
 
-    Through Lightning directly: ``module.prepare_queries(query_loader)`` and then
-    ``trainer.predict(module, indexed_loader, callbacks=...)`` with one of the writers of
-    ``lightning_influence.integration.writer``; each predict step returns
-    ``(indices, scores [L, Q, B])`` for a loader yielding ``(indices, batch)``.
+    Through Lightning directly: ``module.prepare_queries(query_loader)``, then
+    ``trainer.predict(module, rebuild_loader(train_loader, indexed=True, shard=False))`` with one
+    of the writers of ``lightning_influence.integration.writer`` among the trainer's callbacks;
+    each predict step returns ``(indices, scores [L, Q, B])`` for a batch ``(indices, batch)``.
     """
 
     def __init__(

@@ -226,6 +226,21 @@ class ShardWriter(_ScoreWriter):
     def completed(self) -> bool:
         return self._shards is not None and self._shards.completed
 
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if self.distributed:
+            self.check_directory_free(trainer.strategy)
+
+    def check_directory_free(self, collective: Collective) -> None:
+        """Under data parallelism: refuse, on every rank together, a directory that already holds scores.
+
+        Rank zero looks (the others may not see its filesystem) and broadcasts what it found, so
+        that no rank raises while the others wait in a collective.
+        """
+        occupied = (self.directory / "manifest.json").is_file() if collective.is_global_zero else None
+        if collective.broadcast(occupied, 0):
+            raise ScoringError(f"'{self.directory}' already holds scores; write a distributed run to a new "
+                               "directory (resuming an interrupted run works in one process)")
+
     def resume_from(self) -> int:
         """The first training index not on disk yet (0 under data parallelism: no resume there)."""
         return self._shards.resume_from() if self._shards is not None else 0
@@ -260,12 +275,9 @@ class ShardWriter(_ScoreWriter):
             self.layer_abs_sums = torch.stack(_gather_padded(collective, self.layer_abs_sums)).sum(0)
         writer = None
         if collective.is_global_zero:
-            # A distributed run is written afresh: its columns are scattered over ranks until now.
+            # A distributed run is written afresh (checked at predict start): its columns were scattered over ranks.
             writer = ScoreShardWriter(self.directory, shard_size=self.shard_size, num_queries=self.num_queries,
                                       topk=self.k, metadata=self.metadata)
-            if writer.resume_from() or writer.completed:
-                raise ScoringError(f"'{self.directory}' already holds scores; write a distributed run to a new "
-                                   "directory (resuming works in one process)")
         # Window by window (shard_size columns each): no rank ever holds more than its own columns
         # plus one window; every rank runs the same number of gathers.
         for start in range(0, total, self.shard_size):
