@@ -152,3 +152,10 @@ def test_check_leaves_weights_modes_and_rng_untouched(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, weights[k]), k
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_fit_on_cut_short_by_max_steps_warns(tmp_path):
+    cb = InfluenceCallback(fit_on=2, output_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="fit_on=2 did not fire"):
+        _fit(CountingClassifier(), cb, max_epochs=3, max_steps=3)
+    assert cb.factors is None

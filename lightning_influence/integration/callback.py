@@ -231,6 +231,11 @@ class InfluenceCallback(Callback):
         # Runs before the strategy's teardown, while the model is still on its device.
         if self.fit_on == "fit_end":
             self.run(trainer, pl_module)
+        elif isinstance(self.fit_on, int) and not getattr(self, "_ran_this_fit", False):
+            # Possible only when something else stopped training early (max_steps, max_time, early stopping).
+            rank_zero_warn(f"[lightning-influence] fit_on={self.fit_on} did not fire: training stopped after epoch "
+                           f"{trainer.current_epoch}; no factors were fitted. Call callback.fit_factors(trainer, "
+                           "model), or use fit_on='fit_end'")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Training was skipped (max_epochs reached already, e.g. resuming a finished run): run now,
@@ -260,11 +265,6 @@ class InfluenceCallback(Callback):
                 f"model_attr={self.model_attr!r}: {type(pl_module).__name__} has no nn.Module attribute of that name"
             )
         return model
-
-    def training_loader(self, trainer: L.Trainer, pl_module: L.LightningModule, dataloader: Any = None) -> Any:
-        """The one dataloader the passes (and the end-of-run scoring) read: ``dataloader``, the
-        callback's ``dataloader``, or the trainer's training dataloader."""
-        return self._training_loader(trainer, pl_module, dataloader)
 
     def check_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Run the task once on one training batch and read the query file, raising what would fail later.
