@@ -107,3 +107,20 @@ def test_empty_loader_is_an_error(case):
     empty = lm.loader(lm.classification_data(0), batch_size=4)
     with pytest.raises(MisconfigurationException, match="the training dataloader is empty"):
         module.pairwise_scores(queries, empty)
+
+
+def test_trainer_predict_with_a_writer_directly(case):
+    """The plain Lightning form: prepared queries, an indexed loader, a writer among the trainer's callbacks."""
+    from lightning_influence.loaders import rebuild_loader
+
+    model, factors, data, queries, full, _ = case
+    module = InfluenceModule(model, task=ClassificationTask(), factors=factors)
+    module.prepare_queries(queries)
+    writer = TopKWriter(num_queries=5, k=3)
+    matrix = ScoreMatrixWriter()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[writer, matrix])
+    shuffled = lm.loader(data, batch_size=6, shuffle=True)  # rebuilt in dataset order
+    trainer.predict(module, rebuild_loader(shuffled, indexed=True, shard=False), return_predictions=False)
+    _close(matrix.result, full.sum(0))
+    assert torch.equal(writer.result["positive"][1], torch.topk(full.sum(0), 3, dim=1).indices)
