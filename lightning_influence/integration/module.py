@@ -188,7 +188,9 @@ class InfluenceModule(L.LightningModule):
             scores = self.scorer().score_batch(self.queries, _out_of_inference(data), batch_idx)
         return indices, scores.detach()
 
-    def _score_dtype_out(self) -> torch.dtype:
+    @property
+    def output_dtype(self) -> torch.dtype:
+        """The dtype scores come out in (bf16/fp16 scoring accumulates in float32)."""
         low = self.options.score_dtype in (torch.float16, torch.bfloat16)
         return torch.float32 if low else self.options.score_dtype
 
@@ -223,14 +225,14 @@ class InfluenceModule(L.LightningModule):
         """
         queries = self.prepare_queries(query_loader)
         writer = ScoreMatrixWriter(per_layer, empty_shape=(len(self.scorer().layer_names), queries.num_queries),
-                                   empty_dtype=self._score_dtype_out())
+                                   empty_dtype=self.output_dtype)
         return self._run(writer, train_loader, trainer, self, "Influence: pairwise scores")
 
     def self_scores(self, train_loader: Iterable, trainer: L.Trainer | None = None,
                     per_layer: bool = False) -> torch.Tensor:
         """Self-influence ``[num_train]`` (``[num_layers, N]`` with ``per_layer``), in dataset order."""
         writer = ScoreMatrixWriter(per_layer, empty_shape=(len(self.scorer().layer_names),),
-                                   empty_dtype=self._score_dtype_out())
+                                   empty_dtype=self.output_dtype)
         return self._run(writer, train_loader, trainer, _SelfInfluenceStep(self), "Influence: self-influence")
 
     def top_k(self, query_loader: Iterable | QueryGradients, train_loader: Iterable, k: int | None = None,
@@ -255,7 +257,7 @@ class InfluenceModule(L.LightningModule):
         distributed = trainer is not None and trainer.world_size > 1
         with _misconfiguration():
             writer = ShardWriter(scores_dir, queries.num_queries, k, shard_size=shard_size, distributed=distributed,
-                                 num_layers=len(self.scorer().layer_names))
+                                 num_layers=len(self.scorer().layer_names), empty_dtype=self.output_dtype)
         if writer.completed:
             return writer.finish()
         start = writer.resume_from()

@@ -226,7 +226,8 @@ def _stream_scores(module: InfluenceModule, queries, train_loader, directory: Pa
         shutil.rmtree(directory)  # this run's scores only: never resume another query set's shards
     collective.barrier("influence_shards_cleared")
     writer = ShardWriter(directory, queries.num_queries, opts.top_k, shard_size=opts.shard_size,
-                         distributed=distributed, num_layers=len(module.scorer().layer_names))
+                         distributed=distributed, num_layers=len(module.scorer().layer_names),
+                         empty_dtype=module.output_dtype)
     loader = rebuild_loader(train_loader, indexed=True, shard=distributed)
     with progress_bar(length_of(loader), "Influence: scores", show_progress) as bar:
         for i, batch in enumerate(loader):

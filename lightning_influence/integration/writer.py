@@ -206,12 +206,14 @@ class ShardWriter(_ScoreWriter):
     """
 
     def __init__(self, directory: str | Path, num_queries: int, k: int, shard_size: int = 4096,
-                 distributed: bool = False, metadata: dict | None = None, num_layers: int = 1) -> None:
+                 distributed: bool = False, metadata: dict | None = None, num_layers: int = 1,
+                 empty_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.directory = Path(directory)
         self.num_queries, self.k, self.shard_size = num_queries, k, shard_size
         self.distributed = distributed
         self.metadata = metadata
+        self.empty_dtype = empty_dtype  # the scores' dtype, for a rank whose shard is empty
         self._shards: ScoreShardWriter | None = None
         if not distributed:
             self._shards = ScoreShardWriter(self.directory, shard_size=shard_size, num_queries=num_queries, topk=k,
@@ -268,7 +270,8 @@ class ShardWriter(_ScoreWriter):
             return self.result
         self._check_nonempty(collective)
         indices = torch.cat(self._indices) if self._indices else torch.zeros(0, dtype=torch.long)
-        values = torch.cat(self._values, 1) if self._values else torch.zeros(self.num_queries, 0)
+        values = torch.cat(self._values, 1) if self._values else torch.zeros(self.num_queries, 0,
+                                                                             dtype=self.empty_dtype)
         self._indices, self._values = [], []
         total = int(collective.all_gather(torch.tensor([indices.numel()], device=collective.root_device)).sum())
         if collective.world_size > 1:
