@@ -112,7 +112,7 @@ def ours_scores(net, train_ds, query_ds, mods, strategy: str, fisher: str = "emp
     """Our pairwise scores ``[Q, N]``; with ``damping_used``, also stores the per-layer damping there."""
     task = ClassificationTask()
     factors = fit_factors(net, task, loader(train_ds, BATCH), strategy=strategy, modules=mods, fisher=fisher,
-                          damping=damping, damping_factor=damping_factor, dtype=torch.float64)
+                          damping=damping, damping_factor=damping_factor, capture_dtype=torch.float64)
     if damping_used is not None and strategy != "identity":
         damping_used.update({name: factors.damping_for(name) for name in mods})
     return InfluenceScorer(net, task, factors, dtype=torch.float64).pairwise_scores(

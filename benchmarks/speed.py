@@ -111,7 +111,7 @@ def worker(args) -> dict:
             stats_dtype = torch.float32 if args.op == "fit32" else torch.float64
             with PeakRSS(DEVICE) as m:
                 factors = fit_factors(model, task, loader(train, bs), strategy="ekfac", modules=mods,
-                                      fisher="empirical", damping=None, damping_factor=0.1, dtype=torch.float32,
+                                      fisher="empirical", damping=None, damping_factor=0.1, capture_dtype=torch.float32,
                                       stats_dtype=stats_dtype)
                 factors.save(fdir if bs == BATCH and args.op == "fit" else workdir / f"ours-{args.op}-{args.n}-b{bs}")
         else:
@@ -161,7 +161,7 @@ def profile(args) -> dict:
     factors = lambda n: InfluenceFactors.load(workdir / f"ours-factors-{n}")  # noqa: E731
     jobs = {
         "fit": lambda: fit_factors(model, task, loader(train_fit, BATCH), strategy="ekfac", modules=mods,
-                                   fisher="empirical", dtype=torch.float32),
+                                   fisher="empirical", capture_dtype=torch.float32),
         "score_full": lambda: InfluenceScorer(model, task, factors(args.n), dtype=torch.float32).pairwise_scores(
             loader(query, BATCH), loader(train_score, BATCH)),
         "score_rank32": lambda: InfluenceScorer(model, task, factors(args.n_rank), dtype=torch.float32,

@@ -16,6 +16,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "InfluenceError": "errors",
+    "OptionsError": "errors",
+    "FitOptions": "options",
+    "ScoreOptions": "options",
     "FactorsError": "errors",
     "ScoringError": "errors",
     "TaskInputError": "errors",

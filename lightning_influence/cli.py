@@ -207,12 +207,14 @@ def cmd_score(args: argparse.Namespace) -> int:
                                                  format_query_table, format_summary, query_log_probs)
     from lightning_influence.factors import InfluenceFactors
     from lightning_influence.integration.pipeline import load_query_set, run_queries
+    from lightning_influence.options import ScoreOptions
     from lightning_influence.tasks import CausalLMTask
 
     factors_dir = Path(args.factors)
     if not (factors_dir / "manifest.json").is_file():
         raise FileNotFoundError(f"no influence factors in {factors_dir} (expected manifest.json); pass the "
                                 "InfluenceCallback's output_dir, e.g. demo_output/factors")
+    options = ScoreOptions(top_k=args.top_k, query_rank=args.query_rank)  # checked before anything is loaded
     model = load_model(args.checkpoint).eval()
     factors = InfluenceFactors.load(factors_dir)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -223,9 +225,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     query_set = load_query_set(str(args.queries), tokenizer)
     print(f"Scoring {len(texts)} training sequences against {len(records)} queries "
           f"({factors.strategy} factors from {factors_dir})", flush=True)
-    scores, _ = run_queries(model, CausalLMTask(), factors, query_set, loader, args.output_dir, tokenizer=tokenizer,
-                            top_k=args.top_k, query_rank=args.query_rank,
-                            title=f"Influence report ({factors.strategy})", show_progress=not args.no_progress_bar)
+    scores, _ = run_queries(model, CausalLMTask(), factors, query_set, loader, args.output_dir, options,
+                            tokenizer=tokenizer, title=f"Influence report ({factors.strategy})", show_progress=not args.no_progress_bar)
     log_probs = query_log_probs(model, query_set.loader)
     outcomes = evaluate_queries(scores.to(torch.float64), records, texts, _supporting(records, fact_ids, len(texts)),
                                 log_probs)

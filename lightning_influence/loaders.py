@@ -5,6 +5,8 @@ Influence passes must not inherit a training loader's shuffling or its
 statistics would count some examples twice and scores would not come back in
 dataset order. These helpers rebuild a ``DataLoader`` over the same dataset, batch
 size, collate function and workers, with a sequential sampler sharded by rank.
+Nothing here enters a collective: merging the ranks' results is the Lightning glue's
+job (``integration/writer.py``), through ``trainer.strategy``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
-__all__ = ["ShardSampler", "rebuild_loader", "IndexedDataset", "IndexCollate", "dist_info", "gather_by_index"]
+__all__ = ["ShardSampler", "rebuild_loader", "IndexedDataset", "IndexCollate", "dist_info"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -117,29 +119,3 @@ def _enumerated(batches: Iterable) -> Iterator:
         n = batch_size_of(batch)
         yield torch.arange(start, start + n), batch
         start += n
-
-
-def gather_by_index(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Gather ``values[..., n_local]`` from every rank and order them by global ``indices``.
-
-    Without a process group, only orders the local values. The result has the last
-    dimension ``N`` (the total number of examples) on every rank.
-    """
-    rank, world = dist_info()
-    if world > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        count = torch.tensor([indices.numel()], device=device)
-        counts = [torch.zeros_like(count) for _ in range(world)]
-        dist.all_gather(counts, count)
-        size = int(max(c.item() for c in counts))
-        pad = size - indices.numel()
-        idx = torch.nn.functional.pad(indices.to(device), (0, pad), value=-1)
-        val = torch.nn.functional.pad(values.to(device), (0, pad))
-        all_idx = [torch.empty_like(idx) for _ in range(world)]
-        all_val = [torch.empty_like(val) for _ in range(world)]
-        dist.all_gather(all_idx, idx)
-        dist.all_gather(all_val, val)
-        indices = torch.cat([i[: int(c.item())] for i, c in zip(all_idx, counts)]).cpu()
-        values = torch.cat([v[..., : int(c.item())] for v, c in zip(all_val, counts)], dim=-1).cpu()
-    order = torch.argsort(indices)
-    return values[..., order]

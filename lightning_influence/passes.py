@@ -21,8 +21,8 @@ from torch import nn
 from torchmetrics import Metric
 
 from lightning_influence.errors import FactorsError, OptionsError, TaskInputError
-from lightning_influence.curvature import DEFAULT_STRATEGY
-from lightning_influence.factors import InfluenceFactors, check_fisher, check_strategy
+from lightning_influence.factors import InfluenceFactors
+from lightning_influence.options import FitOptions
 from lightning_influence.tasks import Task
 from lightning_influence.capture import LayerCapture, find_tracked_layers
 
@@ -255,38 +255,33 @@ def fit_factors(
     model: nn.Module,
     task: Task,
     batches: Iterable[Any],
-    strategy: str = DEFAULT_STRATEGY,
-    modules: str | list[str] | None = None,
-    module_types: list[type] | None = None,
-    fisher: str = "sampled",
-    damping: float | None = None,
-    damping_factor: float | None = None,
+    options: FitOptions | None = None,
+    *,
     device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    max_batches: int | None = None,
-    max_examples: int | None = None,
-    seed: int = 0,
     output_dir: str | None = None,
     factors: InfluenceFactors | None = None,
-    stats_dtype: torch.dtype = torch.float64,
+    **option_values: Any,
 ) -> InfluenceFactors:
     """Fit influence factors in-process (no Lightning needed).
 
-    ``batches`` is iterated once per pass of the strategy (twice for ``ekfac``), so pass a
-    re-iterable such as a ``DataLoader``. With ``output_dir`` the factors are saved after each
-    phase; passing partially fitted ``factors`` resumes after their last completed phase.
-    ``damping_factor=None`` is the paper's heuristic factor (0.1). ``stats_dtype`` keeps the
-    statistics in float64 (default) or float32 (half the memory and file size;
-    eigendecompositions stay float64). An empty ``batches`` (on every rank), or
-    ``max_batches``/``max_examples`` of 0, raise before any factors are marked complete.
+    ``options`` is a :class:`~lightning_influence.options.FitOptions`; single options may be
+    given by keyword instead or on top (``strategy=``, ``modules=``, ``module_types=``,
+    ``fisher=``, ``damping=``, ``damping_factor=``, ``max_batches=``, ``max_examples=``,
+    ``seed=``, ``capture_dtype=``, ``stats_dtype=``). ``batches`` is iterated once per pass of
+    the strategy (twice for ``ekfac``), so pass a re-iterable such as a ``DataLoader``. With
+    ``output_dir`` the factors are saved after each phase; passing partially fitted ``factors``
+    resumes after their last completed phase. An empty ``batches`` (on every rank) raises before
+    any factors are marked complete.
 
     Partial ``factors`` are resumed only when they were fitted from the same weights, data and
     options (their ``metadata["identity"]``, see :func:`fit_identity`); otherwise the fit starts
     over, with a warning naming what differed.
     """
-    check_strategy(strategy)
-    check_fisher(fisher)
-    check_stats_dtype(stats_dtype)
+    options = FitOptions.merged(options, option_values)
+    strategy, modules, module_types, fisher = options.strategy, options.modules, options.module_types, options.fisher
+    damping, damping_factor, seed = options.damping, options.damping_factor, options.seed
+    max_batches, max_examples = options.max_batches, options.max_examples
+    dtype, stats_dtype = options.capture_dtype, options.stats_dtype
     check_limits(max_batches, max_examples)
     if factors is None:
         layers = find_tracked_layers(model, modules, module_types)

@@ -59,3 +59,8 @@ def trainer(**kwargs) -> L.Trainer:
                     enable_progress_bar=False, enable_model_summary=False)
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def query_loader():
+    """Five classification queries, for ``InfluenceCallback(queries="tests.lit_models:query_loader")``."""
+    return DataLoader(classification_data(5, seed=7), batch_size=2)

@@ -39,7 +39,7 @@ def setup(seed=0):
 
 def fit(model, train, strategy, **kw):
     return fit_factors(model, ClassificationTask(), models.split_batch(train, 5), strategy=strategy,
-                       fisher="empirical", dtype=torch.float64, **kw)
+                       fisher="empirical", capture_dtype=torch.float64, **kw)
 
 
 @pytest.mark.parametrize("factor", [0.1, 0.3])

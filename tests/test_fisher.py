@@ -48,8 +48,8 @@ def rel(a, b):
 
 def sampled_errors(model, x, y, repeats, seed):
     batches = repeated(x, y, repeats, batch_size=5000)
-    kfac = fit_factors(model, ClassificationTask(), batches, strategy="kfac", dtype=torch.float64, seed=seed)
-    diagonal = fit_factors(model, ClassificationTask(), batches, strategy="diagonal", dtype=torch.float64,
+    kfac = fit_factors(model, ClassificationTask(), batches, strategy="kfac", capture_dtype=torch.float64, seed=seed)
+    diagonal = fit_factors(model, ClassificationTask(), batches, strategy="diagonal", capture_dtype=torch.float64,
                            seed=seed)
     t, d = kfac.tensors["0"], diagonal.tensors["0"]
     assert float(t["S_count"]) == float(t["A_count"]) == float(d["diag_count"]) == N_POINTS * repeats
@@ -69,7 +69,7 @@ def test_sampled_fisher_converges_to_analytic():
     assert small[0] > 2.5 * s_big and small[1] > 2.5 * d_big, (small, s_big, d_big)
     # The empirical Fisher of random labels is another matrix: the comparison can tell them apart.
     emp = fit_factors(model, ClassificationTask(), [(x, y)], strategy="kfac", fisher="empirical",
-                      dtype=torch.float64).tensors["0"]
+                      capture_dtype=torch.float64).tensors["0"]
     assert rel(emp["S_sum"] / emp["S_count"], S_true) > 5 * s_big
 
 
@@ -82,7 +82,7 @@ def test_sampled_regression_output_covariance_is_identity():
     errors = {}
     for repeats in (1, 40):
         t = fit_factors(model, RegressionTask(), repeated(x, y, repeats), strategy="kfac",
-                        dtype=torch.float64).tensors["0"]
+                        capture_dtype=torch.float64).tensors["0"]
         errors[repeats] = rel(t["S_sum"] / t["S_count"], torch.eye(4, dtype=torch.float64))
     assert errors[40] < 0.05 and errors[1] > 2 * errors[40], errors
 

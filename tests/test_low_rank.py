@@ -16,7 +16,7 @@ def gpt2_case(strategy="ekfac"):
     queries = models.lm_batch(3, vocab=11, max_len=7, seed=3, prompt_len=3)
     task = CausalLMTask()
     factors = fit_factors(model, task, models.split_batch(train, 3), strategy=strategy, fisher="empirical",
-                          dtype=torch.float64)
+                          capture_dtype=torch.float64)
     return model, task, factors, models.split_batch(train, 3), models.split_batch(queries, 2)
 
 
@@ -25,7 +25,7 @@ def mlp_case(strategy="ekfac"):
     train, queries = models.mlp_data(12, seed=1), models.mlp_data(4, seed=2)
     task = ClassificationTask()
     factors = fit_factors(model, task, models.split_batch(train, 4), strategy=strategy, fisher="empirical",
-                          dtype=torch.float64)
+                          capture_dtype=torch.float64)
     return model, task, factors, models.split_batch(train, 4), models.split_batch(queries, 3)
 
 

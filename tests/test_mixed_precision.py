@@ -66,7 +66,7 @@ def test_float32_against_float64(setup):
     model, task, factors, train, queries, reference = setup
     scores32 = reference[None]
     model64 = models.tiny_gpt2()
-    factors64 = fit_factors(model64, task, train, strategy="ekfac", fisher="empirical", dtype=torch.float64)
+    factors64 = fit_factors(model64, task, train, strategy="ekfac", fisher="empirical", capture_dtype=torch.float64)
     scores64 = InfluenceScorer(model64, task, factors64, dtype=torch.float64).pairwise_scores(queries, train)
     rel, pearson = errors(scores32, scores64)
     show("float32 against float64", rel, pearson)
@@ -83,8 +83,8 @@ def test_float32_statistics_match_float64(tmp_path, strategy):
     train = models.split_batch(models.lm_batch(16, vocab=11, max_len=8, pad_to=9, seed=1), 4)
     queries = [models.lm_batch(6, vocab=11, max_len=7, seed=3, prompt_len=3)]
     task = CausalLMTask()
-    ref = fit_factors(model, task, train, strategy=strategy, fisher="empirical", dtype=torch.float64)
-    low = fit_factors(model, task, train, strategy=strategy, fisher="empirical", dtype=torch.float64,
+    ref = fit_factors(model, task, train, strategy=strategy, fisher="empirical", capture_dtype=torch.float64)
+    low = fit_factors(model, task, train, strategy=strategy, fisher="empirical", capture_dtype=torch.float64,
                       stats_dtype=torch.float32, output_dir=str(tmp_path))
     for name, tensors in low.tensors.items():
         for key, value in tensors.items():
@@ -105,11 +105,11 @@ def test_stats_dtype_must_be_float32_or_float64():
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from lightning_influence import InfluenceCallback
-    from lightning_influence.errors import FactorsError
+    from lightning_influence.errors import OptionsError
 
     model = models.tiny_gpt2()
     batch = [models.lm_batch(2, vocab=11, max_len=5, seed=1)]
-    with pytest.raises(FactorsError, match="stats_dtype must be torch.float64 or torch.float32"):
+    with pytest.raises(OptionsError, match="stats_dtype must be one of float64, float32"):
         fit_factors(model, CausalLMTask(), batch, strategy="kfac", stats_dtype=torch.bfloat16)
-    with pytest.raises(MisconfigurationException, match="stats_dtype must be 'float64' or 'float32'"):
+    with pytest.raises(MisconfigurationException, match="stats_dtype must be one of float64, float32"):
         InfluenceCallback(stats_dtype="float16")

@@ -52,7 +52,7 @@ def assert_same_factors(f1, f2):
 def fit_and_score(model, train, queries, strategy, fisher):
     task = CausalLMTask()
     factors = fit_factors(model, task, models.split_batch(train, 3), strategy=strategy, fisher=fisher,
-                          dtype=torch.float64)
+                          capture_dtype=torch.float64)
     scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
     pair = scorer.pairwise_scores([queries], models.split_batch(train, 3))
     own = scorer.self_scores(models.split_batch(train, 3))
@@ -88,7 +88,7 @@ def test_padding_does_reach_the_layers():
     base = models.lm_batch(6, max_len=8, pad_to=10, seed=1)
     other = repad(base, 16, seed=4)
     no_mask = lambda b: {**b, "attention_mask": torch.ones_like(b["attention_mask"])}  # noqa: E731
-    f1 = fit_factors(model, CausalLMTask(), [no_mask(base)], strategy="kfac", fisher="empirical", dtype=torch.float64)
-    f2 = fit_factors(model, CausalLMTask(), [no_mask(other)], strategy="kfac", fisher="empirical", dtype=torch.float64)
+    f1 = fit_factors(model, CausalLMTask(), [no_mask(base)], strategy="kfac", fisher="empirical", capture_dtype=torch.float64)
+    f2 = fit_factors(model, CausalLMTask(), [no_mask(other)], strategy="kfac", fisher="empirical", capture_dtype=torch.float64)
     assert not torch.allclose(f1.tensors["up"]["A_sum"] / f1.tensors["up"]["A_count"],
                               f2.tensors["up"]["A_sum"] / f2.tensors["up"]["A_count"])

@@ -21,7 +21,7 @@ def case():
     train = models.split_batch(models.mlp_data(12, seed=1), 4)
     queries = models.split_batch(models.mlp_data(4, seed=2), 3)
     task = ClassificationTask()
-    factors = fit_factors(model, task, train, strategy="ekfac", fisher="empirical", dtype=torch.float64)
+    factors = fit_factors(model, task, train, strategy="ekfac", fisher="empirical", capture_dtype=torch.float64)
     full = InfluenceScorer(model, task, factors, dtype=torch.float64).pairwise_scores(queries, train)
     return model, task, factors, train, queries, full
 
@@ -70,12 +70,12 @@ def test_refuses_other_factors(case, tmp_path):
     model, task, factors, train, queries, _ = case
     qg = InfluenceScorer(model, task, factors, dtype=torch.float64).query_gradients(queries)
     save_query_gradients(qg, tmp_path, factors, META)
-    kfac = fit_factors(model, task, train, strategy="kfac", fisher="empirical", dtype=torch.float64)
+    kfac = fit_factors(model, task, train, strategy="kfac", fisher="empirical", capture_dtype=torch.float64)
     with pytest.raises(QueryStoreError, match="ekfac factors, but kfac factors were given.*recompute"):
         load_query_gradients(tmp_path, factors=kfac)
     with pytest.raises(QueryStoreError, match="other factors.*damping.*recompute the query gradients"):
         load_query_gradients(tmp_path, factors=factors.with_damping(1e-3))
-    refit = fit_factors(model, task, train[:2], strategy="ekfac", fisher="empirical", dtype=torch.float64)
+    refit = fit_factors(model, task, train[:2], strategy="ekfac", fisher="empirical", capture_dtype=torch.float64)
     with pytest.raises(QueryStoreError, match="other factors"):
         load_query_gradients(tmp_path, factors=refit)
     load_query_gradients(tmp_path)  # without factors: no check

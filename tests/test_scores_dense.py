@@ -34,7 +34,7 @@ def lm_measure(model, batch):
 
 def run_case(strategy, model, task, train, queries, loss, measure, mask=None, batch_size=4):
     factors = fit_factors(model, task, models.split_batch(train, batch_size), strategy=strategy,
-                          fisher="empirical", dtype=torch.float64)
+                          fisher="empirical", capture_dtype=torch.float64)
     scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
     ours = scorer.pairwise_scores(models.split_batch(queries, 2), models.split_batch(train, batch_size))
     modules = {n: model.get_submodule(n) for n in find_tracked_layers(model)}
@@ -146,7 +146,7 @@ def test_layer_scores_sum_to_total(strategy):
     train = models.lm_batch(4, vocab=11, max_len=8, seed=1)
     queries = models.lm_batch(2, vocab=11, max_len=7, seed=3, prompt_len=2)
     task = CausalLMTask()
-    factors = fit_factors(model, task, [train], strategy=strategy, fisher="empirical", dtype=torch.float64)
+    factors = fit_factors(model, task, [train], strategy=strategy, fisher="empirical", capture_dtype=torch.float64)
     scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
     per_layer = scorer.pairwise_scores([queries], [train], per_layer=True)
     assert per_layer.shape == (len(factors.layers), 2, 4)

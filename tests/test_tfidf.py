@@ -43,7 +43,7 @@ def lm():
     train_batches = [collate(dataset[i:i + 4]) for i in range(0, len(dataset), 4)]
     query_batches = [collate([{"input_ids": encode(q)} for q in QUERIES])]
     task = CausalLMTask()
-    factors = fit_factors(model, task, train_batches, strategy="ekfac", fisher="empirical", dtype=torch.float64)
+    factors = fit_factors(model, task, train_batches, strategy="ekfac", fisher="empirical", capture_dtype=torch.float64)
     return model, task, factors, dataset, train_batches, query_batches
 
 

@@ -21,17 +21,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_influence.errors import FactorsError, TrackingError
-from lightning_influence.factors import InfluenceFactors, check_damping, check_fisher, check_strategy
+from lightning_influence.capture import find_tracked_layers, model_mode
+from lightning_influence.errors import FactorsError, InfluenceError, OptionsError, TrackingError
+from lightning_influence.factors import InfluenceFactors
 from lightning_influence.loaders import rebuild_loader
-from lightning_influence.progress import length_of, progress_bar
-from lightning_influence.scoring.queries import QUERY_SVD_METHODS
+from lightning_influence.options import DEFAULT_DAMPING_FACTOR, FitOptions, ScoreOptions
 from lightning_influence.curvature import DEFAULT_STRATEGY
-from lightning_influence.curvature.base import DEFAULT_DAMPING_FACTOR
 from lightning_influence.passes import fit_identity, pass_title, remaining_phases, run_phase
+from lightning_influence.progress import length_of, progress_bar
 from lightning_influence.store import describe_differences
-from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
-from lightning_influence.capture import find_tracked_layers
+from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task, checked_loss
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,19 @@ def resolve_task(task: Task | str) -> Task:
     )
 
 
+def _has_no_forward(model: nn.Module) -> bool:
+    """Whether ``model`` only has ``nn.Module``'s placeholder forward (a LightningModule wrapper without one)."""
+    forward = type(model).forward
+    return forward is nn.Module.forward or forward is L.LightningModule.forward
+
+
 class InfluenceCallback(Callback):
     """Fit EK-FAC (or K-FAC, diagonal, identity) influence factors on a Lightning training run.
+
+    The arguments are flat and typed (LightningCLI YAML stays readable); the callback builds
+    from them one :class:`~lightning_influence.options.FitOptions` (:attr:`fit_options`) and one
+    :class:`~lightning_influence.options.ScoreOptions` (:attr:`score_options`), which validate
+    them. Bad values raise ``MisconfigurationException``.
 
     Args:
         task: a :class:`Task` or its name (``classification``, ``regression``, ``causal_lm``).
@@ -60,15 +70,18 @@ class InfluenceCallback(Callback):
             ``lightning_influence.curvature.register_strategy``.
         modules: glob patterns of module names to track (``None``: every Linear/Conv1D/Conv2d).
         fisher: ``sampled`` (labels drawn from the model, the paper's default) or ``empirical``.
-        damping: absolute damping, or ``None`` for 0.1 x the mean eigenvalue of each layer.
+        damping: absolute damping, or ``None`` for ``damping_factor`` x the mean eigenvalue of each layer.
+        damping_factor: the heuristic's factor (0.1, the paper's).
         output_dir: where the factors are saved (safetensors + JSON manifest).
-        fit_on: ``"fit_end"`` (default), an epoch number (after that epoch), or ``"manual"``
-            (only when you call :meth:`fit_factors`).
+        fit_on: ``"fit_end"`` (default), an epoch number ``>= 1`` (after that epoch; at most the
+            trainer's ``max_epochs``, checked at ``setup``; with ``max_epochs=-1`` any epoch is
+            accepted and fires if training reaches it), or ``"manual"`` (only when you call
+            :meth:`fit_factors`).
         model_attr: the attribute of the LightningModule holding the network, when the task
             must call the network rather than the LightningModule's ``forward``.
         max_batches / max_examples: cap each statistics pass for huge datasets.
         dataloader: the data to fit on (default: the trainer's training dataloader).
-        dtype: accumulation dtype of the captured tensors (``float32`` or ``float64``).
+        capture_dtype: dtype activations and output gradients are captured in (``float32`` or ``float64``).
         stats_dtype: dtype the statistics are summed and saved in: ``float64`` (default) or
             ``float32`` (half the memory and file size; eigendecompositions stay float64).
         seed: seed of the label sampling (same seed, same factors).
@@ -84,7 +97,11 @@ class InfluenceCallback(Callback):
         tfidf_candidates: score each query only against its k most TF-IDF-similar training
             texts (the paper keeps 10,000); needs training texts (a dataset ``texts`` list or a tokenizer).
         score_layers: report influence through these tracked layers only (e.g. the MLP layers).
-        score_dtype: scoring compute dtype: ``float32``, ``bfloat16`` or ``float16``.
+        score_dtype: scoring compute dtype: ``float32``, ``float64``, ``bfloat16`` or ``float16``.
+
+    Before the first training step (``on_train_start``) the task runs once on one training batch
+    (forward and loss only, no gradient, weights and RNG untouched) and the query file is read,
+    so a model, batch or query file the influence passes cannot use fails then, not after training.
     """
 
     def __init__(
@@ -101,7 +118,7 @@ class InfluenceCallback(Callback):
         max_batches: int | None = None,
         max_examples: int | None = None,
         dataloader: Any = None,
-        dtype: str = "float32",
+        capture_dtype: str = "float32",
         seed: int = 0,
         queries: str | None = None,
         query_rank: int | None = None,
@@ -115,60 +132,46 @@ class InfluenceCallback(Callback):
     ):
         super().__init__()
         try:
-            check_strategy(strategy)
-            check_fisher(fisher)
-            check_damping(damping, damping_factor)
-        except FactorsError as err:
+            self.fit_options = FitOptions(
+                strategy=strategy, modules=modules, module_types=module_types, fisher=fisher, damping=damping,
+                damping_factor=damping_factor, max_batches=max_batches, max_examples=max_examples, seed=seed,
+                capture_dtype=capture_dtype, stats_dtype=stats_dtype)
+            self.score_options = ScoreOptions(query_rank=query_rank, query_svd=query_svd, score_dtype=score_dtype,
+                                              layers=score_layers, top_k=top_k, tfidf_candidates=tfidf_candidates)
+        except OptionsError as err:
             raise MisconfigurationException(str(err)) from None
-        if not (fit_on in ("fit_end", "manual") or (isinstance(fit_on, int) and fit_on >= 0)):
+        if isinstance(fit_on, bool) or not (fit_on in ("fit_end", "manual") or isinstance(fit_on, int)):
             raise MisconfigurationException(f"fit_on must be 'fit_end', 'manual' or an epoch number, got {fit_on!r}")
-        if dtype not in ("float32", "float64"):
-            raise MisconfigurationException(f"dtype must be 'float32' or 'float64' (statistics never accumulate in less), got {dtype!r}")
-        if stats_dtype not in ("float32", "float64"):
-            raise MisconfigurationException(f"stats_dtype must be 'float64' or 'float32', got {stats_dtype!r}")
-        if query_svd not in QUERY_SVD_METHODS:
-            raise MisconfigurationException(f"query_svd must be one of {QUERY_SVD_METHODS}, got {query_svd!r}")
-        if score_dtype not in ("float32", "float64", "bfloat16", "float16"):
-            raise MisconfigurationException(f"score_dtype must be float32, float64, bfloat16 or float16, got {score_dtype!r}")
-        for name, value in (("max_batches", max_batches), ("max_examples", max_examples), ("query_rank", query_rank),
-                            ("tfidf_candidates", tfidf_candidates), ("top_k", top_k)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise MisconfigurationException(f"{name} must be a positive integer or None, got {value!r}")
+        if isinstance(fit_on, int) and fit_on < 1:
+            raise MisconfigurationException(
+                f"fit_on={fit_on} never fires: epochs are counted from 1 (fit_on=1 fits after the first epoch); "
+                "use fit_on='fit_end' to fit when training ends")
         self.task = resolve_task(task)
-        self.strategy = strategy
-        self.modules = modules
-        self.module_types = module_types
-        self.fisher = fisher
-        self.damping = damping
-        self.damping_factor = damping_factor
         self.output_dir = Path(output_dir)
         self.fit_on = fit_on
         self.model_attr = model_attr
-        self.max_batches = max_batches
-        self.max_examples = max_examples
         self.dataloader = dataloader
-        self.dtype = getattr(torch, dtype)
-        self.stats_dtype = getattr(torch, stats_dtype)
-        self.seed = seed
         self.queries = queries
-        self.query_rank = query_rank
-        self.query_svd = query_svd
-        self.top_k = top_k
-        self.tfidf_candidates = tfidf_candidates
-        self.score_layers = score_layers
-        self.score_dtype = getattr(torch, score_dtype)
         self.factors: InfluenceFactors | None = None
         self.scores: torch.Tensor | None = None
         self._done_fingerprint: str | None = None
 
+    # The fitting options by name (read by the resume check and by LightningCLI users).
+    strategy = property(lambda self: self.fit_options.strategy)
+    fisher = property(lambda self: self.fit_options.fisher)
+    damping = property(lambda self: self.fit_options.damping)
+    damping_factor = property(lambda self: self.fit_options.damping_factor)
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Fail fast: a bad module selection or output dir should not surface after hours of training.
+        # Fail fast: a bad module selection, output dir or fit_on should not surface after hours of training.
         model = self.network(pl_module)
         try:
-            find_tracked_layers(model, self.modules, self.module_types)
+            find_tracked_layers(model, self.fit_options.modules, self.fit_options.module_types)
         except TrackingError as err:
             raise MisconfigurationException(str(err)) from None
+        if stage == "fit":
+            self._check_fit_on(trainer)
         if trainer.is_global_zero:
             try:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -179,17 +182,49 @@ class InfluenceCallback(Callback):
             if not os.access(self.output_dir, os.W_OK):
                 raise MisconfigurationException(f"InfluenceCallback output_dir '{self.output_dir}' is not writable; set output_dir=")
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if isinstance(self.fit_on, int) and not isinstance(self.fit_on, bool) and trainer.current_epoch + 1 == self.fit_on:
-            self.run(trainer, pl_module)
+    def _check_fit_on(self, trainer: L.Trainer) -> None:
+        if not isinstance(self.fit_on, int):
+            return
+        max_epochs = trainer.max_epochs
+        # max_epochs=-1 (or None with max_steps set, which Lightning turns into -1) trains without an epoch
+        # limit: any epoch can be reached. None otherwise becomes Lightning's default of 1000.
+        if max_epochs is not None and max_epochs >= 0 and self.fit_on > max_epochs:
+            raise MisconfigurationException(
+                f"InfluenceCallback(fit_on={self.fit_on}) never fires: the trainer stops after max_epochs={max_epochs}. "
+                f"Use fit_on<={max_epochs}, fit_on='fit_end', or raise max_epochs")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ran_this_fit = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The first hook where the trainer's own training dataloader exists, still before any training step.
+        if self.fit_on == "manual":
+            return
+        error = None
+        try:
+            self.check_inputs(trainer, pl_module)
+        except MisconfigurationException as err:
+            error = err
+        # Every rank raises together: a rank that stopped alone would leave the others in a collective.
+        failed_somewhere = trainer.strategy.reduce_boolean_decision(error is not None, all=False)
+        if error is not None:
+            raise error
+        if failed_somewhere:
+            raise MisconfigurationException("InfluenceCallback's input check failed on another rank (see its error)")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(self.fit_on, int) and not isinstance(self.fit_on, bool) and trainer.current_epoch + 1 == self.fit_on:
+            self.run(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs before the strategy's teardown, while the model is still on its device.
         if self.fit_on == "fit_end":
             self.run(trainer, pl_module)
+        elif isinstance(self.fit_on, int) and not getattr(self, "_ran_this_fit", False):
+            # Possible only when something else stopped training early (max_steps, max_time, early stopping).
+            rank_zero_warn(f"[lightning-influence] fit_on={self.fit_on} did not fire: training stopped after epoch "
+                           f"{trainer.current_epoch}; no factors were fitted. Call callback.fit_factors(trainer, "
+                           "model), or use fit_on='fit_end'")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Training was skipped (max_epochs reached already, e.g. resuming a finished run): run now,
@@ -220,6 +255,54 @@ class InfluenceCallback(Callback):
             )
         return model
 
+    def check_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Run the task once on one training batch and read the query file, raising what would fail later.
+
+        Forward and loss only, under ``torch.no_grad()`` in eval mode, with the RNG forked: no
+        step, the weights, the modes and the random state are as before.
+        """
+        model = self.network(pl_module)
+        if self.model_attr is None and _has_no_forward(model):
+            children = [n for n, m in model.named_children() if isinstance(m, nn.Module)]
+            hint = f" (e.g. model_attr={children[0]!r})" if children else ""
+            raise MisconfigurationException(
+                f"{type(model).__name__} defines no forward(), so the task cannot call it with a batch. Pass "
+                f"InfluenceCallback(model_attr=...) naming the attribute that holds the network{hint}")
+        loader = self._training_loader(trainer, pl_module, None)
+        device = trainer.strategy.root_device
+        fork_devices = [device] if device.type == "cuda" else []
+        # Forked: drawing the batch (a shuffling sampler, workers' seeds) and the forward use the RNG.
+        with torch.random.fork_rng(devices=fork_devices):
+            batch = next(iter(rebuild_loader(loader)), None)
+        if batch is None:
+            if trainer.world_size > 1:
+                return  # this rank's shard is empty (fewer examples than ranks); the others check theirs
+            raise MisconfigurationException(
+                "InfluenceCallback: the training dataloader is empty; the statistics passes need training data")
+        batch = trainer.strategy.batch_to_device(batch, device)
+        try:
+            with torch.random.fork_rng(devices=fork_devices), model_mode(model, train=False), torch.no_grad():
+                with trainer.precision_plugin.forward_context():
+                    self.task.token_mask(batch)
+                    checked_loss(self.task.train_loss(model, batch, sample=False), 0)
+        except InfluenceError as err:
+            raise MisconfigurationException(f"InfluenceCallback's check on the first training batch: {err}") from None
+        except Exception as err:  # noqa: BLE001 (any failure of the user's model or batch, reported with the fix)
+            fix = ("pass model_attr= naming the attribute holding the network" if self.model_attr is None
+                   else "check model_attr=")
+            raise MisconfigurationException(
+                f"InfluenceCallback's task {type(self.task).__name__} cannot run {type(model).__name__} on the first "
+                f"training batch ({type(err).__name__}: {err}). The passes call the network as the task does "
+                f"(see the Task's train_loss); give a Task matching your batches (input_key=/target_key=), or "
+                f"{fix}") from err
+        if self.queries is not None:
+            from lightning_influence.integration.pipeline import find_tokenizer, load_query_set  # noqa: PLC0415
+
+            try:
+                load_query_set(self.queries, find_tokenizer(trainer.datamodule, pl_module, self))
+            except (ValueError, OSError) as err:
+                raise MisconfigurationException(f"InfluenceCallback(queries={self.queries!r}): {err}") from None
+
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule,
             device: torch.device | None = None) -> InfluenceFactors:
         """Fit the factors, then (if queries were given) score and report them."""
@@ -228,7 +311,7 @@ class InfluenceCallback(Callback):
         if self.queries is not None:
             from lightning_influence.integration.pipeline import score_and_report  # noqa: PLC0415 (reporting is only needed with queries)
 
-            self.scores = score_and_report(self, trainer, pl_module)
+            self.scores = score_and_report(self, trainer, pl_module, self._training_loader(trainer, pl_module, None))
         return factors
 
     def fit_factors(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -237,31 +320,35 @@ class InfluenceCallback(Callback):
 
         Resumes from ``output_dir`` when it holds factors fitted from the same weights, data
         and options (see ``passes.fit_identity``); otherwise refits, saying what differed.
+        Under data parallelism rank zero decides (it reads ``output_dir``) and the other ranks
+        receive its decision and the resumed tensors.
         """
+        opts = self.fit_options
         model = self.network(pl_module)
         loader = self._training_loader(trainer, pl_module, dataloader)
         try:
-            layers = find_tracked_layers(model, self.modules, self.module_types)
+            layers = find_tracked_layers(model, opts.modules, opts.module_types)
         except TrackingError as err:
             raise MisconfigurationException(str(err)) from None
-        identity = fit_identity(model, loader, layers, self.strategy, self.fisher, self.max_batches,
-                                self.max_examples, self.seed, self.stats_dtype, self.dtype)
+        identity = fit_identity(model, loader, layers, opts.strategy, opts.fisher, opts.max_batches,
+                                opts.max_examples, opts.seed, opts.stats_dtype, opts.capture_dtype)
         fingerprint = identity["weights"]
-        factors = self._resume(layers, identity)
+        factors = self._resume(layers, identity) if trainer.is_global_zero else None
+        factors = self._share_resumed(trainer, factors, layers)
         if factors is None:
-            factors = InfluenceFactors(self.strategy, layers, fisher=self.fisher, damping=self.damping,
-                                       damping_factor=self.damping_factor, metadata={"identity": identity})
+            factors = InfluenceFactors(opts.strategy, layers, fisher=opts.fisher, damping=opts.damping,
+                                       damping_factor=opts.damping_factor, metadata={"identity": identity})
         pass_loader = rebuild_loader(loader)
         device = device if device is not None else trainer.strategy.root_device
         total = length_of(pass_loader)
-        if total is not None and self.max_batches is not None:
-            total = min(total, self.max_batches)
+        if total is not None and opts.max_batches is not None:
+            total = min(total, opts.max_batches)
         for phase in remaining_phases(factors):
             with progress_bar(total, pass_title(factors, phase), trainer.progress_bar_callback is not None) as bar:
                 run_phase(
-                    phase, factors, model, self.task, pass_loader, device=device, dtype=self.dtype,
-                    stats_dtype=self.stats_dtype,
-                    max_batches=self.max_batches, max_examples=self.max_examples, seed=self.seed,
+                    phase, factors, model, self.task, pass_loader, device=device, dtype=opts.capture_dtype,
+                    stats_dtype=opts.stats_dtype,
+                    max_batches=opts.max_batches, max_examples=opts.max_examples, seed=opts.seed,
                     transfer=lambda b: trainer.strategy.batch_to_device(b, device),
                     progress=lambda n: bar.update(1),
                     forward_context=trainer.precision_plugin.forward_context,
@@ -277,6 +364,28 @@ class InfluenceCallback(Callback):
         return factors
 
     # ------------------------------------------------------------------ helpers
+    def _share_resumed(self, trainer: L.Trainer, factors: InfluenceFactors | None,
+                       layers) -> InfluenceFactors | None:
+        """Rank zero's resume decision (and its factors' tensors) on every rank, as ``ModelCheckpoint`` does.
+
+        Which phases run decides which collectives every rank enters, so no rank may decide from its
+        own (possibly unshared) filesystem.
+        """
+        if trainer.world_size == 1:
+            return factors
+        state = None
+        if factors is not None:
+            state = {"strategy": factors.strategy, "fisher": factors.fisher, "damping": factors.damping,
+                     "damping_factor": factors.damping_factor, "phase": factors.phase,
+                     "metadata": factors.metadata,
+                     "tensors": {n: {k: v.cpu() for k, v in t.items()} for n, t in factors.tensors.items()}}
+        state = trainer.strategy.broadcast(state, src=0)
+        if state is None or trainer.is_global_zero:
+            return factors
+        return InfluenceFactors(state["strategy"], layers, fisher=state["fisher"], damping=state["damping"],
+                                damping_factor=state["damping_factor"], tensors=state["tensors"],
+                                phase=state["phase"], metadata=state["metadata"])
+
     def _training_loader(self, trainer: L.Trainer, pl_module: L.LightningModule, dataloader: Any) -> Any:
         loader = dataloader if dataloader is not None else self.dataloader
         if loader is None:

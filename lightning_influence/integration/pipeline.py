@@ -3,12 +3,19 @@
 ``score_and_report`` is what :class:`InfluenceCallback` runs after fitting when it was
 given queries; :func:`run_queries` is the same thing for any model, factors and data
 (the demo and the command line use it).
+
+The scores stream: each training batch's scores go to score shards under
+``output_dir/score_shards`` (and a streaming top-k), never as ``[L, Q, N]`` layer scores. The
+report reads the ``[Q, N]`` rows back from the shards (for its magnitude plots), takes the
+layer breakdown of the few listed examples by scoring them again per layer, and the layers'
+shares of ``|score|`` from sums kept while streaming.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,14 +27,19 @@ from torch.utils.data import DataLoader
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.errors import TopKError
 from lightning_influence.store import BundleFormat, new_tensor_name, read_bundle, write_bundle
-from lightning_influence.loaders import dist_info
 from lightning_influence.integration.module import InfluenceModule
+from lightning_influence.integration.writer import SINGLE_PROCESS, Collective, ShardWriter
+from lightning_influence.loaders import rebuild_loader
+from lightning_influence.options import ScoreOptions
+from lightning_influence.progress import length_of, progress_bar
+from lightning_influence.scoring.tfidf import TfidfCandidates
+from lightning_influence.scoring.topk import read_scores
 from lightning_influence.tasks import CausalLMTask, Task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuerySet", "load_query_set", "run_queries", "score_and_report", "save_scores", "load_scores",
-           "SavedScores"]
+__all__ = ["QuerySet", "load_query_set", "find_tokenizer", "run_queries", "score_and_report", "save_scores",
+           "load_scores", "SavedScores"]
 
 
 @dataclass
@@ -40,7 +52,8 @@ class QuerySet:
     prompt_lengths: list[int | None] | None = None  # characters of each text that are the prompt
 
 
-def _find_tokenizer(*holders: Any):
+def find_tokenizer(*holders: Any):
+    """The first ``tokenizer`` attribute of ``holders`` (datamodule, LightningModule, ...), else ``None``."""
     for holder in holders:
         tok = getattr(holder, "tokenizer", None)
         if tok is not None:
@@ -54,7 +67,7 @@ def load_query_set(spec: str, tokenizer=None, batch_size: int = 8) -> QuerySet:
     The function is imported and called without arguments; it returns a DataLoader of
     query batches (its dataset may carry ``query_ids`` and ``queries`` for display).
     """
-    from lightning_influence.text import QueryCollator, QueryDataset, read_jsonl_queries
+    from lightning_influence.text import QueryCollator, QueryDataset, join_query, read_jsonl_queries
 
     if ":" in spec and not Path(spec).exists():
         module_name, _, fn_name = spec.partition(":")
@@ -65,22 +78,25 @@ def load_query_set(spec: str, tokenizer=None, batch_size: int = 8) -> QuerySet:
         loader = fn()
         dataset = getattr(loader, "dataset", None)
         ids = list(getattr(dataset, "query_ids", []))
-        texts = [f"{q.get('prompt', '')}{q.get('completion', '')}" for q in getattr(dataset, "queries", [])]
+        joined = [join_query(str(q.get("prompt", "")), str(q.get("completion", "")))
+                  for q in getattr(dataset, "queries", [])]
         n = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else len(ids)
         ids = ids or [f"q{i}" for i in range(n)]
-        return QuerySet(loader, ids, texts or ids)
+        if not joined:
+            return QuerySet(loader, ids, ids)
+        return QuerySet(loader, ids, [t for t, _ in joined], [p for _, p in joined])
+    records = read_jsonl_queries(spec)  # a broken file is reported before a missing tokenizer
     if tokenizer is None:
         raise ValueError(
             f"queries={spec!r} is a JSONL file of prompt/completion pairs, which needs a tokenizer: give the "
             "datamodule or LightningModule a `tokenizer` attribute, or pass queries='module:function' returning "
             "a DataLoader of query batches"
         )
-    records = read_jsonl_queries(spec)
     dataset = QueryDataset(records, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=QueryCollator(pad))
-    texts = [f"{q['prompt']}{'' if q['completion'].startswith(' ') else ' '}{q['completion']}" for q in records]
-    return QuerySet(loader, dataset.query_ids, texts)
+    joined = [join_query(q["prompt"], q["completion"]) for q in records]  # the one query-text rule
+    return QuerySet(loader, dataset.query_ids, [t for t, _ in joined], [p for _, p in joined])
 
 
 RUN_SCORES_FORMAT = BundleFormat(
@@ -151,52 +167,56 @@ def run_queries(
     queries: QuerySet,
     train_loader: DataLoader,
     output_dir: str | Path,
+    options: ScoreOptions | None = None,
+    *,
     tokenizer=None,
-    top_k: int = 10,
-    query_rank: int | None = None,
     wandb_run: Any = None,
     title: str = "Influence report",
-    tfidf_candidates: int | None = None,
-    layers: Sequence[str] | None = None,
-    dtype: torch.dtype = torch.float32,
     show_progress: bool = True,
-    query_svd: str = "randomized",
+    collective: Collective = SINGLE_PROCESS,
+    **option_values: Any,
 ):
     """Score ``queries`` against the training data, save scores, and write the reports.
 
-    Returns ``(scores [Q, N], report)``. Under data parallelism every rank scores its
-    shard; rank zero writes the files and logs to W&B. With ``tfidf_candidates=k`` each
-    query is scored only against its ``k`` most TF-IDF-similar training texts (the
-    other entries of the returned matrix are NaN); ``layers`` keeps only those tracked
-    layers; ``dtype`` is the scoring compute dtype (bf16/fp16 for speed); ``show_progress``
-    shows progress bars on the scoring passes (rank zero only); ``query_svd`` is the SVD of
-    rank-r queries (``"randomized"`` or ``"exact"``).
-    """
-    from lightning_influence.reporting import build_report, log_report, write_html_report
+    ``options`` (:class:`~lightning_influence.options.ScoreOptions`, or single options by
+    keyword: ``top_k=``, ``query_rank=``, ``query_svd=``, ``layers=``, ``score_dtype=``,
+    ``tfidf_candidates=``) say how. Returns ``(scores [Q, N], report)``. With
+    ``tfidf_candidates=k`` each query is scored only against its ``k`` most TF-IDF-similar
+    training texts (the other entries of the returned matrix are NaN). ``show_progress`` shows
+    progress bars on the scoring passes (rank zero only).
 
-    module = InfluenceModule(model, task=task, factors=factors, query_rank=query_rank, dtype=dtype, layers=layers,
-                             show_progress=show_progress, query_svd=query_svd)
+    In one process (the default) nothing enters a collective. ``collective=trainer.strategy``,
+    called on every rank together (as the callback does), scores each rank's shard and merges:
+    rank zero writes the files (and the TF-IDF cache, which the other ranks then read) and logs
+    to W&B; every rank gets the scores, only rank zero the report.
+    """
+    from lightning_influence.reporting import build_report, layer_shares, log_report, write_html_report
+
+    opts = ScoreOptions.merged(options, option_values)
+    module = InfluenceModule(model, task=task, factors=factors, options=opts, show_progress=show_progress)
     qg = module.prepare_queries(queries.loader)
     dataset = train_loader.dataset
-    if tfidf_candidates is not None:
+    out = Path(output_dir)
+    scorer = module.scorer()
+    layer_names = list(scorer.layer_names)
+    layer_totals = None
+    if opts.tfidf_candidates is not None:
         text_of = _train_text_fn(dataset, tokenizer)
         if text_of is None:
             raise ValueError("tfidf_candidates needs the training texts: a dataset with a `texts` list, or a tokenizer")
         train_texts = [text_of(i) or "" for i in range(len(dataset))]
+        index = _tfidf_index(out / "tfidf", train_texts, collective)
         cand_scores, cand_idx = module.candidate_scores(qg, queries.texts, train_texts, train_loader,
-                                                        k=tfidf_candidates,
-                                                        cache_dir=Path(output_dir) / "tfidf")
+                                                        k=opts.tfidf_candidates, index=index)
         scores = torch.full((qg.num_queries, len(dataset)), float("nan"), dtype=cand_scores.dtype)
         scores.scatter_(1, cand_idx, cand_scores)
-        layer_scores = None
     else:
-        layer_scores = module.pairwise_scores(qg, train_loader, per_layer=True)
-        scores = layer_scores.sum(0)
-    rank, _ = dist_info()
-    if rank != 0:
+        scores, layer_abs_sums = _stream_scores(module, qg, train_loader, out / "score_shards", opts, collective,
+                                                show_progress)
+        layer_totals = layer_shares(layer_abs_sums.unsqueeze(1), layer_names)
+    if not collective.is_global_zero:
         return scores, None
     collate = train_loader.collate_fn
-    scorer = module.scorer()
 
     def token_scores(q: int, m: int):
         if tokenizer is None:
@@ -213,14 +233,17 @@ def run_queries(
         return token_strings(tokenizer, ids[:n]), tok[:n].tolist()
 
     report = build_report(scores, queries.ids, queries.texts, train_texts=_train_text_fn(dataset, tokenizer),
-                          k=top_k, layer_scores=layer_scores, layer_names=list(module.scorer().layer_names),
-                          token_scores_fn=token_scores, strategy=factors.strategy, prompt_lengths=queries.prompt_lengths,
+                          k=opts.top_k, layer_names=layer_names, token_scores_fn=token_scores,
+                          strategy=factors.strategy, prompt_lengths=queries.prompt_lengths,
                           token_alignment="next" if isinstance(task, CausalLMTask) else "input")
-    out = Path(output_dir)
+    _add_layer_breakdown(report, scorer, qg, dataset, collate, batch_size=train_loader.batch_size or 8)
+    if layer_totals is not None:
+        report.layer_totals = layer_totals
     # Prepared once: the stored query gradients can be scored later against any training shard.
     module.save_queries(out / "queries", [{"query_id": i, "text": t} for i, t in zip(queries.ids, queries.texts)])
-    save_scores(out, scores, queries.ids, layer_scores, module.scorer().layer_names,
-                extra={"strategy": factors.strategy, "query_rank": query_rank, "tfidf_candidates": tfidf_candidates})
+    save_scores(out, scores, queries.ids, None, layer_names,
+                extra={"strategy": factors.strategy, "query_rank": opts.query_rank,
+                       "tfidf_candidates": opts.tfidf_candidates})
     report.save_json(out / "report.json", include_scores=False)
     write_html_report(report, out / "report.html", title=title)
     if wandb_run is not None:
@@ -229,21 +252,63 @@ def run_queries(
     return scores, report
 
 
-def score_and_report(callback, trainer, pl_module) -> torch.Tensor:
-    """The callback's end-of-run scoring of its configured queries."""
+def _stream_scores(module: InfluenceModule, queries, train_loader, directory: Path, opts: ScoreOptions,
+                   collective: Collective, show_progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score every training example into shards under ``directory``; the ``[Q, N]`` rows read back
+    from them (on every rank) and each layer's summed ``|score|``."""
+    distributed = collective.world_size > 1
+    if collective.is_global_zero and directory.exists():
+        shutil.rmtree(directory)  # this run's scores only: never resume another query set's shards
+    collective.barrier("influence_shards_cleared")
+    writer = ShardWriter(directory, queries.num_queries, opts.top_k, shard_size=opts.shard_size,
+                         distributed=distributed, num_layers=len(module.scorer().layer_names),
+                         empty_dtype=module.output_dtype)
+    loader = rebuild_loader(train_loader, indexed=True, shard=distributed)
+    with progress_bar(length_of(loader), "Influence: scores", show_progress) as bar:
+        for i, batch in enumerate(loader):
+            writer.add(*module.predict_step(batch, i))
+            bar.update(1)
+    writer.finish(collective)
+    scores = read_scores(directory) if collective.is_global_zero else None
+    if distributed:
+        scores = collective.broadcast(scores, 0)
+    return scores, writer.layer_abs_sums
+
+
+def _tfidf_index(cache_dir: Path, train_texts: list[str], collective: Collective) -> TfidfCandidates:
+    """The TF-IDF index, fitted (or loaded) and written by rank zero; the other ranks wait and read it."""
+    index = TfidfCandidates.load_or_fit(cache_dir, train_texts) if collective.is_global_zero else None
+    collective.barrier("influence_tfidf_written")
+    return index if index is not None else TfidfCandidates.load(cache_dir, texts=train_texts)
+
+
+def _add_layer_breakdown(report, scorer, queries, dataset, collate, batch_size: int) -> None:
+    """Each listed entry's score per layer, from scoring only the listed training examples again."""
+    listed = sorted({entry.train_index for _, _, _, entry in report.iter_entries()})
+    names = list(scorer.layer_names)
+    per_example: dict[int, torch.Tensor] = {}
+    for start in range(0, len(listed), batch_size):
+        chunk = listed[start:start + batch_size]
+        layer_scores = scorer.score_batch(queries, collate([dataset[m] for m in chunk])).detach().cpu()  # [L, Q, B]
+        for j, m in enumerate(chunk):
+            per_example[m] = layer_scores[:, :, j]
+    for qi, _, _, entry in report.iter_entries():
+        values = per_example[entry.train_index][:, qi]
+        entry.layer_scores = {n: float(v) for n, v in zip(names, values.tolist())}
+
+
+def score_and_report(callback, trainer, pl_module, train_loader) -> torch.Tensor:
+    """The callback's end-of-run scoring of its configured queries, on every rank together."""
     from lightning.pytorch.loggers import WandbLogger
 
-    tokenizer = _find_tokenizer(trainer.datamodule, pl_module, callback)
+    tokenizer = find_tokenizer(trainer.datamodule, pl_module, callback)
     queries = load_query_set(callback.queries, tokenizer)
-    loader = callback._training_loader(trainer, pl_module, None)
     wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-    scores, report = run_queries(callback.network(pl_module), callback.task, callback.factors, queries, loader,
-                                 callback.output_dir, tokenizer=tokenizer, top_k=callback.top_k,
-                                 query_rank=callback.query_rank, query_svd=callback.query_svd, wandb_run=wandb,
-                                 tfidf_candidates=callback.tfidf_candidates, layers=callback.score_layers,
-                                 dtype=callback.score_dtype,
+    scores, report = run_queries(callback.network(pl_module), callback.task, callback.factors, queries, train_loader,
+                                 callback.output_dir, callback.score_options, tokenizer=tokenizer, wandb_run=wandb,
                                  # Same as the callback's own passes: no bars when the Trainer has none.
-                                 show_progress=trainer.progress_bar_callback is not None)
+                                 show_progress=trainer.progress_bar_callback is not None,
+                                 collective=trainer.strategy)
     if report is not None:
         from lightning.pytorch.utilities import rank_zero_info
 
