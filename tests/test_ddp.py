@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from lightning_influence import ClassificationTask, InfluenceFactors, InfluenceScorer, fit_factors
 from lightning_influence.capture import find_tracked_layers
-from lightning_influence.integration.callback import weights_fingerprint
+from lightning_influence.passes import fit_identity
 from lightning_influence.scoring.topk import read_scores
 
 from . import lit_models as lm
@@ -26,7 +26,9 @@ def _unfinished_factors(model, data, directory):
     for tensors in factors.tensors.values():
         del tensors["lambda_sum"], tensors["lambda_count"]
     factors.set_phase("eigen")
-    factors.metadata["weights_fingerprint"] = weights_fingerprint(model, find_tracked_layers(model, None))
+    # What the job's callback will compute for its fit (weights, data, options): the resume must match it.
+    factors.metadata["identity"] = fit_identity(model, lm.loader(data, batch_size=8), find_tracked_layers(model, None),
+                                                "ekfac", "empirical", None, None, 0, torch.float64, torch.float32)
     factors.save(directory)
 
 
