@@ -31,7 +31,7 @@ def run(rank: int, out: str) -> None:
     for strategy in STRATEGIES:
         # Rank 1's shard is empty: the reduced counts are rank 0's, so both ranks fit rank 0's factors.
         factors = fit_factors(model, task, data if rank == 0 else [], strategy=strategy, fisher="empirical",
-                              dtype=torch.float64)
+                              capture_dtype=torch.float64)
         factors.save(out / f"{strategy}-one-empty-rank{rank}")
         # Every shard empty: every rank raises, and nothing is saved.
         try:

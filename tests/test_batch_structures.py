@@ -66,8 +66,8 @@ def test_namedtuple_batches_fit_and_score_like_tuples():
     x, y = models.mlp_data(16)
     tuples = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
     pairs = [Pair(*b) for b in tuples]
-    ref = fit_factors(model, ClassificationTask(), tuples, strategy="ekfac", fisher="empirical", dtype=torch.float64)
-    got = fit_factors(model, AttributeTask(), pairs, strategy="ekfac", fisher="empirical", dtype=torch.float64)
+    ref = fit_factors(model, ClassificationTask(), tuples, strategy="ekfac", fisher="empirical", capture_dtype=torch.float64)
+    got = fit_factors(model, AttributeTask(), pairs, strategy="ekfac", fisher="empirical", capture_dtype=torch.float64)
     for name in ref.layers:
         for key, value in ref.tensors[name].items():
             torch.testing.assert_close(got.tensors[name][key], value, rtol=0, atol=0)
@@ -83,8 +83,8 @@ def test_batch_encoding_batches_fit_and_score_like_dicts():
     dicts = lm_batches()
     encodings = [BatchEncoding(dict(b)) for b in dicts]
     task = RecordingLMTask()
-    ref = fit_factors(model, CausalLMTask(), dicts, strategy="ekfac", fisher="empirical", dtype=torch.float64)
-    got = fit_factors(model, task, encodings, strategy="ekfac", fisher="empirical", dtype=torch.float64)
+    ref = fit_factors(model, CausalLMTask(), dicts, strategy="ekfac", fisher="empirical", capture_dtype=torch.float64)
+    got = fit_factors(model, task, encodings, strategy="ekfac", fisher="empirical", capture_dtype=torch.float64)
     assert task.seen == {BatchEncoding}
     for name in ref.layers:
         for key, value in ref.tensors[name].items():

@@ -102,11 +102,13 @@ class DictClassifier(CountingClassifier):
 def test_batch_the_task_cannot_read_fails_before_training(tmp_path):
     model = DictClassifier()
     loader = torch.utils.data.DataLoader(DictRows(lm.classification_data(16)), batch_size=4)
-    with pytest.raises(MisconfigurationException, match="first training batch: ClassificationTask could not read the batch.*input_key="):
+    # Every key but the label goes to the model as a keyword: DictClassifier takes no `features=`.
+    with pytest.raises(MisconfigurationException, match="cannot run DictClassifier on the first training batch.*"
+                                                        "label_key=, input_keys="):
         lm.trainer(callbacks=[InfluenceCallback(output_dir=str(tmp_path))]).fit(model, loader)
     assert model.steps == 0
     # With the keys named, the same batches work.
-    cb = InfluenceCallback(task=ClassificationTask(input_key="features", target_key="label"),
+    cb = InfluenceCallback(task=ClassificationTask(input_key="features", label_key="label"),
                            output_dir=str(tmp_path), fisher="empirical")
     lm.trainer(callbacks=[cb], max_epochs=1).fit(DictClassifier(), loader)
     assert cb.factors.is_complete

@@ -134,7 +134,7 @@ def test_ekfac_eigenvalues_and_dense_matrix_against_dense_reference():
     covs = dense.covariances(model, modules, ce_loss, train)
     for strategy in ("diagonal", "kfac", "ekfac"):
         factors = fit_factors(model, ClassificationTask(), models.split_batch(train, 5), strategy=strategy,
-                              fisher="empirical", dtype=torch.float64)
+                              fisher="empirical", capture_dtype=torch.float64)
         assert factors.curvature.name == factors.strategy == strategy
         for name in modules:
             expected, damping = dense.dense_curvature(strategy, *covs[name], grads[name])
@@ -184,7 +184,7 @@ def test_new_strategy_fits_scores_saves_and_loads(scalar, tmp_path):
     train, queries = models.mlp_data(14, seed=1), models.mlp_data(3, seed=2)
     task = ClassificationTask()
     factors = fit_factors(model, task, models.split_batch(train, 5), strategy="scalar", fisher="empirical",
-                          dtype=torch.float64, output_dir=tmp_path)
+                          capture_dtype=torch.float64, output_dir=tmp_path)
     assert isinstance(factors.curvature, ScalarStrategy) and factors.is_complete
     scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
     pairwise = scorer.pairwise_scores(models.split_batch(queries, 2), models.split_batch(train, 5))

@@ -81,7 +81,7 @@ def test_empty_shards_under_data_parallelism(tmp_path):
             assert not (tmp_path / f"{strategy}-all-empty" / "manifest.json").exists()
     for strategy in FITTED:
         single = fit_factors(models.mlp(), ClassificationTask(), train_batches(), strategy=strategy,
-                             fisher="empirical", dtype=torch.float64)
+                             fisher="empirical", capture_dtype=torch.float64)
         for rank in (0, 1):
             got = InfluenceFactors.load(tmp_path / f"{strategy}-one-empty-rank{rank}")
             assert got.is_complete

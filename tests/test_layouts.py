@@ -126,7 +126,7 @@ def test_sequence_first_scores_match_dense(strategy):
     patterns = ["enc.linear*", "head"]
     task = ClassificationTask()
     factors = fit_factors(model, task, models.split_batch(train, 3), strategy=strategy, modules=patterns,
-                          fisher="empirical", dtype=torch.float64)
+                          fisher="empirical", capture_dtype=torch.float64)
     scores = InfluenceScorer(model, task, factors, dtype=torch.float64).pairwise_scores(
         [queries], models.split_batch(train, 3))
     layers = find_tracked_layers(model, patterns)
@@ -170,7 +170,7 @@ def unpadded_singles(batch):
 
 
 def fit_and_score(model, task, train_batches, queries, strategy):
-    factors = fit_factors(model, task, train_batches, strategy=strategy, fisher="empirical", dtype=torch.float64)
+    factors = fit_factors(model, task, train_batches, strategy=strategy, fisher="empirical", capture_dtype=torch.float64)
     scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
     return factors, scorer.pairwise_scores(queries, train_batches), scorer.self_scores(train_batches)
 
@@ -201,7 +201,7 @@ def test_layer_whose_positions_do_not_match_the_mask_raises():
     model = build(BosLM)
     train = models.lm_batch(6, max_len=8, pad_to=10, seed=1)
     with pytest.raises(TrackingError, match=r"'up' has token positions \(11,\).*cannot be matched.*length 10"):
-        fit_factors(model, CausalLMTask(), [train], strategy="kfac", fisher="empirical", dtype=torch.float64)
+        fit_factors(model, CausalLMTask(), [train], strategy="kfac", fisher="empirical", capture_dtype=torch.float64)
 
 
 def test_rows_that_map_to_no_example_raise():

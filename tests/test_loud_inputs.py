@@ -57,7 +57,7 @@ def test_randomized_query_svd_is_seeded_and_leaves_the_global_rng_alone():
     train = (torch.randn(8, 12, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
     queries = (torch.randn(3, 12, generator=g, dtype=torch.float64), torch.randint(0, 3, (3,), generator=g))
     task = ClassificationTask()
-    factors = fit_factors(model, task, [train], strategy="ekfac", dtype=torch.float64)
+    factors = fit_factors(model, task, [train], strategy="ekfac", capture_dtype=torch.float64)
     # rank 2 + 8 oversampled directions < 13 = min(16, 12 + bias): the randomized path is taken
     scorer = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=2, query_svd="randomized")
     results = []
@@ -92,7 +92,7 @@ def test_non_finite_logits_under_the_sampled_fisher_name_the_batch():
     bad[0, 0] = 100.0
     batches = [(x[:4], y[:4]), (bad, y[4:])]
     with pytest.raises(TaskInputError, match=r"training batch 1: the model's logits are not finite .* positions \[2\]"):
-        fit_factors(model, ClassificationTask(), batches, strategy="kfac", fisher="sampled", dtype=torch.float64)
+        fit_factors(model, ClassificationTask(), batches, strategy="kfac", fisher="sampled", capture_dtype=torch.float64)
 
 
 class NaNLM(models.TinySeqLM):
@@ -107,7 +107,7 @@ def test_non_finite_lm_logits_under_the_sampled_fisher_name_the_batch():
     batch = models.lm_batch(4, max_len=8, seed=1)
     batch["input_ids"][1, 1] = 8  # a real (counted) position
     with pytest.raises(TaskInputError, match=r"training batch 0: the model's logits .* not finite"):
-        fit_factors(model, CausalLMTask(), [batch], strategy="kfac", fisher="sampled", dtype=torch.float64)
+        fit_factors(model, CausalLMTask(), [batch], strategy="kfac", fisher="sampled", capture_dtype=torch.float64)
 
 
 

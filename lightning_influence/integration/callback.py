@@ -293,8 +293,8 @@ class InfluenceCallback(Callback):
             raise MisconfigurationException(
                 f"InfluenceCallback's task {type(self.task).__name__} cannot run {type(model).__name__} on the first "
                 f"training batch ({type(err).__name__}: {err}). The passes call the network as the task does "
-                f"(see the Task's train_loss); give a Task matching your batches (input_key=/target_key=), or "
-                f"{fix}") from err
+                f"(see the Task's train_loss); give a Task matching your batches (label_key=, input_keys=, or "
+                f"input_key= for one positional input), or {fix}") from err
         if self.queries is not None:
             from lightning_influence.integration.pipeline import find_tokenizer, load_query_set  # noqa: PLC0415
 
