@@ -293,8 +293,7 @@ class Compression:
                     energy = lam.clamp_min(0) * inv
                     rows = _top(energy.sum(1), options.keep)
                     cols = _top(energy.sum(0), options.keep)
-                    inv = inv[rows][:, cols]
-                    lam = lam[rows][:, cols]
+                    inv, lam = _kept(inv, rows, cols), _kept(lam, rows, cols)
                 if alpha > 0:
                     index_weight = inv if alpha == 1.0 else inv.sqrt()
                     # applied to R_q * w (the preconditioned query): leaves R_q * w^(1 - alpha)
@@ -347,6 +346,14 @@ class Compression:
             layers[name] = LayerCompression(layer, eigen, get("rows"), get("cols"), get("index_weight"),
                                             get("query_weight"), get("proj_s"), get("proj_a"))
         return cls(layers, options)
+
+
+def _kept(x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    if rows is not None:
+        x = x.index_select(0, rows)
+    if cols is not None:
+        x = x.index_select(1, cols)
+    return x
 
 
 def _top(values: torch.Tensor, k: int) -> torch.Tensor | None:
