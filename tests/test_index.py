@@ -250,10 +250,11 @@ def test_query_placement_depends_on_the_eigenbasis_only(tmp_path, mlp_case):
     assert_scores_close(index.scores(scorer.query_gradients([queries]), dtype=torch.float64), exact)
 
 
-def test_index_built_inside_the_eigenvalue_correction_pass(tmp_path, mlp_case):
+@pytest.mark.parametrize("consumer", ["add_rotated", "add_rotated_tokens"])
+def test_index_built_inside_the_eigenvalue_correction_pass(tmp_path, mlp_case, consumer):
     """The consumer the EK-FAC pass calls: before Lambda exists (phase 'eigen'), per-example gradients
-    rotated as that pass rotates them (Q_S^T DW Q_A) go to add_rotated; the index then serves the
-    completed factors exactly."""
+    rotated as that pass rotates them (Q_S^T DW Q_A, or its rotated tokens a Q_A, s Q_S) go to the
+    writer; the index then serves the completed factors exactly."""
     model, train, queries = mlp_case
     factors = fitted("ekfac", model, train)
     eigen = InfluenceFactors("ekfac", factors.layers, "empirical", None, 0.1,
@@ -267,8 +268,12 @@ def test_index_built_inside_the_eigenvalue_correction_pass(tmp_path, mlp_case):
     for batch in models.split_batch(train, 4):
         assert writer.begin_batch(batch)
         with LayerCapture(model, factors.layers, dtype=torch.float64) as cap:
-            cap.backward(ce_loss(model, batch), lambda n, a, s: writer.add_rotated(
-                n, per_example_gradients(a @ qa_qs[n][0], s @ qa_qs[n][1])))
+            if consumer == "add_rotated":
+                cap.backward(ce_loss(model, batch), lambda n, a, s: writer.add_rotated(
+                    n, per_example_gradients(a @ qa_qs[n][0], s @ qa_qs[n][1])))
+            else:
+                cap.backward(ce_loss(model, batch), lambda n, a, s: writer.add_rotated_tokens(
+                    n, a @ qa_qs[n][0], s @ qa_qs[n][1]))
         writer.end_batch()
     writer.close()
     scorer = InfluenceScorer(model, TASK, factors, dtype=torch.float64)

@@ -46,7 +46,8 @@ class IndexWriter:
         for batch in loader:
             if writer.begin_batch(batch):          # False: already in a completed shard (resume)
                 ...  # in the batch's backward, per layer:
-                writer.add_tokens(name, a, s)       # or writer.add_rotated(name, Q_S^T DW Q_A)
+                writer.add_tokens(name, a, s)       # or add_rotated(name, Q_S^T DW Q_A),
+                                                    # or add_rotated_tokens(name, a Q_A, s Q_S)
             writer.end_batch()
         writer.close()
 
@@ -211,6 +212,14 @@ class IndexWriter:
         """A layer's per-example gradients ``[B, d_out, d_in]`` already in its basis (``Q_S^T DW Q_A``)."""
         self._check_open(name)
         self._parts[name] = self.compression.layers[name].from_rotated(rotated.to(self.device, self.dtype))
+
+    def add_rotated_tokens(self, name: str, a_rotated: torch.Tensor, s_rotated: torch.Tensor) -> None:
+        """A layer's tokens already rotated into its eigenbasis, ``a Q_A`` ``[B, T, d_in]`` and ``s Q_S``
+        ``[B, T, d_out]`` (padding zeroed): what the eigenvalue-correction pass forms before its per-example
+        gradients. Cheaper than :meth:`add_rotated` when the index side carries no weight (``query``)."""
+        self._check_open(name)
+        self._parts[name] = self.compression.layers[name].from_rotated_tokens(a_rotated.to(self.device, self.dtype),
+                                                                               s_rotated.to(self.device, self.dtype))
 
     def _check_open(self, name: str) -> None:
         if self._pending is None:

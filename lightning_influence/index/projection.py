@@ -211,19 +211,31 @@ class LayerCompression:
                     ) -> torch.Tensor:
         """Index vectors ``[B, width]`` from a layer's captured tokens ``a`` ``[B, T, d_in]``, ``s`` ``[B, T, d_out]``.
 
-        ``eigvecs`` is ``(Q_A, Q_S)`` in the compute dtype and device (K-FAC/EK-FAC), else ``None``.
-        Tokens are rotated and truncated before the per-example gradient is formed (cheaper); without
-        a weight on this side the projections are folded into the tokens too."""
+        ``eigvecs`` is ``(Q_A, Q_S)`` in the compute dtype and device (K-FAC/EK-FAC), else ``None``."""
         if eigvecs is not None:
             qa, qs = eigvecs
-            if self.cols is not None:
+            if self.cols is not None:  # rotate onto the kept directions only
                 qa = qa.index_select(1, self.cols.to(qa.device))
             if self.rows is not None:
                 qs = qs.index_select(1, self.rows.to(qs.device))
-            a, s = a @ qa, s @ qs
-        elif self.rows is not None or self.cols is not None:
+            return self._from_kept_tokens(a @ qa, s @ qs)
+        if self.rows is not None or self.cols is not None:
             raise AssertionError("truncation needs an eigenbasis")
+        return self._from_kept_tokens(a, s)
+
+    def from_rotated_tokens(self, a_rotated: torch.Tensor, s_rotated: torch.Tensor) -> torch.Tensor:
+        """Index vectors ``[B, width]`` from tokens already rotated into the eigenbasis (``a Q_A``, ``s Q_S``,
+        as the eigenvalue-correction pass forms them before ``per_example_gradients``)."""
+        if self.cols is not None:
+            a_rotated = a_rotated.index_select(-1, self.cols.to(a_rotated.device))
+        if self.rows is not None:
+            s_rotated = s_rotated.index_select(-1, self.rows.to(s_rotated.device))
+        return self._from_kept_tokens(a_rotated, s_rotated)
+
+    def _from_kept_tokens(self, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if self.index_weight is None:
+            # No weight on this side: project the tokens, never forming the per-example gradient
+            # (T (d_out + d_in) p per token instead of d_out d_in (T + p)).
             ps = self._on("proj_s", a.device, a.dtype)
             pa = self._on("proj_a", a.device, a.dtype)
             if ps is not None:
