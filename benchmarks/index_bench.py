@@ -33,18 +33,22 @@ from .common import RESULTS, library_fingerprint, linear_module_names, loader, l
 LM = dict(vocab=512, hidden=128, intermediate=256, layers=2, heads=4, max_len=64)
 SEQ_LEN, BATCH = 64, 32
 K_TOP, RESCORES = 10, (30, 100)
-# (label, IndexOptions kwargs): projection only, truncation only, both, and the cosine placement.
+# (label, IndexOptions kwargs): the projection (LoGra's i.i.d. Gaussian, or orthogonal), the placement of the
+# preconditioner (all on the index side, or its square root on both), truncation in the eigenbasis.
+G_INDEX, G_SQRT = dict(projection="gaussian", preconditioner="index"), dict(projection="gaussian", preconditioner="sqrt")
+O_SQRT = dict(projection="orthogonal", preconditioner="sqrt")
 CONFIGS = [
-    ("p=8", dict(projection_dim=8)),
-    ("p=16", dict(projection_dim=16)),
-    ("p=32", dict(projection_dim=32)),
-    ("p=48", dict(projection_dim=48)),
-    ("p=64", dict(projection_dim=64)),
-    ("keep=32", dict(projection_dim=None, keep=32)),
-    ("keep=64", dict(projection_dim=None, keep=64)),
-    ("keep=96,p=48", dict(projection_dim=48, keep=96)),
-    ("p=32,sqrt", dict(projection_dim=32, preconditioner="sqrt")),
-    ("p=32,query", dict(projection_dim=32, preconditioner="query")),
+    ("gaussian, index, p=16", dict(projection_dim=16, **G_INDEX)),
+    ("gaussian, index, p=32", dict(projection_dim=32, **G_INDEX)),
+    ("gaussian, index, p=48", dict(projection_dim=48, **G_INDEX)),
+    ("gaussian, sqrt, p=48", dict(projection_dim=48, **G_SQRT)),
+    ("orthogonal, sqrt, p=16", dict(projection_dim=16, **O_SQRT)),
+    ("orthogonal, sqrt, p=32", dict(projection_dim=32, **O_SQRT)),
+    ("orthogonal, sqrt, p=48 (default)", dict(projection_dim=48, **O_SQRT)),
+    ("orthogonal, sqrt, p=64", dict(projection_dim=64, **O_SQRT)),
+    ("truncation keep=48, sqrt", dict(projection_dim=None, keep=48, preconditioner="sqrt")),
+    ("orthogonal, sqrt, keep=96, p=48", dict(projection_dim=48, keep=96, **O_SQRT)),
+    ("orthogonal, query, p=48", dict(projection_dim=48, projection="orthogonal", preconditioner="query")),
 ]
 
 
@@ -106,7 +110,7 @@ def main() -> None:
     from lightning_influence.index import GradientIndex, IndexOptions, IndexWriter, build_index
 
     n_train, n_query = (256, 64) if args.quick else (1024, 256)
-    configs = CONFIGS[1:4] if args.quick else CONFIGS
+    configs = CONFIGS[5:8] if args.quick else CONFIGS
     work = Path(tempfile.mkdtemp(prefix="bench-index-"))
     out: dict = {"settings": {"n_train": n_train, "n_query": n_query, "seq_len": SEQ_LEN, "batch": BATCH, "lm": LM,
                               "threads": torch.get_num_threads(), "k": K_TOP, "rescore": list(RESCORES)},
@@ -146,7 +150,7 @@ def main() -> None:
         for p in (32, 48):
             with Clock() as with_index:
                 writer = IndexWriter(work / f"in-pass-{p}", eigen, model,
-                                     IndexOptions(projection_dim=p, preconditioner="query"))
+                                     IndexOptions(projection_dim=p, preconditioner="query", projection="orthogonal"))
                 lambda_pass(model, task, eigen, loader(train, BATCH), writer)
             in_pass[f"p={p}"] = {"pass_cpu_s": plain_pass.cpu, "pass_with_index_cpu_s": with_index.cpu,
                                  "extra_epochs": (with_index.cpu - plain_pass.cpu) / epoch.cpu}
@@ -174,7 +178,7 @@ def main() -> None:
         rows = []
         for label, kw in configs:
             options = IndexOptions(**kw)
-            directory = work / label.replace("=", "").replace(",", "-")
+            directory = work / f"config-{len(rows)}"
             with Clock() as build:
                 build_index(model, task, factors, loader(train, BATCH), directory, options)
             with Clock() as load:
@@ -248,7 +252,7 @@ def section(out: dict) -> str:
               "| index | extra cost on the pass (epochs) | bytes/example | Pearson | top-10 overlap |",
               "|---|---|---|---|---|"]
     for label, r in out.get("in_pass_build", {}).items():
-        lines.append(f"| {label}, query | {r['extra_epochs']:.2f} | {r.get('bytes_per_example', 0):,} | "
+        lines.append(f"| orthogonal, query, {label} | {r['extra_epochs']:.2f} | {r.get('bytes_per_example', 0):,} | "
                      f"{r.get('pearson', float('nan')):.3f} | {r.get('top10_overlap', float('nan')):.2f} |")
     return "\n".join(lines) + "\n"
 

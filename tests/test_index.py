@@ -116,7 +116,9 @@ def test_truncation_keeps_the_highest_energy_coordinates_exactly(mlp_case):
     assert comp.width == 3 * 3 + 3 * 3
 
 
-def test_projected_dot_products_are_unbiased(mlp_case):
+@pytest.mark.parametrize("projection", ["gaussian", "orthogonal"])
+@pytest.mark.parametrize("placement", ["index", "sqrt"])
+def test_projected_dot_products_are_unbiased(mlp_case, projection, placement):
     """Mean over 600 seeds of the projected score equals the exact score; the N(0, 1/d) scale
     (Bergson before 0.13.1) gives (p/d_S)(p/d_A) of it, which this tolerance rejects."""
     model, train, queries = mlp_case
@@ -126,7 +128,8 @@ def test_projected_dot_products_are_unbiased(mlp_case):
     p = 2
     samples = []  # [seeds, L, Q, N]: each layer's projected score
     for seed in range(600):
-        comp = Compression.from_factors(factors, IndexOptions(projection_dim=p, seed=seed))
+        comp = Compression.from_factors(factors, IndexOptions(projection_dim=p, seed=seed, projection=projection,
+                                                              preconditioner=placement))
         qv = comp.query_vectors(qg, factors, torch.float64)
         per_layer = []
         for n in factors.layers:
@@ -321,7 +324,8 @@ def test_cosine_scores_are_normalised_whitened_scores(tmp_path, mlp_case):
     expected = exact / (self_query.sqrt()[:, None] * self_train.sqrt()[None, :])
     assert expected.abs().max() <= 1 + 1e-9
     torch.testing.assert_close(cosine, expected, rtol=1e-5, atol=1e-6)
-    build_index(model, TASK, factors, batches, tmp_path / "index", IndexOptions(projection_dim=None))
+    build_index(model, TASK, factors, batches, tmp_path / "index",
+                IndexOptions(projection_dim=None, preconditioner="index"))
     with pytest.raises(GradientIndexError, match="preconditioner='sqrt'"):
         GradientIndex.load(tmp_path / "index", factors).scores(qg, normalize=True)
 
