@@ -392,3 +392,31 @@ def test_bad_options_and_loaders_are_refused(tmp_path, mlp_case):
         build_index(model, TASK, diagonal, [], tmp_path / "empty", IndexOptions())
     with pytest.raises(GradientIndexError, match="no gradient index"):
         GradientIndex.load(tmp_path / "nothing", diagonal)
+
+
+def test_approximate_search_with_faiss(tmp_path, mlp_case, monkeypatch):
+    """faiss is optional: without it a clear error names the extra; with it, HNSW candidates on a small
+    index are the exact matmul's top-k, and feed the exact rescoring like the exact ones."""
+    import sys
+
+    model, train, queries = mlp_case
+    factors = fitted("ekfac", model, train)
+    loader = DataLoader(TensorDataset(*train), batch_size=4)
+    build_index(model, TASK, factors, loader, tmp_path, IndexOptions(projection_dim=3))
+    index = GradientIndex.load(tmp_path, factors)
+    scorer = InfluenceScorer(model, TASK, factors, dtype=torch.float64)
+    qg = scorer.query_gradients([queries])
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+        with pytest.raises(GradientIndexError, match="pip install faiss-cpu"):
+            index.top_k(qg, 3, approximate=True)
+    pytest.importorskip("faiss")
+    exact_v, exact_i = index.top_k(qg, 5)
+    approx_v, approx_i = index.top_k(qg, 5, approximate=True)
+    assert torch.equal(approx_i, exact_i)
+    torch.testing.assert_close(approx_v, exact_v, rtol=1e-5, atol=1e-6)
+    cos_v, cos_i = index.top_k(qg, 5, approximate=True, normalize=True)
+    ref_v, ref_i = index.top_k(qg, 5, normalize=True)
+    assert torch.equal(cos_i, ref_i)
+    two = index.top_k(qg, 2, rescore=6, scorer=scorer, train_loader=loader, approximate=True)
+    assert torch.equal(two[1], index.top_k(qg, 2, rescore=6, scorer=scorer, train_loader=loader)[1])

@@ -192,7 +192,7 @@ class GradientIndex:
 
     def top_k(self, queries: QueryGradients, k: int, normalize: bool = False, rescore: int | None = None,
               scorer=None, train_loader: DataLoader | None = None, dtype: torch.dtype = torch.float32,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              approximate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` most positive scores per query: ``(values [Q, k], dataset indices [Q, k])``.
 
         Without ``rescore``: by the index alone. With ``rescore=K`` (``K >= k``): the index proposes the
@@ -200,6 +200,10 @@ class GradientIndex:
         with the index's factors) rank them; only those examples of ``train_loader`` (a ``DataLoader``
         over the indexed, map-style dataset) are run, through a ``Subset`` loader. ``queries`` must then
         come from that ``scorer`` (``scorer.query_gradients``). The values returned are the exact scores.
+
+        ``approximate=True`` finds the first stage's candidates with a faiss HNSW graph (inner product; built
+        once per index and kept) instead of the exact matmul: for very large indexes. faiss is an optional
+        extra (``pip install faiss-cpu``), never required.
         """
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise GradientIndexError(f"k must be a positive integer, got {k!r}")
@@ -212,12 +216,44 @@ class GradientIndex:
                 raise GradientIndexError("two-stage top-k needs the exact scorer and the training dataloader: "
                                          "top_k(..., rescore=K, scorer=InfluenceScorer(...), train_loader=...)")
             first = min(rescore, self.num_examples)
-        values = indices = None
-        for scores, examples in self._chunks(queries, normalize, dtype):
-            values, indices = _merge_top(values, indices, scores, examples, first)
+        if approximate:
+            values, indices = self._faiss_search(queries, first, normalize)
+        else:
+            values = indices = None
+            for scores, examples in self._chunks(queries, normalize, dtype):
+                values, indices = _merge_top(values, indices, scores, examples, first)
         if rescore is None:
             return values[:, :k], indices[:, :k]
         return self._rescore(queries, indices, k, scorer, train_loader)
+
+    def _faiss_search(self, queries: QueryGradients | torch.Tensor, k: int, normalize: bool):
+        try:
+            import faiss
+        except ImportError:
+            raise GradientIndexError(
+                "approximate search needs faiss, an optional extra: pip install faiss-cpu (or use the exact matmul, "
+                "approximate=False)"
+            ) from None
+        self._check_cosine(normalize)
+        if getattr(self, "_faiss", None) is None or self._faiss[0] != normalize:
+            graph = faiss.IndexHNSWFlat(self.width, 32, faiss.METRIC_INNER_PRODUCT)
+            graph.hnsw.efSearch = max(128, 2 * k)
+            ids = []
+            for vectors, examples in self._iter_shards():
+                v = vectors.float()
+                if normalize:
+                    v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+                graph.add(v.contiguous().numpy())
+                ids.append(examples)
+            self._faiss = (normalize, graph, torch.cat(ids))
+        _, graph, ids = self._faiss
+        q = queries if isinstance(queries, torch.Tensor) else self.query_vectors(queries)
+        q = q.float()
+        if normalize:
+            q = q / q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        graph.hnsw.efSearch = max(graph.hnsw.efSearch, 2 * k)
+        values, positions = graph.search(q.contiguous().numpy(), k)
+        return torch.from_numpy(values), ids[torch.from_numpy(positions).long()]
 
     def _rescore(self, queries: QueryGradients, candidates: torch.Tensor, k: int, scorer, train_loader):
         if not isinstance(train_loader, DataLoader) or train_loader.batch_size is None:
