@@ -420,3 +420,38 @@ def test_approximate_search_with_faiss(tmp_path, mlp_case, monkeypatch):
     assert torch.equal(cos_i, ref_i)
     two = index.top_k(qg, 2, rescore=6, scorer=scorer, train_loader=loader, approximate=True)
     assert torch.equal(two[1], index.top_k(qg, 2, rescore=6, scorer=scorer, train_loader=loader)[1])
+
+
+def _ddp_build(rank, directory, init_file):
+    """One process of a 2-process gloo group: each rank indexes its shard of the data and writes its files."""
+    import torch.distributed as dist
+
+    from lightning_influence.loaders import rebuild_loader
+
+    torch.set_num_threads(1)
+    model = models.mlp()
+    train = models.mlp_data(16, seed=1)
+    factors = fitted("kfac", model, train)  # before the group exists: no all-reduce, the same on both ranks
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        shard = rebuild_loader(DataLoader(TensorDataset(*train), batch_size=3), indexed=True)
+        build_index(model, TASK, factors, shard, directory, IndexOptions(projection_dim=3, shard_size=3),
+                    rank=dist.get_rank(), world_size=dist.get_world_size(), indexed=True)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_build_equals_single_process(tmp_path, mlp_case):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_build, args=(str(tmp_path / "ddp"), str(tmp_path / "init")), nprocs=2, join=True)
+    model, train, queries = mlp_case
+    factors = fitted("kfac", model, train)
+    build_index(model, TASK, factors, DataLoader(TensorDataset(*train), batch_size=3), tmp_path / "one",
+                IndexOptions(projection_dim=3, shard_size=3))
+    qg = InfluenceScorer(model, TASK, factors).query_gradients([queries])
+    ddp = GradientIndex.load(tmp_path / "ddp", factors, model, DataLoader(TensorDataset(*train), batch_size=5))
+    one = GradientIndex.load(tmp_path / "one", factors)
+    assert ddp.manifest["world_size"] == 2
+    torch.testing.assert_close(ddp.scores(qg), one.scores(qg), rtol=1e-6, atol=1e-6)
