@@ -358,6 +358,9 @@ def test_two_stage_top_k_equals_exact_top_k(tmp_path):
         index.top_k(qg, k, rescore=2, scorer=scorer, train_loader=loader)
     with pytest.raises(GradientIndexError, match="scorer and the training dataloader"):
         index.top_k(qg, k, rescore=10)
+    other = InfluenceScorer(model, TASK, factors.with_damping(1.0), dtype=torch.float64)
+    with pytest.raises(GradientIndexError, match="other factors"):
+        index.top_k(qg, k, rescore=10, scorer=other, train_loader=loader)
 
 
 def test_index_top_k_matches_its_scores_and_float16_storage(tmp_path, mlp_case):

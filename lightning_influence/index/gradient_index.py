@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.files import read_json_or_none, read_manifest, sha256_file
 from lightning_influence.scoring.queries import QueryGradients
+from lightning_influence.tasks import batch_size_of
 from lightning_influence.index.projection import Compression, IndexOptions
 from lightning_influence.index.store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, RANK_FILE, GradientIndexError,
                                              data_fingerprint, example_digests, factors_identity, model_fingerprint)
@@ -109,8 +110,6 @@ class GradientIndex:
             theirs_examples, theirs_digests, start = [], [], 0
             for item in data:
                 idx, batch = item if indexed else (None, item)
-                from lightning_influence.tasks import batch_size_of
-
                 b = len(idx) if idx is not None else batch_size_of(batch)
                 theirs_examples.append(torch.as_tensor(idx).long() if idx is not None else torch.arange(start, start + b))
                 theirs_digests.append(example_digests(batch, b))
@@ -266,6 +265,10 @@ class GradientIndex:
                                      f"{self.num_examples}; pass the dataset the index was built on")
         if isinstance(queries, torch.Tensor):
             raise GradientIndexError("rescoring needs the queries' gradients (scorer.query_gradients), not vectors")
+        if scorer.factors is not self.factors and \
+                factors_identity(scorer.factors, "index") != factors_identity(self.factors, "index"):
+            raise GradientIndexError("the rescoring scorer uses other factors than the index was opened with; "
+                                     "rescore with InfluenceScorer(model, task, <the index's factors>)")
         union = torch.unique(candidates)  # sorted
         subset = DataLoader(Subset(train_loader.dataset, union.tolist()), batch_size=train_loader.batch_size,
                             shuffle=False, collate_fn=train_loader.collate_fn, num_workers=train_loader.num_workers)
