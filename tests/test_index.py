@@ -458,3 +458,19 @@ def test_two_process_build_equals_single_process(tmp_path, mlp_case):
     one = GradientIndex.load(tmp_path / "one", factors)
     assert ddp.manifest["world_size"] == 2
     torch.testing.assert_close(ddp.scores(qg), one.scores(qg), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["index", "sqrt", "query"])
+def test_queries_compressed_from_their_tokens(tmp_path, mlp_case, placement):
+    """compress_queries (tokens rotated and projected directly) gives the vectors of query_vectors
+    (the preconditioned gradients rotated back), with truncation and projection on."""
+    model, train, queries = mlp_case
+    factors = fitted("ekfac", model, train)
+    build_index(model, TASK, factors, models.split_batch(train, 4), tmp_path,
+                IndexOptions(projection_dim=3, keep=4, preconditioner=placement), dtype=torch.float64)
+    index = GradientIndex.load(tmp_path, factors)
+    scorer = InfluenceScorer(model, TASK, factors, dtype=torch.float64)
+    direct = index.compress_queries(scorer, models.split_batch(queries, 2))
+    via = index.query_vectors(scorer.query_gradients(models.split_batch(queries, 2)), dtype=torch.float64)
+    torch.testing.assert_close(direct, via, rtol=1e-9, atol=1e-9 * float(via.abs().max()))
+    torch.testing.assert_close(index.scores(direct, dtype=torch.float64), index.scores(via, dtype=torch.float64))

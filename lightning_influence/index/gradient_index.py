@@ -153,6 +153,29 @@ class GradientIndex:
         """``[Q, width]`` compressed query vectors (so that ``query_vector . row`` is the score)."""
         return self.compression.query_vectors(queries, self.factors, dtype)
 
+    def compress_queries(self, scorer, query_batches: Iterable[Any]) -> torch.Tensor:
+        """``[Q, width]`` query vectors straight from the query batches, with ``scorer``'s capture and task.
+
+        Cheaper than ``query_vectors(scorer.query_gradients(...))``: the queries' gradients are never
+        preconditioned in the parameter basis and rotated back; each layer's tokens are rotated and
+        projected directly (docs/method.md, section 7). Use the result with :meth:`scores` / :meth:`top_k`.
+        """
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.compression.layers}
+        dtype = scorer._accumulate_dtype()
+        eig = {n: self.compression.eigvecs(self.factors, n, scorer.device, dtype) for n in self.compression.layers}
+
+        def consume(name, a, s):
+            if name in parts:
+                parts[name].append(self.compression.layers[name].query_from_tokens(a.to(dtype), s.to(dtype), eig[name]))
+
+        for i, batch in enumerate(query_batches):
+            scorer.stream(batch, True, consume, batch_index=i)
+        missing = [n for n, p in parts.items() if not p]
+        if missing:
+            raise GradientIndexError(f"no query batch reached layers {missing[:10]}; give at least one query, and a "
+                                     "scorer over all the index's layers")
+        return torch.cat([torch.cat(parts[n]) for n in self.compression.layers], dim=1).cpu()
+
     def _check_cosine(self, normalize: bool) -> None:
         if normalize and self.options.preconditioner != "sqrt":
             raise GradientIndexError(

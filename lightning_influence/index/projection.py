@@ -153,16 +153,19 @@ class LayerCompression:
     """One layer's compression: basis, kept rows/columns, side weights and projections.
 
     ``index_weight`` multiplies the rotated, truncated training gradient; ``query_weight`` multiplies the
-    rotated, truncated *preconditioned* query gradient (``R_q * w``); either is ``None`` for 1.
+    rotated, truncated *preconditioned* query gradient (``R_q * w``) and ``raw_query_weight`` the raw one
+    (``R_q``, from the query's tokens); each is ``None`` for 1.
     """
 
     def __init__(self, layer: TrackedLayer, eigen: bool, rows: torch.Tensor | None, cols: torch.Tensor | None,
                  index_weight: torch.Tensor | None, query_weight: torch.Tensor | None,
-                 proj_s: torch.Tensor | None, proj_a: torch.Tensor | None):
+                 proj_s: torch.Tensor | None, proj_a: torch.Tensor | None,
+                 raw_query_weight: torch.Tensor | None = None):
         self.layer = layer
         self.eigen = eigen
         self.rows, self.cols = rows, cols
         self.index_weight, self.query_weight = index_weight, query_weight
+        self.raw_query_weight = raw_query_weight
         self.proj_s, self.proj_a = proj_s, proj_a
         self._cache: dict = {}
 
@@ -183,7 +186,7 @@ class LayerCompression:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for key in ("rows", "cols", "index_weight", "query_weight", "proj_s", "proj_a"):
+        for key in ("rows", "cols", "index_weight", "query_weight", "raw_query_weight", "proj_s", "proj_a"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -236,10 +239,10 @@ class LayerCompression:
                 qa = qa.index_select(1, self.cols.to(qa.device))
             if self.rows is not None:
                 qs = qs.index_select(1, self.rows.to(qs.device))
-            return self._from_kept_tokens(a @ qa, s @ qs)
+            return self._from_kept_tokens(a @ qa, s @ qs, "index_weight")
         if self.rows is not None or self.cols is not None:
             raise AssertionError("truncation needs an eigenbasis")
-        return self._from_kept_tokens(a, s)
+        return self._from_kept_tokens(a, s, "index_weight")
 
     def from_rotated_tokens(self, a_rotated: torch.Tensor, s_rotated: torch.Tensor) -> torch.Tensor:
         """Index vectors ``[B, width]`` from tokens already rotated into the eigenbasis (``a Q_A``, ``s Q_S``,
@@ -248,10 +251,10 @@ class LayerCompression:
             a_rotated = a_rotated.index_select(-1, self.cols.to(a_rotated.device))
         if self.rows is not None:
             s_rotated = s_rotated.index_select(-1, self.rows.to(s_rotated.device))
-        return self._from_kept_tokens(a_rotated, s_rotated)
+        return self._from_kept_tokens(a_rotated, s_rotated, "index_weight")
 
-    def _from_kept_tokens(self, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        if self.index_weight is None:
+    def _from_kept_tokens(self, a: torch.Tensor, s: torch.Tensor, weight: str) -> torch.Tensor:
+        if getattr(self, weight) is None:
             # No weight on this side: project the tokens, never forming the per-example gradient
             # (T (d_out + d_in) p per token instead of d_out d_in (T + p)).
             ps = self._on("proj_s", a.device, a.dtype)
@@ -262,9 +265,22 @@ class LayerCompression:
                 a = a @ pa
             return (s.transpose(1, 2) @ a).flatten(1)
         r = s.transpose(1, 2) @ a
-        return self._project(r * self._on("index_weight", r.device, r.dtype))
+        return self._project(r * self._on(weight, r.device, r.dtype))
 
     # ----------------------------------------------------------------- query side
+    def query_from_tokens(self, a: torch.Tensor, s: torch.Tensor, eigvecs: tuple[torch.Tensor, torch.Tensor] | None
+                          ) -> torch.Tensor:
+        """Query vectors ``[Q, width]`` straight from the queries' measurement tokens (no preconditioning
+        step: the query side's share of the preconditioner is applied in the eigenbasis), negated."""
+        if eigvecs is not None:
+            qa, qs = eigvecs
+            if self.cols is not None:
+                qa = qa.index_select(1, self.cols.to(qa.device))
+            if self.rows is not None:
+                qs = qs.index_select(1, self.rows.to(qs.device))
+            a, s = a @ qa, s @ qs
+        return -self._from_kept_tokens(a, s, "raw_query_weight")
+
     def from_preconditioned(self, p: torch.Tensor, eigvecs: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Query vectors ``[Q, width]`` from preconditioned query gradients ``P_q`` ``[Q, d_out, d_in]``,
         negated so that ``query_vector . index_vector`` is the score (docs/method.md, section 1)."""
@@ -311,7 +327,7 @@ class Compression:
         for name, layer in factors.layers.items():
             curv = _curvature(factors, name, options.preconditioner)
             rows = cols = None
-            index_weight = query_weight = None
+            index_weight = query_weight = raw_query_weight = None
             if curv is not None:
                 lam, damping = curv
                 inv = 1.0 / (lam + damping)
@@ -328,13 +344,15 @@ class Compression:
                     index_weight = inv if alpha == 1.0 else inv.sqrt()
                     # applied to R_q * w (the preconditioned query): leaves R_q * w^(1 - alpha)
                     query_weight = lam + damping if alpha == 1.0 else (lam + damping).sqrt()
+                raw_query_weight = None if alpha == 1.0 else (index_weight.clone() if alpha == 0.5 else inv)
             ks = layer.d_out if rows is None else len(rows)
             ka = layer.d_in if cols is None else len(cols)
             generator = torch.Generator().manual_seed(_layer_seed(options.seed, name))
             p = options.projection_dim
             proj_s = _projection(options.projection, generator, ks, p) if p is not None and p < ks else None
             proj_a = _projection(options.projection, generator, ka, p) if p is not None and p < ka else None
-            layers[name] = LayerCompression(layer, eigen, rows, cols, index_weight, query_weight, proj_s, proj_a)
+            layers[name] = LayerCompression(layer, eigen, rows, cols, index_weight, query_weight, proj_s, proj_a,
+                                            raw_query_weight)
         return cls(layers, options)
 
     def eigvecs(self, factors: InfluenceFactors, name: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -374,7 +392,8 @@ class Compression:
         for name, layer in factors.layers.items():
             get = lambda key: flat.get(f"{name}::{key}")  # noqa: E731
             layers[name] = LayerCompression(layer, eigen, get("rows"), get("cols"), get("index_weight"),
-                                            get("query_weight"), get("proj_s"), get("proj_a"))
+                                            get("query_weight"), get("proj_s"), get("proj_a"),
+                                            get("raw_query_weight"))
         return cls(layers, options)
 
 
