@@ -45,6 +45,10 @@ _EXPORTS = {
     "filtered_scores": "scoring.tfidf",
     "ScoreShardWriter": "scoring.topk",
     "StreamingTopK": "scoring.topk",
+    "GradientIndex": "index",
+    "GradientIndexError": "index",
+    "IndexOptions": "index",
+    "build_index": "index",
 }
 
 __all__ = ["__version__", *_EXPORTS]

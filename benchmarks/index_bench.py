@@ -1,0 +1,291 @@
+"""The gradient index on the benchmark Llama: build cost, bytes per example, query time, agreement.
+
+One process, one thread (``BENCH_THREADS``), the speed benchmark's model and data (a 2-layer
+Llama, 1,024 training sequences of 64 tokens, batch 32, every ``nn.Linear`` tracked, EK-FAC with
+the empirical Fisher, damping 0.1 x mean eigenvalue, float32). Measured:
+
+* the yardstick: one plain forward+backward epoch over the training data;
+* build cost in epochs: a standalone ``build_index`` (one extra pass), and the extra cost of writing
+  the index inside the eigenvalue-correction pass (``IndexWriter.add_rotated_tokens`` on the rotated
+  tokens that pass forms; ``preconditioner="query"``), both against the epoch;
+* a second set of 256 queries: time by index (query gradients + one matmul per shard) against our
+  exact streaming scoring (query gradients + a pass over the training data), CPU seconds;
+* agreement with the exact scores: Pearson over the whole score matrix, mean per-query Pearson, top-10
+  overlap by the index alone, and of the two-stage list (index proposes K=100, exact rescoring);
+* bytes per example against the full gradient (4 bytes per tracked parameter).
+
+    /work/main/.venv/bin/python -m benchmarks.index_bench [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .common import RESULTS, library_fingerprint, linear_module_names, loader, loadavg_now, markov_sequences, pearson, \
+    save_json, set_threads, tiny_llama, train_lm
+
+LM = dict(vocab=512, hidden=128, intermediate=256, layers=2, heads=4, max_len=64)
+SEQ_LEN, BATCH = 64, 32
+K_TOP, RESCORES, FEW = 10, (30, 100), 8
+# (label, IndexOptions kwargs): the projection (LoGra's i.i.d. Gaussian, or orthogonal), the placement of the
+# preconditioner (all on the index side, or its square root on both), truncation in the eigenbasis.
+G_INDEX, G_SQRT = dict(projection="gaussian", preconditioner="index"), dict(projection="gaussian", preconditioner="sqrt")
+O_SQRT = dict(projection="orthogonal", preconditioner="sqrt")
+CONFIGS = [
+    ("gaussian, index, p=16", dict(projection_dim=16, **G_INDEX)),
+    ("gaussian, index, p=32", dict(projection_dim=32, **G_INDEX)),
+    ("gaussian, index, p=48", dict(projection_dim=48, **G_INDEX)),
+    ("gaussian, sqrt, p=48", dict(projection_dim=48, **G_SQRT)),
+    ("orthogonal, sqrt, p=16", dict(projection_dim=16, **O_SQRT)),
+    ("orthogonal, sqrt, p=32", dict(projection_dim=32, **O_SQRT)),
+    ("orthogonal, sqrt, p=48 (default)", dict(projection_dim=48, **O_SQRT)),
+    ("orthogonal, sqrt, p=64", dict(projection_dim=64, **O_SQRT)),
+    ("truncation keep=48, sqrt", dict(projection_dim=None, keep=48, preconditioner="sqrt")),
+    ("orthogonal, sqrt, keep=96, p=48", dict(projection_dim=48, keep=96, **O_SQRT)),
+    ("orthogonal, query, p=48", dict(projection_dim=48, projection="orthogonal", preconditioner="query")),
+]
+
+
+class Clock:
+    """CPU seconds (this process, all threads) and wall seconds of a block."""
+
+    def __enter__(self):
+        self.c0, self.w0 = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.cpu = time.process_time() - self.c0
+        self.wall = time.perf_counter() - self.w0
+
+
+def top_overlap(approx_idx: torch.Tensor, exact_idx: torch.Tensor) -> float:
+    hits = [len(set(a.tolist()) & set(e.tolist())) / e.numel() for a, e in zip(approx_idx, exact_idx)]
+    return sum(hits) / len(hits)
+
+
+def per_query_pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    return sum(pearson(x, y) for x, y in zip(a, b)) / a.shape[0]
+
+
+def lambda_pass(model, task, factors, batches, writer=None) -> None:
+    """The eigenvalue-correction pass's loop (as ``passes.run_phase("lambda")`` runs it, empirical Fisher),
+    optionally handing each layer's rotated per-example gradients to an ``IndexWriter`` first."""
+    from lightning_influence.capture import LayerCapture, masked_tokens, model_mode, per_example_gradients
+    from lightning_influence.tasks import checked_loss
+
+    eig = {n: (t["A_eigvecs"].float(), t["S_eigvecs"].float()) for n, t in factors.tensors.items()}
+    sums = {n: torch.zeros(l.shape, dtype=torch.float64) for n, l in factors.layers.items()}
+    with model_mode(model, train=False), torch.enable_grad(), LayerCapture(model, factors.layers) as cap:
+        for i, batch in enumerate(batches):
+            mask = task.token_mask(batch)
+            wanted = writer.begin_batch(batch) if writer is not None else False
+
+            def consume(name, a, s):
+                a, s = masked_tokens(a, mask), masked_tokens(s, mask)
+                a_rot, s_rot = a @ eig[name][0], s @ eig[name][1]
+                if wanted:
+                    writer.add_rotated_tokens(name, a_rot, s_rot)
+                rotated = per_example_gradients(a_rot, s_rot)
+                sums[name] += rotated.square_().sum(0)
+
+            cap.backward(checked_loss(task.train_loss(model, batch, sample=False), i), consume)
+            if writer is not None:
+                writer.end_batch()
+    if writer is not None:
+        writer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="256 training sequences, 64 queries, 3 configurations")
+    args = parser.parse_args()
+    set_threads()
+    from lightning_influence import CausalLMTask, InfluenceFactors, InfluenceScorer, fit_factors
+    from lightning_influence.index import GradientIndex, IndexOptions, IndexWriter, build_index
+
+    n_train, n_query = (256, 64) if args.quick else (1024, 256)
+    configs = CONFIGS[5:8] if args.quick else CONFIGS
+    work = Path(tempfile.mkdtemp(prefix="bench-index-"))
+    out: dict = {"settings": {"n_train": n_train, "n_query": n_query, "seq_len": SEQ_LEN, "batch": BATCH, "lm": LM,
+                              "threads": torch.get_num_threads(), "k": K_TOP, "rescore": list(RESCORES)},
+                 "library": library_fingerprint(), "loadavg_start": loadavg_now()}
+    try:
+        train = markov_sequences(n_train, vocab=LM["vocab"], seq_len=SEQ_LEN, seed=11, chain_seed=5)
+        query = markov_sequences(n_query, vocab=LM["vocab"], seq_len=SEQ_LEN, prompt_len=16, seed=13, chain_seed=5)
+        model = tiny_llama(**LM)
+        train_lm(model, train, epochs=1, batch_size=BATCH, lr=3e-3)
+        model.eval()
+        mods = linear_module_names(model)
+        task = CausalLMTask()
+        from .common import lm_train_loss
+
+        lm_train_loss(model, next(iter(loader(train, BATCH)))).backward()  # warm-up, as speed.py does
+        model.zero_grad(set_to_none=True)
+        with Clock() as epoch:
+            for batch in loader(train, BATCH):
+                model.zero_grad(set_to_none=True)
+                lm_train_loss(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+        out["epoch_cpu_s"], out["epoch_wall_s"] = epoch.cpu, epoch.wall
+        with Clock() as fit:
+            factors = fit_factors(model, task, loader(train, BATCH), strategy="ekfac", modules=mods,
+                                  fisher="empirical", dtype=torch.float32)
+        out["fit_epochs"] = fit.cpu / epoch.cpu
+        full_bytes = 4 * sum(l.d_out * l.d_in for l in factors.layers.values())
+        out["full_gradient_bytes_per_example"] = full_bytes
+
+        # Inside the eigenvalue-correction pass: the extra cost of writing the index there.
+        eigen = InfluenceFactors("ekfac", factors.layers, "empirical", None, 0.1,
+                                 {n: {k: v for k, v in t.items() if not k.startswith("lambda")}
+                                  for n, t in factors.tensors.items()}, phase="eigen")
+        with Clock() as plain_pass:
+            lambda_pass(model, task, eigen, loader(train, BATCH))
+        in_pass = {}
+        for p in (32, 48):
+            with Clock() as with_index:
+                writer = IndexWriter(work / f"in-pass-{p}", eigen, model,
+                                     IndexOptions(projection_dim=p, preconditioner="query", projection="orthogonal"))
+                lambda_pass(model, task, eigen, loader(train, BATCH), writer)
+            in_pass[f"p={p}"] = {"pass_cpu_s": plain_pass.cpu, "pass_with_index_cpu_s": with_index.cpu,
+                                 "extra_epochs": (with_index.cpu - plain_pass.cpu) / epoch.cpu}
+        out["in_pass_build"] = in_pass
+
+        # Exact streaming for the second query set (query gradients timed apart: both paths need them).
+        scorer = InfluenceScorer(model, task, factors, dtype=torch.float32)
+        with Clock() as qgrad:
+            qg = scorer.query_gradients(loader(query, BATCH))
+        with Clock() as stream:
+            exact = torch.cat([scorer.score_batch(qg, b, batch_index=i).sum(0) for i, b in
+                               enumerate(loader(train, BATCH))], dim=1)
+        out["query_gradients_cpu_s"] = qgrad.cpu
+        out["exact_stream_cpu_s"] = stream.cpu
+        exact_total = qgrad.cpu + stream.cpu
+        out["exact_total_cpu_s"] = exact_total
+        exact_top = torch.topk(exact, K_TOP, dim=1).indices
+        # The in-pass index against the exact scores (query placement, built before Lambda existed).
+        for p in (32, 48):
+            idx = GradientIndex.load(work / f"in-pass-{p}", factors)
+            s = idx.scores(qg)
+            in_pass[f"p={p}"].update(pearson=pearson(s, exact), top10_overlap=top_overlap(
+                torch.topk(s, K_TOP, dim=1).indices, exact_top), bytes_per_example=idx.bytes_per_example)
+
+        rows = []
+        for label, kw in configs:
+            options = IndexOptions(**kw)
+            directory = work / f"config-{len(rows)}"
+            with Clock() as build:
+                build_index(model, task, factors, loader(train, BATCH), directory, options)
+            with Clock() as load:
+                index = GradientIndex.load(directory, factors)
+            with Clock() as compress:
+                vectors = index.compress_queries(scorer, loader(query, BATCH))
+            with Clock() as score:
+                approx = index.scores(vectors)
+            with Clock() as via_gradients:
+                index.scores(qg)
+            with Clock() as first_stage:
+                index.top_k(qg, K_TOP)
+            two = {}
+            for k_rescore in RESCORES:
+                candidates = index.top_k(qg, k_rescore)[1]
+                with Clock() as two_stage:
+                    _, two_idx = index.top_k(qg, K_TOP, rescore=k_rescore, scorer=scorer,
+                                             train_loader=loader(train, BATCH))
+                two[k_rescore] = {"top10_overlap": top_overlap(two_idx, exact_top), "cpu_s": two_stage.cpu,
+                                  "time_vs_exact": (qgrad.cpu + two_stage.cpu) / exact_total,
+                                  "rescored_fraction": torch.unique(candidates).numel() / n_train}
+            row = {
+                "config": label, "options": options.to_json(),
+                "bytes_per_example": index.bytes_per_example,
+                "storage_fraction_of_full": index.bytes_per_example / full_bytes,
+                "build_epochs": build.cpu / epoch.cpu, "load_cpu_s": load.cpu,
+                "score_cpu_s": score.cpu, "topk_cpu_s": first_stage.cpu,
+                "compress_queries_cpu_s": compress.cpu,
+                "time_vs_exact": (compress.cpu + score.cpu) / exact_total,
+                "matmul_only_vs_exact_stream": score.cpu / stream.cpu,
+                "from_query_gradients_cpu_s": via_gradients.cpu,
+                "two_stage": two,
+                "pearson": pearson(approx, exact), "per_query_pearson": per_query_pearson(approx, exact),
+                "top10_overlap": top_overlap(torch.topk(approx, K_TOP, dim=1).indices, exact_top),
+            }
+            if options == IndexOptions():
+                # Few queries: the candidates are a small share of the data, so two stages pay off.
+                few = qg.select(list(range(FEW)))
+                with Clock() as few_exact:
+                    torch.cat([scorer.score_batch(few, b, batch_index=i).sum(0) for i, b in
+                               enumerate(loader(train, BATCH))], dim=1)
+                with Clock() as few_two:
+                    _, few_idx = index.top_k(few, K_TOP, rescore=RESCORES[0], scorer=scorer,
+                                             train_loader=loader(train, BATCH))
+                row["few_queries"] = {"queries": FEW, "rescore": RESCORES[0], "exact_stream_cpu_s": few_exact.cpu,
+                                      "two_stage_cpu_s": few_two.cpu, "time_vs_exact": few_two.cpu / few_exact.cpu,
+                                      "top10_overlap": top_overlap(few_idx, exact_top[:FEW]),
+                                      "rescored_fraction": torch.unique(index.top_k(few, RESCORES[0])[1]).numel()
+                                      / n_train}
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "options"},
+                  flush=True)
+        out["configs"] = rows
+        out["loadavg_end"] = loadavg_now()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    name = "index-quick.json" if args.quick else "index.json"
+    print("wrote", save_json(name, out))
+    (RESULTS / name.replace(".json", "-section.md")).write_text(section(out))
+
+
+def section(out: dict) -> str:
+    """The docs/benchmarks.md section, from the results."""
+    s = out["settings"]
+    lines = [
+        "## Gradient index: train once, query many",
+        "",
+        f"`python -m benchmarks.index_bench` (results: `benchmarks/results/index.json`). The benchmark Llama "
+        f"({s['n_train']} training sequences of {s['seq_len']} tokens, {s['n_query']} queries of a second set, "
+        f"every `nn.Linear`, EK-FAC, empirical Fisher, float32, {s['threads']} thread, CPU seconds). "
+        f"The full gradient is {out['full_gradient_bytes_per_example'] / 1e6:.2f} MB per example; one plain "
+        f"forward+backward epoch took {out['epoch_cpu_s']:.1f} s, the factor fit {out['fit_epochs']:.2f} epochs, "
+        f"exact streaming of the {s['n_query']} queries {out['exact_total_cpu_s']:.1f} s "
+        f"(of which {out['query_gradients_cpu_s']:.1f} s for the query gradients). Query time by index: "
+        "`compress_queries` (one forward and backward over the queries, tokens rotated and projected) plus one "
+        "matmul per shard; \"matmul only\" is the matmul against the exact pass over the training data.",
+        "",
+        "| index | bytes/example | of full | build (epochs) | query time vs exact | Pearson | per-query Pearson "
+        f"| top-{s['k']} overlap | " + " | ".join(f"two-stage K={k}: top-{s['k']} overlap, time vs exact, share rescored"
+                                               for k in s["rescore"]) + " |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(s["rescore"]),
+    ]
+    for r in out["configs"]:
+        two = " | ".join(f"{t['top10_overlap']:.2f}, {t['time_vs_exact']:.2f}x, {t['rescored_fraction']:.2f}"
+                         for t in r["two_stage"].values())
+        lines.append(
+            f"| {r['config']} | {r['bytes_per_example']:,} | {r['storage_fraction_of_full']:.3f} | "
+            f"{r['build_epochs']:.2f} | {r['time_vs_exact']:.3f} ({r['matmul_only_vs_exact_stream']:.4f} matmul only) | {r['pearson']:.3f} | {r['per_query_pearson']:.3f} | {r['top10_overlap']:.2f} | "
+            f"{two} |")
+    for r in out["configs"]:
+        if "few_queries" in r:
+            f = r["few_queries"]
+            lines += ["", f"Two stages pay off when the candidates are a small share of the data: with {f['queries']} "
+                      f"queries and K={f['rescore']} ({f['rescored_fraction']:.0%} of the examples rescored), the "
+                      f"default index's two-stage top-{s['k']} took {f['time_vs_exact']:.2f}x the exact streaming "
+                      f"(query gradients, needed by both, excluded), overlap {f['top10_overlap']:.2f}. With "
+                      f"{s['n_query']} queries the union of candidates is nearly the whole training set here, so "
+                      "rescoring costs a full exact pass (the table's last columns)."]
+    lines += ["", "Built inside the eigenvalue-correction pass (`IndexWriter.add_rotated_tokens`, preconditioner on the "
+              "query side):", "",
+              "| index | extra cost on the pass (epochs) | bytes/example | Pearson | top-10 overlap |",
+              "|---|---|---|---|---|"]
+    for label, r in out.get("in_pass_build", {}).items():
+        lines.append(f"| orthogonal, query, {label} | {r['extra_epochs']:.2f} | {r.get('bytes_per_example', 0):,} | "
+                     f"{r.get('pearson', float('nan')):.3f} | {r.get('top10_overlap', float('nan')):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

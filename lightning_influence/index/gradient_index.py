@@ -1,0 +1,326 @@
+"""Querying a gradient index: scores by one matmul per shard, top-k, and exact two-stage rescoring.
+
+The queries' preconditioned gradients (:meth:`InfluenceScorer.query_gradients`, full or low rank)
+are compressed the way the index was (:meth:`Compression.query_vectors`); a score is then the dot
+product of a query vector with an index row: no forward or backward over the training data.
+Cosine scores divide by both vectors' norms (meaningful with ``preconditioner="sqrt"``, where both
+sides are whitened). Two stages: the index proposes candidates, the exact scores with the same
+factors (docs/method.md, section 4) rank them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from lightning_influence.factors import InfluenceFactors
+from lightning_influence.files import read_json_or_none, read_manifest, sha256_file
+from lightning_influence.scoring.queries import QueryGradients
+from lightning_influence.tasks import batch_size_of
+from lightning_influence.index.projection import Compression, IndexOptions
+from lightning_influence.index.store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, RANK_FILE, GradientIndexError,
+                                             data_fingerprint, example_digests, factors_identity, model_fingerprint)
+
+__all__ = ["GradientIndex"]
+
+
+class GradientIndex:
+    """A built gradient index, opened against the factors (and optionally model and data) it was built for.
+
+    Open with :meth:`load`. Rows are in dataset order (``N`` examples); ``width`` numbers per row.
+    """
+
+    def __init__(self, directory: Path, manifest: dict, factors: InfluenceFactors, compression: Compression,
+                 shards: list[dict], num_examples: int, in_memory: bool):
+        self.directory = directory
+        self.manifest = manifest
+        self.factors = factors
+        self.compression = compression
+        self.options = compression.options
+        self.num_examples = num_examples
+        self._shards = shards  # each: path, sha256, and (in memory) vectors/examples
+        self._in_memory = in_memory
+        self._norms: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def load(cls, directory: str | os.PathLike, factors: InfluenceFactors, model: nn.Module | None = None,
+             data: Iterable[Any] | None = None, indexed: bool = False, in_memory: bool = True) -> "GradientIndex":
+        """Open the index in ``directory``, refusing one built for other factors, model or data.
+
+        Args:
+            factors: the complete factors the queries are preconditioned with (required: they must be the
+                ones the index was built for).
+            model: when given, its weights must be the ones the index was built on.
+            data: when given (the training loader), its examples must be the indexed ones, in the same
+                order (each batch is hashed; no forward pass).
+            indexed: ``data`` yields ``(dataset_indices, batch)`` pairs.
+            in_memory: keep the shards in memory (default) or read them again for every query call.
+        """
+        directory = Path(directory)
+        manifest = read_manifest(directory / MANIFEST, GradientIndexError, FORMAT_NAME, FORMAT_VERSION,
+                                 "gradient index", missing="Build it first (build_index).", redo="rebuild the index")
+        identity = manifest.get("identity", {})
+        factors.require_complete()
+        if factors_identity(factors, identity.get("options", {}).get("preconditioner", "index")) != \
+                identity.get("factors"):
+            raise GradientIndexError(
+                f"the index in '{directory}' was built with other factors (other statistics, damping or strategy); "
+                "open it with the factors it was built from, or rebuild it (build_index) with these"
+            )
+        if model is not None and model_fingerprint(model) != identity.get("model"):
+            raise GradientIndexError(
+                f"the index in '{directory}' was built on other model weights; rebuild it for this model"
+            )
+        compression_path = directory / manifest.get("compression_file", "")
+        if not compression_path.is_file() or sha256_file(compression_path) != manifest.get("compression_sha256"):
+            raise GradientIndexError(f"{compression_path} is missing or corrupt; rebuild the index")
+        options = IndexOptions(**identity["options"])
+        compression = Compression.from_tensors(load_file(str(compression_path)), factors, options)
+        shards: list[dict] = []
+        for rank in range(int(manifest.get("world_size", 1))):
+            state = read_json_or_none(directory / RANK_FILE.format(rank))
+            if state is None or state.get("identity") != identity or not state.get("complete"):
+                raise GradientIndexError(
+                    f"the index in '{directory}' is unfinished (rank {rank} has not completed its share); "
+                    "run build_index again with the same arguments to resume it"
+                )
+            for shard in state["shards"]:
+                shards.append({"path": directory / shard["file"], "sha256": shard["sha256"], "rows": shard["rows"]})
+        examples, digests = [], []
+        for shard in shards:
+            tensors = _read_shard(shard)
+            examples.append(tensors["examples"])
+            digests.append(tensors["digests"])
+            if in_memory:
+                shard["vectors"], shard["examples"] = tensors["vectors"], tensors["examples"]
+        examples_all = torch.cat(examples)
+        n = examples_all.numel()
+        if not torch.equal(torch.sort(examples_all).values, torch.arange(n)):
+            raise GradientIndexError(f"the index in '{directory}' does not hold examples 0..{n - 1} exactly once; "
+                                     "rebuild it")
+        if data is not None:
+            digests_all = torch.cat(digests)
+            theirs_examples, theirs_digests, start = [], [], 0
+            for item in data:
+                idx, batch = item if indexed else (None, item)
+                b = len(idx) if idx is not None else batch_size_of(batch)
+                theirs_examples.append(torch.as_tensor(idx).long() if idx is not None else torch.arange(start, start + b))
+                theirs_digests.append(example_digests(batch, b))
+                start += b
+            if not theirs_examples or data_fingerprint(torch.cat(theirs_examples), torch.cat(theirs_digests)) != \
+                    data_fingerprint(examples_all, digests_all):
+                raise GradientIndexError(
+                    f"the index in '{directory}' was built on other training data (other examples or another order); "
+                    "rebuild it for this data"
+                )
+        return cls(directory, manifest, factors, compression, shards, n, in_memory)
+
+    @property
+    def width(self) -> int:
+        """Numbers per example (all layers)."""
+        return self.compression.width
+
+    @property
+    def bytes_per_example(self) -> int:
+        return self.width * self.options.storage_dtype.itemsize
+
+    def _iter_shards(self):
+        for shard in self._shards:
+            if "vectors" in shard:
+                yield shard["vectors"], shard["examples"]
+            else:
+                tensors = _read_shard(shard)
+                yield tensors["vectors"], tensors["examples"]
+
+    def norms(self) -> torch.Tensor:
+        """``[N]`` Euclidean norms of the index rows (float32), in dataset order."""
+        if self._norms is None:
+            out = torch.empty(self.num_examples)
+            for vectors, examples in self._iter_shards():
+                out[examples] = vectors.float().norm(dim=1)
+            self._norms = out
+        return self._norms
+
+    # ------------------------------------------------------------------ scores
+    def query_vectors(self, queries: QueryGradients, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[Q, width]`` compressed query vectors (so that ``query_vector . row`` is the score)."""
+        return self.compression.query_vectors(queries, self.factors, dtype)
+
+    def compress_queries(self, scorer, query_batches: Iterable[Any]) -> torch.Tensor:
+        """``[Q, width]`` query vectors straight from the query batches, with ``scorer``'s capture and task.
+
+        Cheaper than ``query_vectors(scorer.query_gradients(...))``: the queries' gradients are never
+        preconditioned in the parameter basis and rotated back; each layer's tokens are rotated and
+        projected directly (docs/method.md, section 7). Use the result with :meth:`scores` / :meth:`top_k`.
+        """
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.compression.layers}
+        dtype = scorer._accumulate_dtype()
+        eig = {n: self.compression.eigvecs(self.factors, n, scorer.device, dtype) for n in self.compression.layers}
+
+        def consume(name, a, s):
+            if name in parts:
+                parts[name].append(self.compression.layers[name].query_from_tokens(a.to(dtype), s.to(dtype), eig[name]))
+
+        for i, batch in enumerate(query_batches):
+            scorer.stream(batch, True, consume, batch_index=i)
+        missing = [n for n, p in parts.items() if not p]
+        if missing:
+            raise GradientIndexError(f"no query batch reached layers {missing[:10]}; give at least one query, and a "
+                                     "scorer over all the index's layers")
+        return torch.cat([torch.cat(parts[n]) for n in self.compression.layers], dim=1).cpu()
+
+    def _check_cosine(self, normalize: bool) -> None:
+        if normalize and self.options.preconditioner != "sqrt":
+            raise GradientIndexError(
+                f"cosine scores need both sides whitened: this index was built with preconditioner="
+                f"'{self.options.preconditioner}'. Rebuild it with IndexOptions(preconditioner='sqrt')"
+            )
+
+    def _chunks(self, queries: QueryGradients | torch.Tensor, normalize: bool, dtype: torch.dtype):
+        """Yield ``(scores [Q, n], examples [n])`` per shard."""
+        self._check_cosine(normalize)
+        q = queries if isinstance(queries, torch.Tensor) else self.query_vectors(queries, dtype)
+        q = q.to(dtype)
+        if normalize:
+            q = q / q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+            norms = self.norms()
+        for vectors, examples in self._iter_shards():
+            scores = q @ vectors.to(dtype).T
+            if normalize:
+                scores = scores / norms[examples].to(dtype).clamp_min(torch.finfo(dtype).tiny)
+            yield scores, examples
+
+    def scores(self, queries: QueryGradients | torch.Tensor, normalize: bool = False,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Approximate scores ``[Q, N]`` (dataset order): one matmul per shard.
+
+        ``queries``: :meth:`InfluenceScorer.query_gradients` output (preconditioned with this index's
+        factors), or vectors from :meth:`query_vectors`. ``normalize``: cosine scores (needs the
+        ``sqrt`` placement). ``dtype``: compute dtype (float64 for tests).
+        """
+        out = None
+        for scores, examples in self._chunks(queries, normalize, dtype):
+            if out is None:
+                out = torch.empty(scores.shape[0], self.num_examples, dtype=dtype)
+            out[:, examples] = scores
+        return out
+
+    def top_k(self, queries: QueryGradients, k: int, normalize: bool = False, rescore: int | None = None,
+              scorer=None, train_loader: DataLoader | None = None, dtype: torch.dtype = torch.float32,
+              approximate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most positive scores per query: ``(values [Q, k], dataset indices [Q, k])``.
+
+        Without ``rescore``: by the index alone. With ``rescore=K`` (``K >= k``): the index proposes the
+        ``K`` best candidates per query, and the exact scores of ``scorer`` (an :class:`InfluenceScorer`
+        with the index's factors) rank them; only those examples of ``train_loader`` (a ``DataLoader``
+        over the indexed, map-style dataset) are run, through a ``Subset`` loader. ``queries`` must then
+        come from that ``scorer`` (``scorer.query_gradients``). The values returned are the exact scores.
+
+        ``approximate=True`` finds the first stage's candidates with a faiss HNSW graph (inner product; built
+        once per index and kept) instead of the exact matmul: for very large indexes. faiss is an optional
+        extra (``pip install faiss-cpu``), never required.
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise GradientIndexError(f"k must be a positive integer, got {k!r}")
+        k = min(k, self.num_examples)
+        first = k if rescore is None else rescore
+        if rescore is not None:
+            if not isinstance(rescore, int) or isinstance(rescore, bool) or rescore < k:
+                raise GradientIndexError(f"rescore must be an integer >= k={k} (candidates per query), got {rescore!r}")
+            if scorer is None or train_loader is None:
+                raise GradientIndexError("two-stage top-k needs the exact scorer and the training dataloader: "
+                                         "top_k(..., rescore=K, scorer=InfluenceScorer(...), train_loader=...)")
+            first = min(rescore, self.num_examples)
+        if approximate:
+            values, indices = self._faiss_search(queries, first, normalize)
+        else:
+            values = indices = None
+            for scores, examples in self._chunks(queries, normalize, dtype):
+                values, indices = _merge_top(values, indices, scores, examples, first)
+        if rescore is None:
+            return values[:, :k], indices[:, :k]
+        return self._rescore(queries, indices, k, scorer, train_loader)
+
+    def _faiss_search(self, queries: QueryGradients | torch.Tensor, k: int, normalize: bool):
+        try:
+            import faiss
+        except ImportError:
+            raise GradientIndexError(
+                "approximate search needs faiss, an optional extra: pip install faiss-cpu (or use the exact matmul, "
+                "approximate=False)"
+            ) from None
+        self._check_cosine(normalize)
+        if getattr(self, "_faiss", None) is None or self._faiss[0] != normalize:
+            graph = faiss.IndexHNSWFlat(self.width, 32, faiss.METRIC_INNER_PRODUCT)
+            graph.hnsw.efSearch = max(128, 2 * k)
+            ids = []
+            for vectors, examples in self._iter_shards():
+                v = vectors.float()
+                if normalize:
+                    v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+                graph.add(v.contiguous().numpy())
+                ids.append(examples)
+            self._faiss = (normalize, graph, torch.cat(ids))
+        _, graph, ids = self._faiss
+        q = queries if isinstance(queries, torch.Tensor) else self.query_vectors(queries)
+        q = q.float()
+        if normalize:
+            q = q / q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        graph.hnsw.efSearch = max(graph.hnsw.efSearch, 2 * k)
+        values, positions = graph.search(q.contiguous().numpy(), k)
+        return torch.from_numpy(values), ids[torch.from_numpy(positions).long()]
+
+    def _rescore(self, queries: QueryGradients, candidates: torch.Tensor, k: int, scorer, train_loader):
+        if not isinstance(train_loader, DataLoader) or train_loader.batch_size is None:
+            raise GradientIndexError(
+                "rescoring needs a torch DataLoader with a batch_size over the indexed map-style dataset, to run "
+                "only the candidates through a Subset loader"
+            )
+        if len(train_loader.dataset) != self.num_examples:  # type: ignore[arg-type]
+            raise GradientIndexError(f"the training dataset has {len(train_loader.dataset)} examples but the index "
+                                     f"{self.num_examples}; pass the dataset the index was built on")
+        if isinstance(queries, torch.Tensor):
+            raise GradientIndexError("rescoring needs the queries' gradients (scorer.query_gradients), not vectors")
+        if scorer.factors is not self.factors and \
+                factors_identity(scorer.factors, "index") != factors_identity(self.factors, "index"):
+            raise GradientIndexError("the rescoring scorer uses other factors than the index was opened with; "
+                                     "rescore with InfluenceScorer(model, task, <the index's factors>)")
+        union = torch.unique(candidates)  # sorted
+        subset = DataLoader(Subset(train_loader.dataset, union.tolist()), batch_size=train_loader.batch_size,
+                            shuffle=False, collate_fn=train_loader.collate_fn, num_workers=train_loader.num_workers)
+        exact = torch.cat([scorer.score_batch(queries, batch, batch_index=i).sum(0).cpu()
+                           for i, batch in enumerate(subset)], dim=1)  # [Q, U]
+        # Each query ranks only its own candidates.
+        position = torch.searchsorted(union, candidates)  # [Q, K] columns of `exact`
+        own = exact.gather(1, position)
+        order = torch.sort(candidates, dim=1).indices  # ties: the lower training index first
+        own, cand = own.gather(1, order), candidates.gather(1, order)
+        best = torch.sort(own, dim=1, descending=True, stable=True).indices[:, :k]
+        return own.gather(1, best), cand.gather(1, best)
+
+
+def _merge_top(values, indices, scores: torch.Tensor, examples: torch.Tensor, k: int):
+    """Keep the ``k`` largest of the running ``values`` and a new shard's ``scores`` (ties: lower index first).
+
+    Shards of several ranks interleave in example index, so this does not need them in order."""
+    rows = examples.unsqueeze(0).expand(scores.shape[0], -1)
+    if values is not None:
+        scores, rows = torch.cat([values, scores], 1), torch.cat([indices, rows], 1)
+    by_index = torch.argsort(rows, dim=1)
+    scores, rows = scores.gather(1, by_index), rows.gather(1, by_index)
+    best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, best), rows.gather(1, best)
+
+
+def _read_shard(shard: dict) -> dict[str, torch.Tensor]:
+    path = shard["path"]
+    if not path.is_file() or sha256_file(path) != shard["sha256"]:
+        raise GradientIndexError(f"{path} is missing or does not match its checksum; rebuild the index")
+    return load_file(str(path))

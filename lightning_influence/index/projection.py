@@ -1,0 +1,412 @@
+"""How a gradient index compresses one side of the influence inner product (docs/method.md, section 7).
+
+In a K-FAC/EK-FAC layer's eigenbasis, with ``R = Q_S^T G Q_A`` for a gradient ``G`` and
+``w = 1 / (Lambda + lambda)``, the score of query ``q`` against training example ``i`` is
+``-<R_q * w, R_i>`` (the minus: docs/method.md, section 1). For the diagonal and identity
+strategies the "basis" is the parameter basis (``R = G``; ``w`` the diagonal's inverse, or 1).
+
+Per layer, the compression of a gradient is
+
+1. **truncation** (eigenbasis only): keep the rows and columns of ``R`` where the preconditioned
+   gradients carry their energy, ranked by the marginals of ``E[R^2] * w``. EK-FAC's ``Lambda``
+   *is* ``E[R^2]`` (K-FAC's ``L_S L_A`` estimates it), so no extra statistic is needed;
+2. **preconditioner placement**: the index side is multiplied by ``w^alpha`` and the query side by
+   ``w^(1-alpha)``: ``alpha=1`` ("index": the index holds preconditioned training gradients),
+   ``alpha=1/2`` ("sqrt": both sides whitened, so their cosine is the normalised score) or
+   ``alpha=0`` ("query": the index holds raw rotated gradients; the only placement that does not
+   need ``Lambda``, so it can be written inside the EK-FAC pass that fits ``Lambda``);
+3. a **Kronecker random projection** ``P_S^T X P_A`` with i.i.d. ``N(0, 1/p_S)`` and ``N(0, 1/p_A)``
+   entries, which keeps ``<P_S^T X P_A, P_S^T Y P_A>`` an unbiased estimate of ``<X, Y>`` for any
+   ``X, Y`` (a ``1/sqrt(d)`` scale would reweight layers by their shapes). A side whose projection
+   would be at least as wide as what is kept is not projected: a projection could only add noise.
+
+Projections are drawn from a ``torch.Generator`` seeded per layer (never the global RNG), so a
+build inside the EK-FAC pass, a build afterwards, and every rank draw the same matrices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lightning_influence.errors import OptionsError
+from lightning_influence.factors import InfluenceFactors
+from lightning_influence.capture import TrackedLayer
+from lightning_influence.scoring.queries import QueryGradients
+
+__all__ = ["IndexOptions", "LayerCompression", "Compression", "PLACEMENTS", "STORAGE_DTYPES"]
+
+# alpha: the power of w = 1/(Lambda + lambda) that the index side carries.
+PLACEMENTS = {"index": 1.0, "sqrt": 0.5, "query": 0.0}
+PROJECTIONS = ("gaussian", "orthogonal")
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How a gradient index compresses and stores training gradients.
+
+    Args:
+        projection_dim: per layer and side, the width of the random projection (``p_S = p_A``);
+            ``None`` keeps every (kept) coordinate. A layer stores ``p_S * p_A`` numbers per example.
+        keep: per layer and side, how many eigenbasis rows (output side) and columns (input side) to keep
+            before projecting, ranked by the preconditioned energy; ``None`` keeps all. K-FAC/EK-FAC only
+            (diagonal and identity factors have no eigenbasis).
+        preconditioner: ``"sqrt"`` (the square root of ``(Lambda + lambda)^-1`` on both sides, the default:
+            whitened vectors, which also allow cosine scores), ``"index"`` (all of it on the index side) or
+            ``"query"`` (all on the query side; the placement that can be built inside the EK-FAC pass).
+        seed: seeds the projections (one ``torch.Generator`` per layer).
+        projection: ``"orthogonal"`` (default: Haar-random orthonormal columns scaled by ``sqrt(d/p)``) or
+            ``"gaussian"`` (i.i.d. ``N(0, 1/p)`` entries, as in LoGra); both keep projected inner products
+            unbiased; the orthogonal one has the lower variance.
+
+    The defaults were chosen by measurement (``benchmarks/index_bench.py``: on the benchmark Llama, 48 x 48
+    per layer, under a tenth of the full gradient, agree best with the exact scores with an orthogonal
+    projection and the square root of the preconditioner on both sides).
+        dtype: storage dtype, ``"float32"`` (default) or ``"float16"`` (half the bytes).
+        shard_size: examples per shard file (a shard is closed at the first batch boundary after it).
+    """
+
+    projection_dim: int | None = 48
+    keep: int | None = None
+    preconditioner: str = "sqrt"
+    seed: int = 0
+    projection: str = "orthogonal"
+    dtype: str = "float32"
+    shard_size: int = 4096
+
+    def __post_init__(self):
+        for field_name in ("projection_dim", "keep"):
+            value = getattr(self, field_name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise OptionsError(f"IndexOptions.{field_name} must be a positive integer or None, got {value!r}")
+        if self.preconditioner not in PLACEMENTS:
+            raise OptionsError(f"IndexOptions.preconditioner must be one of {sorted(PLACEMENTS)}, "
+                               f"got {self.preconditioner!r}")
+        if isinstance(self.dtype, torch.dtype):  # accept torch dtypes, keep the JSON-able name
+            names = {v: k for k, v in STORAGE_DTYPES.items()}
+            if self.dtype not in names:
+                raise OptionsError(f"IndexOptions.dtype must be float32 or float16, got {self.dtype!r}")
+            object.__setattr__(self, "dtype", names[self.dtype])
+        if self.dtype not in STORAGE_DTYPES:
+            raise OptionsError(f"IndexOptions.dtype must be one of {sorted(STORAGE_DTYPES)}, got {self.dtype!r}")
+        if self.projection not in PROJECTIONS:
+            raise OptionsError(f"IndexOptions.projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise OptionsError(f"IndexOptions.seed must be an integer, got {self.seed!r}")
+        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise OptionsError(f"IndexOptions.shard_size must be a positive integer, got {self.shard_size!r}")
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return STORAGE_DTYPES[self.dtype]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def compression_json(self) -> dict:
+        """The options that change the stored vectors (``shard_size`` only changes the file layout)."""
+        out = self.to_json()
+        out.pop("shard_size")
+        return out
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def _projection(kind: str, generator: torch.Generator, rows: int, cols: int) -> torch.Tensor:
+    """A ``rows x cols`` projection with ``E[P P^T] = I``, which keeps projected inner products unbiased."""
+    g = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    if kind == "gaussian":
+        return g / math.sqrt(cols)  # i.i.d. N(0, 1/cols)
+    # Haar-random orthonormal columns scaled by sqrt(rows/cols): E[P P^T] = (rows/cols)(cols/rows) I = I, and
+    # no norm fluctuation between columns (lower variance than i.i.d. entries when cols is a fair part of rows).
+    q, r = torch.linalg.qr(g)
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # makes the QR factor Haar-distributed
+    return q * math.sqrt(rows / cols)
+
+
+def _curvature(factors: InfluenceFactors, name: str, placement: str) -> tuple[torch.Tensor, float] | None:
+    """``(Lambda, lambda)`` of a layer in float64, or ``None`` for the identity strategy.
+
+    EK-FAC factors whose ``Lambda`` is not fitted yet (phase ``eigen``, inside the eigenvalue-correction
+    pass) give K-FAC's ``L_S L_A`` as the estimate of ``E[R^2]`` (used for truncation only, which is
+    all the ``query`` placement needs)."""
+    if factors.strategy == "identity":
+        return None
+    if factors.is_complete:
+        return factors.eigenvalues(name).to(torch.float64), float(factors.damping_for(name))
+    if factors.strategy == "ekfac" and factors.phase_done("eigen") and placement == "query":
+        t = factors.tensors[name]
+        lam = torch.outer(t["S_eigvals"].to(torch.float64).clamp_min(0), t["A_eigvals"].to(torch.float64).clamp_min(0))
+        damping = factors.damping if factors.damping is not None else factors.damping_factor * float(lam.mean())
+        return lam, float(damping)
+    factors.require_complete()  # raises, naming the fix
+    raise AssertionError("unreachable")
+
+
+class LayerCompression:
+    """One layer's compression: basis, kept rows/columns, side weights and projections.
+
+    ``index_weight`` multiplies the rotated, truncated training gradient; ``query_weight`` multiplies the
+    rotated, truncated *preconditioned* query gradient (``R_q * w``) and ``raw_query_weight`` the raw one
+    (``R_q``, from the query's tokens); each is ``None`` for 1.
+    """
+
+    def __init__(self, layer: TrackedLayer, eigen: bool, rows: torch.Tensor | None, cols: torch.Tensor | None,
+                 index_weight: torch.Tensor | None, query_weight: torch.Tensor | None,
+                 proj_s: torch.Tensor | None, proj_a: torch.Tensor | None,
+                 raw_query_weight: torch.Tensor | None = None):
+        self.layer = layer
+        self.eigen = eigen
+        self.rows, self.cols = rows, cols
+        self.index_weight, self.query_weight = index_weight, query_weight
+        self.raw_query_weight = raw_query_weight
+        self.proj_s, self.proj_a = proj_s, proj_a
+        self._cache: dict = {}
+
+    @property
+    def kept_shape(self) -> tuple[int, int]:
+        return (self.layer.d_out if self.rows is None else len(self.rows),
+                self.layer.d_in if self.cols is None else len(self.cols))
+
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        ks, ka = self.kept_shape
+        return (ks if self.proj_s is None else self.proj_s.shape[1], ka if self.proj_a is None else self.proj_a.shape[1])
+
+    @property
+    def width(self) -> int:
+        """Numbers stored per example for this layer."""
+        return self.out_shape[0] * self.out_shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in ("rows", "cols", "index_weight", "query_weight", "raw_query_weight", "proj_s", "proj_a"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def _on(self, key: str, device, dtype) -> torch.Tensor | None:
+        value = getattr(self, key)
+        if value is None or not value.dtype.is_floating_point:
+            return value if value is None else value.to(device)
+        cache_key = (key, str(device), dtype)
+        if cache_key not in self._cache:
+            self._cache[cache_key] = value.to(device=device, dtype=dtype)
+        return self._cache[cache_key]
+
+    # ----------------------------------------------------------------- shared steps
+    def _truncate(self, r: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            r = r.index_select(-2, self.rows.to(r.device))
+        if self.cols is not None:
+            r = r.index_select(-1, self.cols.to(r.device))
+        return r
+
+    def _project(self, r: torch.Tensor) -> torch.Tensor:
+        ps = self._on("proj_s", r.device, r.dtype)
+        pa = self._on("proj_a", r.device, r.dtype)
+        if ps is not None:
+            r = ps.transpose(0, 1) @ r
+        if pa is not None:
+            r = r @ pa
+        return r.flatten(1)
+
+    # ----------------------------------------------------------------- training side
+    def from_rotated(self, rotated: torch.Tensor) -> torch.Tensor:
+        """Index vectors ``[B, width]`` from per-example gradients ``[B, d_out, d_in]`` already in this
+        layer's basis (``Q_S^T DW Q_A`` for K-FAC/EK-FAC, as the eigenvalue-correction pass forms them)."""
+        r = self._truncate(rotated)
+        w = self._on("index_weight", r.device, r.dtype)
+        if w is not None:
+            r = r * w
+        return self._project(r)
+
+    def from_tokens(self, a: torch.Tensor, s: torch.Tensor, eigvecs: tuple[torch.Tensor, torch.Tensor] | None
+                    ) -> torch.Tensor:
+        """Index vectors ``[B, width]`` from a layer's captured tokens ``a`` ``[B, T, d_in]``, ``s`` ``[B, T, d_out]``.
+
+        ``eigvecs`` is ``(Q_A, Q_S)`` in the compute dtype and device (K-FAC/EK-FAC), else ``None``."""
+        if eigvecs is not None:
+            qa, qs = eigvecs
+            if self.cols is not None:  # rotate onto the kept directions only
+                qa = qa.index_select(1, self.cols.to(qa.device))
+            if self.rows is not None:
+                qs = qs.index_select(1, self.rows.to(qs.device))
+            return self._from_kept_tokens(a @ qa, s @ qs, "index_weight")
+        if self.rows is not None or self.cols is not None:
+            raise AssertionError("truncation needs an eigenbasis")
+        return self._from_kept_tokens(a, s, "index_weight")
+
+    def from_rotated_tokens(self, a_rotated: torch.Tensor, s_rotated: torch.Tensor) -> torch.Tensor:
+        """Index vectors ``[B, width]`` from tokens already rotated into the eigenbasis (``a Q_A``, ``s Q_S``,
+        as the eigenvalue-correction pass forms them before ``per_example_gradients``)."""
+        if self.cols is not None:
+            a_rotated = a_rotated.index_select(-1, self.cols.to(a_rotated.device))
+        if self.rows is not None:
+            s_rotated = s_rotated.index_select(-1, self.rows.to(s_rotated.device))
+        return self._from_kept_tokens(a_rotated, s_rotated, "index_weight")
+
+    def _from_kept_tokens(self, a: torch.Tensor, s: torch.Tensor, weight: str) -> torch.Tensor:
+        if getattr(self, weight) is None:
+            # No weight on this side: project the tokens, never forming the per-example gradient
+            # (T (d_out + d_in) p per token instead of d_out d_in (T + p)).
+            ps = self._on("proj_s", a.device, a.dtype)
+            pa = self._on("proj_a", a.device, a.dtype)
+            if ps is not None:
+                s = s @ ps
+            if pa is not None:
+                a = a @ pa
+            return (s.transpose(1, 2) @ a).flatten(1)
+        r = s.transpose(1, 2) @ a
+        return self._project(r * self._on(weight, r.device, r.dtype))
+
+    # ----------------------------------------------------------------- query side
+    def query_from_tokens(self, a: torch.Tensor, s: torch.Tensor, eigvecs: tuple[torch.Tensor, torch.Tensor] | None
+                          ) -> torch.Tensor:
+        """Query vectors ``[Q, width]`` straight from the queries' measurement tokens (no preconditioning
+        step: the query side's share of the preconditioner is applied in the eigenbasis), negated."""
+        if eigvecs is not None:
+            qa, qs = eigvecs
+            if self.cols is not None:
+                qa = qa.index_select(1, self.cols.to(qa.device))
+            if self.rows is not None:
+                qs = qs.index_select(1, self.rows.to(qs.device))
+            a, s = a @ qa, s @ qs
+        return -self._from_kept_tokens(a, s, "raw_query_weight")
+
+    def from_preconditioned(self, p: torch.Tensor, eigvecs: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Query vectors ``[Q, width]`` from preconditioned query gradients ``P_q`` ``[Q, d_out, d_in]``,
+        negated so that ``query_vector . index_vector`` is the score (docs/method.md, section 1)."""
+        if eigvecs is not None:
+            qa, qs = eigvecs
+            p = qs.transpose(0, 1) @ p @ qa
+        r = self._truncate(p)
+        w = self._on("query_weight", r.device, r.dtype)
+        if w is not None:
+            r = r * w
+        return -self._project(r)
+
+
+class Compression:
+    """The compression of every tracked layer, in layer order (one row of the index is their concatenation)."""
+
+    def __init__(self, layers: dict[str, LayerCompression], options: IndexOptions):
+        self.layers = layers
+        self.options = options
+
+    @property
+    def width(self) -> int:
+        return sum(c.width for c in self.layers.values())
+
+    def slices(self) -> dict[str, slice]:
+        """Each layer's columns in an index row."""
+        out, start = {}, 0
+        for name, c in self.layers.items():
+            out[name] = slice(start, start + c.width)
+            start += c.width
+        return out
+
+    @classmethod
+    def from_factors(cls, factors: InfluenceFactors, options: IndexOptions) -> "Compression":
+        """Choose the truncation, weights and projections of every layer of ``factors``."""
+        alpha = PLACEMENTS[options.preconditioner]
+        eigen = factors.strategy in ("kfac", "ekfac")
+        if options.keep is not None and not eigen:
+            raise OptionsError(
+                f"IndexOptions.keep truncates in the K-FAC/EK-FAC eigenbasis; {factors.strategy} factors have none. "
+                "Use keep=None (projection only) or fit kfac/ekfac factors"
+            )
+        layers = {}
+        for name, layer in factors.layers.items():
+            curv = _curvature(factors, name, options.preconditioner)
+            rows = cols = None
+            index_weight = query_weight = raw_query_weight = None
+            if curv is not None:
+                lam, damping = curv
+                inv = 1.0 / (lam + damping)
+                if not torch.isfinite(inv).all():
+                    raise OptionsError(f"layer '{name}' has zero curvature and zero damping; use damping=None "
+                                       "(heuristic) or a positive damping")
+                if options.keep is not None:
+                    # Energy of the preconditioned gradient per coordinate: E[R^2] * w (Lambda estimates E[R^2]).
+                    energy = lam.clamp_min(0) * inv
+                    rows = _top(energy.sum(1), options.keep)
+                    cols = _top(energy.sum(0), options.keep)
+                    inv, lam = _kept(inv, rows, cols), _kept(lam, rows, cols)
+                if alpha > 0:
+                    index_weight = inv if alpha == 1.0 else inv.sqrt()
+                    # applied to R_q * w (the preconditioned query): leaves R_q * w^(1 - alpha)
+                    query_weight = lam + damping if alpha == 1.0 else (lam + damping).sqrt()
+                raw_query_weight = None if alpha == 1.0 else (index_weight.clone() if alpha == 0.5 else inv)
+            ks = layer.d_out if rows is None else len(rows)
+            ka = layer.d_in if cols is None else len(cols)
+            generator = torch.Generator().manual_seed(_layer_seed(options.seed, name))
+            p = options.projection_dim
+            proj_s = _projection(options.projection, generator, ks, p) if p is not None and p < ks else None
+            proj_a = _projection(options.projection, generator, ka, p) if p is not None and p < ka else None
+            layers[name] = LayerCompression(layer, eigen, rows, cols, index_weight, query_weight, proj_s, proj_a,
+                                            raw_query_weight)
+        return cls(layers, options)
+
+    def eigvecs(self, factors: InfluenceFactors, name: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.layers[name].eigen:
+            return None
+        t = factors.tensors[name]
+        return t["A_eigvecs"].to(device=device, dtype=dtype), t["S_eigvecs"].to(device=device, dtype=dtype)
+
+    def query_vectors(self, queries: QueryGradients, factors: InfluenceFactors,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[Q, width]`` query vectors from :meth:`InfluenceScorer.query_gradients` (full or low rank),
+        preconditioned with ``factors`` (the complete factors this index was built for)."""
+        missing = [n for n in self.layers if n not in queries.layer_names]
+        if missing:
+            raise OptionsError(f"the query gradients lack the index's layers {missing[:10]}; compute them with a "
+                               "scorer over all the factors' layers (no `layers=` subset)")
+        parts = []
+        for name, comp in self.layers.items():
+            if queries.low_rank:
+                u, v = queries.left[name].to(dtype), queries.right[name].to(dtype)
+                p = u @ v.transpose(1, 2)
+            else:
+                p = queries.full[name].to(dtype)
+            parts.append(comp.from_preconditioned(p, self.eigvecs(factors, name, p.device, dtype)))
+        return torch.cat(parts, dim=1)
+
+    # ---------------------------------------------------------------- persistence
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{name}::{key}": value.contiguous() for name, c in self.layers.items()
+                for key, value in c.tensors().items()}
+
+    @classmethod
+    def from_tensors(cls, flat: dict[str, torch.Tensor], factors: InfluenceFactors,
+                     options: IndexOptions) -> "Compression":
+        eigen = factors.strategy in ("kfac", "ekfac")
+        layers = {}
+        for name, layer in factors.layers.items():
+            get = lambda key: flat.get(f"{name}::{key}")  # noqa: E731
+            layers[name] = LayerCompression(layer, eigen, get("rows"), get("cols"), get("index_weight"),
+                                            get("query_weight"), get("proj_s"), get("proj_a"),
+                                            get("raw_query_weight"))
+        return cls(layers, options)
+
+
+def _kept(x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    if rows is not None:
+        x = x.index_select(0, rows)
+    if cols is not None:
+        x = x.index_select(1, cols)
+    return x
+
+
+def _top(values: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Indices (ascending) of the ``k`` largest ``values``; ``None`` when that is all of them."""
+    if k >= values.numel():
+        return None
+    return torch.sort(torch.topk(values, k).indices).values
