@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "InfluenceError", "TrackingError", "TaskInputError", "FactorsError", "ScoringError", "QueryStoreError",
-    "TopKError", "TfidfError", "QueryFileError", "StoreError", "OptionsError",
+    "TopKError", "TfidfError", "GradientIndexError", "QueryFileError", "StoreError", "OptionsError",
     "ReportError",
 ]
 
@@ -61,6 +61,10 @@ class TopKError(ScoringError, StoreError):
 
 class TfidfError(ScoringError, StoreError):
     """A TF-IDF candidate index that cannot be fitted, saved or reused."""
+
+
+class GradientIndexError(ScoringError, StoreError):
+    """A gradient index that is missing, corrupt, unfinished, or from other factors, model or data."""
 
 
 class QueryFileError(InfluenceError):

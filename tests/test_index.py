@@ -22,7 +22,7 @@ TASK = ClassificationTask()
 def fitted(strategy, model, train, batch_size=4, **kw):
     return fit_factors(model, TASK if not isinstance(train, dict) else CausalLMTask(),
                        models.split_batch(train, batch_size), strategy=strategy, fisher="empirical",
-                       dtype=torch.float64, **kw)
+                       capture_dtype=torch.float64, **kw)
 
 
 def assert_scores_close(ours, exact, rel=1e-5):
@@ -189,12 +189,15 @@ def test_interrupted_build_resumes_to_the_same_index(tmp_path, mlp_case):
         GradientIndex.load(tmp_path / "resumed", factors)
     state = json.loads((tmp_path / "resumed" / "rank-00000.json").read_text())
     assert [s["rows"] for s in state["shards"]] == [4, 4] and not state["complete"]
-    kept = (tmp_path / "resumed" / "shard-r00000-00000.safetensors").stat().st_mtime_ns
-    (tmp_path / "resumed" / "shard-r00000-00002.safetensors").write_bytes(b"half a shard")  # killed mid-record
+    assert sorted(state["files"]) == sorted(s["file"] for s in state["shards"])  # one bundle of the store
+    first = tmp_path / "resumed" / state["shards"][0]["file"]
+    kept = first.stat().st_mtime_ns
+    stray = tmp_path / "resumed" / "shard-r00000-0123456789ab.safetensors"
+    stray.write_bytes(b"half a shard")  # killed after writing a shard, before its manifest named it
     CountingTask.calls = 0
     build_index(model, task, factors, batches, tmp_path / "resumed", options)
     assert CountingTask.calls == 4  # batches 4..7 only
-    assert (tmp_path / "resumed" / "shard-r00000-00000.safetensors").stat().st_mtime_ns == kept
+    assert first.stat().st_mtime_ns == kept and not stray.exists()
     qg = InfluenceScorer(model, TASK, factors).query_gradients([queries])
     whole, resumed = GradientIndex.load(tmp_path / "whole", factors), GradientIndex.load(tmp_path / "resumed", factors)
     assert torch.equal(whole.scores(qg), resumed.scores(qg))
@@ -231,7 +234,7 @@ def test_index_from_other_factors_model_or_data_is_refused(tmp_path, mlp_case):
     with pytest.raises(GradientIndexError, match="other factors, model or options"):
         build_index(model, TASK, factors, batches, tmp_path, IndexOptions(projection_dim=5))
     # A corrupt shard is found at load.
-    shard = tmp_path / "shard-r00000-00000.safetensors"
+    shard = tmp_path / json.loads((tmp_path / "rank-00000.json").read_text())["shards"][0]["file"]
     raw = bytearray(shard.read_bytes())
     raw[-1] ^= 1
     shard.write_bytes(bytes(raw))

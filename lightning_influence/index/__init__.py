@@ -11,6 +11,6 @@
 from lightning_influence.index.builder import IndexWriter, build_index
 from lightning_influence.index.gradient_index import GradientIndex
 from lightning_influence.index.projection import Compression, IndexOptions
-from lightning_influence.index.store import GradientIndexError
+from lightning_influence.errors import GradientIndexError
 
 __all__ = ["IndexOptions", "Compression", "IndexWriter", "build_index", "GradientIndex", "GradientIndexError"]

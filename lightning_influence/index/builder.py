@@ -7,8 +7,9 @@ eigenbasis (:meth:`IndexWriter.add_rotated`, what the EK-FAC eigenvalue-correcti
 that the index can be written inside that pass with no extra pass over the data.
 
 Memory stays flat: at most one shard of vectors (``shard_size`` rows) is held. Each rank writes its
-own rank file and shards; a writer opened on a directory with an interrupted build of the same
-identity keeps the completed shards and checks that the batches it skips hold the same data.
+own rank bundle and shards (``index/store.py``); a writer opened on a directory with an interrupted
+build of the same identity keeps the completed shards and checks that the batches it skips hold the
+same data.
 """
 
 from __future__ import annotations
@@ -19,22 +20,36 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from lightning_influence import __version__
+from lightning_influence.errors import GradientIndexError
 from lightning_influence.factors import InfluenceFactors
-from lightning_influence.files import atomic_write_json, ensure_writable_dir, read_json_or_none, sha256_file
+from lightning_influence.store import (ensure_writable_dir, new_tensor_name, read_bundle,
+                                       weights_fingerprint, write_bundle)
 from lightning_influence.tasks import Task
 from lightning_influence.index.projection import Compression, IndexOptions
-from lightning_influence.index.store import (COMPRESSION_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, RANK_FILE,
-                                             SHARD_FILE, GradientIndexError, atomic_save_tensors, example_digests,
-                                             factors_identity, model_fingerprint, tensors_fingerprint)
+from lightning_influence.index.store import (INDEX_FORMAT, compression_fingerprint, digests_fingerprint,
+                                             example_digests, factors_identity, rank_format)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IndexWriter", "build_index"]
+__all__ = ["IndexWriter", "build_index", "index_identity"]
+
+
+def index_identity(factors: InfluenceFactors, model: nn.Module, compression: Compression,
+                   compression_tensors: dict[str, torch.Tensor]) -> dict:
+    """What an index's vectors depend on (the data is checked per example, through the shards' digests)."""
+    options = compression.options
+    return {
+        "factors": factors_identity(factors, options.preconditioner),
+        "weights": weights_fingerprint(model),
+        "compression": compression_fingerprint(compression_tensors),
+        "options": options.compression_json(),
+        "strategy": factors.strategy,
+        "layers": {n: list(c.out_shape) for n, c in compression.layers.items()},
+        "width": compression.width,
+    }
 
 
 class IndexWriter:
@@ -60,8 +75,8 @@ class IndexWriter:
             eigenbases are fitted (phase ``eigen``) with ``preconditioner="query"``.
         model: fingerprinted into the identity.
         options: :class:`IndexOptions`.
-        rank, world_size: this process's share under data parallelism (each rank writes its own files;
-            rank 0 also writes ``manifest.json``).
+        rank, world_size: this process's share under data parallelism (each rank writes its own
+            rank bundle and shards; rank 0 also writes the index bundle, ``manifest.json``).
         device, dtype: where and in which dtype vectors are computed (stored in ``options.dtype``).
     """
 
@@ -77,24 +92,18 @@ class IndexWriter:
         self.factors = factors
         self.options = options
         self.rank, self.world_size = rank, world_size
+        self.format = rank_format(rank)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = dtype
         self.compression = Compression.from_factors(factors, options)
         compression_tensors = self.compression.tensors()
-        self.identity = {
-            "factors": factors_identity(factors, options.preconditioner),
-            "model": model_fingerprint(model),
-            "compression": tensors_fingerprint(compression_tensors),
-            "options": options.compression_json(),
-            "strategy": factors.strategy,
-            "layers": {n: list(c.out_shape) for n, c in self.compression.layers.items()},
-            "width": self.compression.width,
-        }
+        self.identity = index_identity(factors, model, self.compression, compression_tensors)
         self._eigvecs = {n: self.compression.eigvecs(factors, n, self.device, dtype) for n in factors.layers}
         if rank == 0:
-            self._write_manifest(compression_tensors)
+            self._write_index_bundle(compression_tensors)
         self._shards: list[dict] = []
         self._done_digests = torch.empty(0, 32, dtype=torch.uint8)  # of the examples in completed shards
+        self._done_examples = torch.empty(0, dtype=torch.long)
         self._resume()
         self._batch_index = 0
         self._next_example = 0
@@ -105,53 +114,62 @@ class IndexWriter:
         self.closed = False
 
     # ----------------------------------------------------------------- opening
-    def _write_manifest(self, compression_tensors: dict[str, torch.Tensor]) -> None:
-        manifest_path = self.directory / MANIFEST
-        existing = read_json_or_none(manifest_path)
-        if existing is not None:
-            if existing.get("format") != FORMAT_NAME or existing.get("identity") != self.identity \
-                    or existing.get("world_size") != self.world_size:
-                raise GradientIndexError(
-                    f"'{self.directory}' already holds {'an index of other factors, model or options' if existing.get('format') == FORMAT_NAME else 'other files'}"
-                    f"{' (or another number of ranks)' if existing.get('identity') == self.identity else ''}; "
-                    "delete it or choose another directory"
-                )
+    def _write_index_bundle(self, compression_tensors: dict[str, torch.Tensor]) -> None:
+        if (self.directory / INDEX_FORMAT.manifest).exists():
+            try:
+                existing = read_bundle(INDEX_FORMAT, self.directory)
+            except GradientIndexError as err:
+                raise GradientIndexError(f"'{self.directory}' already holds other files ({err}); choose another "
+                                         "directory for the index") from None
+            if existing.identity != self.identity or existing.manifest.get("world_size") != self.world_size:
+                other = "another number of ranks" if existing.identity == self.identity else \
+                    "an index of other factors, model or options"
+                raise GradientIndexError(f"'{self.directory}' already holds {other}; delete it or choose another "
+                                         "directory")
             return
-        atomic_save_tensors(compression_tensors, self.directory / COMPRESSION_FILE)
-        atomic_write_json(manifest_path, {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": __version__,
-            "identity": self.identity, "world_size": self.world_size,
-            "compression_file": COMPRESSION_FILE,
-            "compression_sha256": sha256_file(self.directory / COMPRESSION_FILE),
-        })
-
-    def _rank_path(self) -> Path:
-        return self.directory / RANK_FILE.format(self.rank)
+        name = new_tensor_name(INDEX_FORMAT)
+        write_bundle(INDEX_FORMAT, self.directory, {"world_size": self.world_size, "compression_file": name},
+                     self.identity, {name: compression_tensors})
 
     def _resume(self) -> None:
-        state = read_json_or_none(self._rank_path())
-        if state is not None:
-            if state.get("format") != FORMAT_NAME or state.get("identity") != self.identity:
-                raise GradientIndexError(
-                    f"'{self.directory}' holds an interrupted build for other factors, model or options (rank "
-                    f"{self.rank}); delete it or choose another directory"
-                )
-            for shard in state.get("shards", []):
-                path = self.directory / shard["file"]
-                if not path.is_file() or sha256_file(path) != shard["sha256"]:
-                    break  # a damaged shard: redo it and everything after it
-                with safe_open(str(path), framework="pt") as f:
-                    self._done_digests = torch.cat([self._done_digests, f.get_tensor("digests")])
-                self._shards.append(shard)
-            if self._shards:
-                log.info("resuming the index build of rank %d after %d completed shards (%d examples)", self.rank,
-                         len(self._shards), self._done_digests.shape[0])
-        # Shards of this rank that no record names (a build killed between writing a shard and its record).
-        keep = {s["file"] for s in self._shards}
-        for stray in self.directory.glob(f"shard-r{self.rank:05d}-*.safetensors*"):
-            if stray.name not in keep:
-                stray.unlink(missing_ok=True)
-        self._write_rank_file(complete=False)
+        if (self.directory / self.format.manifest).exists():
+            try:
+                state = read_bundle(self.format, self.directory)
+            except GradientIndexError as err:
+                log.warning("not resuming the index build of rank %d: %s", self.rank, err)
+                state = None
+            if state is not None:
+                if state.identity != self.identity:
+                    raise GradientIndexError(
+                        f"'{self.directory}' holds an interrupted build for other factors, model or options (rank "
+                        f"{self.rank}); delete it or choose another directory"
+                    )
+                for shard in state.manifest.get("shards", []):
+                    try:
+                        done = state.tensors(shard["file"])
+                    except GradientIndexError:
+                        break  # a damaged shard: redo it and everything after it
+                    self._done_digests = torch.cat([self._done_digests, done["digests"]])
+                    self._done_examples = torch.cat([self._done_examples, done["examples"]])
+                    self._shards.append(shard)
+                if self._shards:
+                    log.info("resuming the index build of rank %d after %d completed shards (%d examples)",
+                             self.rank, len(self._shards), self._done_digests.shape[0])
+        # Rewritten now: the kept shards only (shards of this rank no manifest names are swept).
+        self._write_rank_bundle(complete=False)
+
+    def _write_rank_bundle(self, complete: bool, shard: tuple[dict, dict[str, torch.Tensor]] | None = None) -> None:
+        """Rewrite this rank's manifest: the completed shards (plus ``shard``, a new one) and the state."""
+        records = self._shards + ([shard[0]] if shard is not None else [])
+        fields = {"rank": self.rank, "world_size": self.world_size, "complete": complete, "shards": records,
+                  "num_examples": sum(r["rows"] for r in records)}
+        if complete:
+            fields["data"] = digests_fingerprint(self._done_examples, self._done_digests)
+        write_bundle(self.format, self.directory, fields, self.identity,
+                     {shard[0]["file"]: shard[1]} if shard is not None else None,
+                     keep=[r["file"] for r in self._shards])
+        if shard is not None:
+            self._shards.append(shard[0])
 
     @property
     def _done_batches(self) -> int:
@@ -254,25 +272,16 @@ class IndexWriter:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        k = len(self._shards)
-        name = SHARD_FILE.format(self.rank, k)
         tensors = {"vectors": torch.cat([b[0] for b in self._buffer]),
                    "examples": torch.cat([b[1] for b in self._buffer]),
                    "digests": torch.cat([b[2] for b in self._buffer])}
-        atomic_save_tensors(tensors, self.directory / name)
-        self._shards.append({"file": name, "rows": int(tensors["examples"].numel()),
-                             "first_batch": self._buffer_first_batch, "num_batches": len(self._buffer),
-                             "batch_rows": [int(b[1].numel()) for b in self._buffer],
-                             "sha256": sha256_file(self.directory / name)})
+        record = {"file": new_tensor_name(self.format), "rows": int(tensors["examples"].numel()),
+                  "first_batch": self._buffer_first_batch, "num_batches": len(self._buffer),
+                  "batch_rows": [int(b[1].numel()) for b in self._buffer]}
+        self._write_rank_bundle(complete=False, shard=(record, tensors))
+        self._done_digests = torch.cat([self._done_digests, tensors["digests"]])
+        self._done_examples = torch.cat([self._done_examples, tensors["examples"]])
         self._buffer, self._buffer_rows = [], 0
-        self._write_rank_file(complete=False)
-
-    def _write_rank_file(self, complete: bool) -> None:
-        atomic_write_json(self._rank_path(), {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "identity": self.identity,
-            "rank": self.rank, "world_size": self.world_size, "shards": self._shards, "complete": complete,
-            "num_examples": sum(s["rows"] for s in self._shards),
-        })
 
     def close(self) -> Path:
         """Write the last shard and mark this rank's share complete. Returns the directory."""
@@ -286,7 +295,7 @@ class IndexWriter:
         self._flush()
         if not self._shards:
             raise GradientIndexError("the training dataloader is empty: nothing to index")
-        self._write_rank_file(complete=True)
+        self._write_rank_bundle(complete=True)
         self.closed = True
         return self.directory
 
@@ -313,7 +322,7 @@ def build_index(model: nn.Module, task: Task, factors: InfluenceFactors, train_l
         train_loader: the training batches, in a fixed order (no shuffling): an example's index
             position is its position in this loader, unless ``indexed``.
         directory: where the index is written.
-        options: :class:`IndexOptions` (default: projection 32 per side, preconditioner on the index side).
+        options: :class:`IndexOptions` (default: orthogonal projection 48 per side, ``sqrt`` placement).
         rank, world_size: under data parallelism, this rank's share (each rank passes its own batches
             with ``indexed=True``).
         indexed: the loader yields ``(dataset_indices, batch)`` pairs (``loaders.rebuild_loader(...,

@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from lightning_influence.errors import GradientIndexError
 from lightning_influence.factors import InfluenceFactors
-from lightning_influence.files import read_json_or_none, read_manifest, sha256_file
 from lightning_influence.scoring.queries import QueryGradients
+from lightning_influence.store import read_bundle, weights_fingerprint
 from lightning_influence.tasks import batch_size_of
 from lightning_influence.index.projection import Compression, IndexOptions
-from lightning_influence.index.store import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, RANK_FILE, GradientIndexError,
-                                             data_fingerprint, example_digests, factors_identity, model_fingerprint)
+from lightning_influence.index.store import (INDEX_FORMAT, digests_fingerprint, example_digests, factors_identity,
+                                             rank_format)
 
 __all__ = ["GradientIndex"]
 
@@ -44,7 +44,7 @@ class GradientIndex:
         self.compression = compression
         self.options = compression.options
         self.num_examples = num_examples
-        self._shards = shards  # each: path, sha256, and (in memory) vectors/examples
+        self._shards = shards  # each: its rank bundle and file, and (in memory) vectors/examples
         self._in_memory = in_memory
         self._norms: torch.Tensor | None = None
 
@@ -64,9 +64,8 @@ class GradientIndex:
             in_memory: keep the shards in memory (default) or read them again for every query call.
         """
         directory = Path(directory)
-        manifest = read_manifest(directory / MANIFEST, GradientIndexError, FORMAT_NAME, FORMAT_VERSION,
-                                 "gradient index", missing="Build it first (build_index).", redo="rebuild the index")
-        identity = manifest.get("identity", {})
+        bundle = read_bundle(INDEX_FORMAT, directory)
+        manifest, identity = bundle.manifest, bundle.identity
         factors.require_complete()
         if factors_identity(factors, identity.get("options", {}).get("preconditioner", "index")) != \
                 identity.get("factors"):
@@ -74,25 +73,23 @@ class GradientIndex:
                 f"the index in '{directory}' was built with other factors (other statistics, damping or strategy); "
                 "open it with the factors it was built from, or rebuild it (build_index) with these"
             )
-        if model is not None and model_fingerprint(model) != identity.get("model"):
+        if model is not None and weights_fingerprint(model) != identity.get("weights"):
             raise GradientIndexError(
                 f"the index in '{directory}' was built on other model weights; rebuild it for this model"
             )
-        compression_path = directory / manifest.get("compression_file", "")
-        if not compression_path.is_file() or sha256_file(compression_path) != manifest.get("compression_sha256"):
-            raise GradientIndexError(f"{compression_path} is missing or corrupt; rebuild the index")
         options = IndexOptions(**identity["options"])
-        compression = Compression.from_tensors(load_file(str(compression_path)), factors, options)
+        compression = Compression.from_tensors(bundle.tensors(manifest.get("compression_file")), factors, options)
         shards: list[dict] = []
         for rank in range(int(manifest.get("world_size", 1))):
-            state = read_json_or_none(directory / RANK_FILE.format(rank))
-            if state is None or state.get("identity") != identity or not state.get("complete"):
+            fmt = rank_format(rank)
+            state = read_bundle(fmt, directory) if (directory / fmt.manifest).exists() else None
+            if state is None or state.identity != identity or not state.manifest.get("complete"):
                 raise GradientIndexError(
                     f"the index in '{directory}' is unfinished (rank {rank} has not completed its share); "
                     "run build_index again with the same arguments to resume it"
                 )
-            for shard in state["shards"]:
-                shards.append({"path": directory / shard["file"], "sha256": shard["sha256"], "rows": shard["rows"]})
+            for shard in state.manifest["shards"]:
+                shards.append({"bundle": state, "file": shard["file"], "rows": shard["rows"]})
         examples, digests = [], []
         for shard in shards:
             tensors = _read_shard(shard)
@@ -114,8 +111,8 @@ class GradientIndex:
                 theirs_examples.append(torch.as_tensor(idx).long() if idx is not None else torch.arange(start, start + b))
                 theirs_digests.append(example_digests(batch, b))
                 start += b
-            if not theirs_examples or data_fingerprint(torch.cat(theirs_examples), torch.cat(theirs_digests)) != \
-                    data_fingerprint(examples_all, digests_all):
+            if not theirs_examples or digests_fingerprint(torch.cat(theirs_examples), torch.cat(theirs_digests)) != \
+                    digests_fingerprint(examples_all, digests_all):
                 raise GradientIndexError(
                     f"the index in '{directory}' was built on other training data (other examples or another order); "
                     "rebuild it for this data"
@@ -320,7 +317,5 @@ def _merge_top(values, indices, scores: torch.Tensor, examples: torch.Tensor, k:
 
 
 def _read_shard(shard: dict) -> dict[str, torch.Tensor]:
-    path = shard["path"]
-    if not path.is_file() or sha256_file(path) != shard["sha256"]:
-        raise GradientIndexError(f"{path} is missing or does not match its checksum; rebuild the index")
-    return load_file(str(path))
+    """A shard's tensors, after the store checked its checksum."""
+    return shard["bundle"].tensors(shard["file"])
