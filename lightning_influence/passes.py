@@ -93,6 +93,7 @@ def run_phase(
     progress: Callable[[int], None] | None = None,
     forward_context: Callable[[], ContextManager] | None = None,
     stats_dtype: torch.dtype = torch.float64,
+    consumer: Any = None,
 ) -> None:
     """Run the strategy's pass named ``phase`` (e.g. ``covariance``, ``lambda``) and store it in ``factors``.
 
@@ -104,8 +105,17 @@ def run_phase(
     ``forward_context()`` wraps each forward (e.g. the trainer's autocast for bf16-mixed).
     ``stats_dtype`` is the dtype the sums are kept (and saved) in: float64, or float32 for
     half the memory (eigendecompositions are done in float64 either way).
+    ``consumer`` receives what the pass forms per example, without a pass of its own: for each
+    batch ``consumer.begin_batch(batch)`` (the batch before ``transfer``; returns whether it wants
+    the batch), the strategy's per-layer calls during the backward (EK-FAC's eigenvalue correction
+    hands each layer's rotated tokens to ``consumer.add_rotated_tokens(name, a Q_A, s Q_S)``), then
+    ``consumer.end_batch()``. E.g. an :class:`~lightning_influence.index.IndexWriter`. Only for a
+    pass whose strategy feeds one (``strategy.feeds_consumer(phase)``) and with the empirical
+    Fisher, whose backward is the training-loss gradient the consumer needs.
     """
     check_stats_dtype(stats_dtype)
+    if consumer is not None:
+        _check_consumer(factors, phase)
     check_limits(max_batches, max_examples)
     strategy = factors.curvature
     spec = strategy.get_pass(phase)
@@ -136,7 +146,8 @@ def run_phase(
 
         # The capture zeroes padding per layer and counts the real tokens of the layer it hands over.
         def consume(name, a, s):
-            update = strategy.gradient_update(phase, layers[name], a, s, cap.token_count, inputs[name])
+            fed = {"consumer": consumer} if wanted else {}  # only strategies that feed one take the argument
+            update = strategy.gradient_update(phase, layers[name], a, s, cap.token_count, inputs[name], **fed)
             stats.update(_prefixed(name, update))
 
         def on_forward(name, a):
@@ -146,11 +157,14 @@ def run_phase(
             for batch_index, batch in enumerate(_limited(batches, max_batches)):
                 if max_examples is not None and seen_examples >= max_examples:
                     break
+                wanted = consumer is not None and consumer.begin_batch(batch)
                 batch = transfer(batch)
                 cap.next_batch(task.batch_size(batch), task.token_mask(batch))  # the capture masks padding per layer
                 with forward_context() if forward_context is not None else nullcontext():
                     loss = batch_train_loss(task, model, batch, batch_index, sample)
                 cap.backward(loss, consume)
+                if consumer is not None:
+                    consumer.end_batch()
                 seen_batches += 1
                 n = task.batch_size(batch)
                 seen_examples += n
@@ -177,6 +191,17 @@ def run_phase(
         strategy.finish_pass(phase, layer, factors.tensors[name])
     factors.set_phase(spec.phase)
     log.info("%s pass done: %d batches, %d examples on this rank", phase, seen_batches, seen_examples)
+
+
+def _check_consumer(factors: InfluenceFactors, phase: str) -> None:
+    feeds = getattr(factors.curvature, "feeds_consumer", None)
+    if feeds is None or not feeds(phase):
+        raise OptionsError(f"the {phase} pass of strategy '{factors.strategy}' feeds no per-example consumer (only "
+                           "EK-FAC's eigenvalue-correction pass does); build the index after the fit (build_index)")
+    if factors.fisher != "empirical":
+        raise OptionsError(f"the {phase} pass with fisher='{factors.fisher}' differentiates sampled labels, not the "
+                           "training loss a consumer (the gradient index) needs; use fisher='empirical' or build the "
+                           "index after the fit (build_index)")
 
 
 def _limited(batches: Iterable[Any], max_batches: int | None) -> Iterable[Any]:

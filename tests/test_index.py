@@ -254,6 +254,8 @@ def test_query_placement_depends_on_the_eigenbasis_only(tmp_path, mlp_case):
     exact = scorer.pairwise_scores([queries], models.split_batch(train, 4))
     index = GradientIndex.load(tmp_path, damped, model)
     assert_scores_close(index.scores(scorer.query_gradients([queries]), dtype=torch.float64), exact)
+    # Queries compressed from their tokens carry the damped factors' preconditioner, not the saved one.
+    assert_scores_close(index.scores(index.compress_queries(scorer, [queries]), dtype=torch.float64), exact)
 
 
 @pytest.mark.parametrize("consumer", ["add_rotated", "add_rotated_tokens"])

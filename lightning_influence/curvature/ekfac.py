@@ -37,12 +37,19 @@ class EKFACStrategy(KFACStrategy):
             return super().pass_inputs(pass_name, tensors, device, dtype)
         return tensors["A_eigvecs"].to(device=device, dtype=dtype), tensors["S_eigvecs"].to(device=device, dtype=dtype)
 
-    def gradient_update(self, pass_name, layer, a, s, count, inputs) -> LayerTensors:
+    def feeds_consumer(self, pass_name: str) -> bool:
+        """Whether ``gradient_update`` of this pass hands its rotated tokens to a consumer (``run_phase``)."""
+        return pass_name == LAMBDA_PASS
+
+    def gradient_update(self, pass_name, layer, a, s, count, inputs, consumer=None) -> LayerTensors:
         if pass_name != LAMBDA_PASS:
             return super().gradient_update(pass_name, layer, a, s, count, inputs)
         qa, qs = inputs
         # Rotate tokens first: (Q_S^T DW Q_A) = sum_t (Q_S^T s_t)(Q_A^T a_t)^T, cheaper than rotating DW.
-        rotated = per_example_gradients(a @ qa, s @ qs)
+        a_rotated, s_rotated = a @ qa, s @ qs
+        if consumer is not None:  # e.g. the gradient index, written in this pass (docs/method.md, section 7)
+            consumer.add_rotated_tokens(layer.name, a_rotated, s_rotated)
+        rotated = per_example_gradients(a_rotated, s_rotated)
         return {"lambda_sum": rotated.square_().sum(0),
                 "lambda_count": torch.tensor(float(a.shape[0]), dtype=torch.float64)}
 

@@ -8,9 +8,9 @@
   scores, and exact two-stage rescoring.
 """
 
-from lightning_influence.index.builder import IndexWriter, build_index
+from lightning_influence.index.builder import IndexWriter, PassFeed, build_index
 from lightning_influence.index.gradient_index import GradientIndex
 from lightning_influence.index.projection import Compression, IndexOptions
 from lightning_influence.errors import GradientIndexError
 
-__all__ = ["IndexOptions", "Compression", "IndexWriter", "build_index", "GradientIndex", "GradientIndexError"]
+__all__ = ["IndexOptions", "Compression", "IndexWriter", "PassFeed", "build_index", "GradientIndex", "GradientIndexError"]

@@ -34,7 +34,7 @@ from lightning_influence.index.store import (INDEX_FORMAT, compression_fingerpri
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IndexWriter", "build_index", "index_identity"]
+__all__ = ["IndexWriter", "PassFeed", "build_index", "index_identity"]
 
 
 def index_identity(factors: InfluenceFactors, model: nn.Module, compression: Compression,
@@ -298,6 +298,40 @@ class IndexWriter:
         self._write_rank_bundle(complete=True)
         self.closed = True
         return self.directory
+
+
+class PassFeed:
+    """An :class:`IndexWriter` as the consumer of a statistics pass (``passes.run_phase(..., consumer=)``).
+
+    Iterate :meth:`batches` as the pass's data: it strips the dataset positions of an indexed loader
+    (``loaders.rebuild_loader(loader, indexed=True)``, this rank's shard) and hands them to the writer
+    with each batch, so that every rank writes its share numbered by dataset position.
+    """
+
+    def __init__(self, writer: IndexWriter, indexed_batches: Iterable[tuple[torch.Tensor, Any]]):
+        self.writer = writer
+        self._indexed = indexed_batches
+        self._examples: torch.Tensor | None = None
+
+    def batches(self) -> Iterable[Any]:
+        for examples, batch in self._indexed:
+            self._examples = examples
+            yield batch
+
+    def begin_batch(self, batch: Any) -> bool:
+        return self.writer.begin_batch(batch, self._examples)
+
+    def add_rotated_tokens(self, name: str, a_rotated: torch.Tensor, s_rotated: torch.Tensor) -> None:
+        self.writer.add_rotated_tokens(name, a_rotated, s_rotated)
+
+    def add_rotated(self, name: str, rotated: torch.Tensor) -> None:
+        self.writer.add_rotated(name, rotated)
+
+    def end_batch(self) -> None:
+        self.writer.end_batch()
+
+    def close(self) -> Path:
+        return self.writer.close()
 
 
 def _batch_size(batch: Any) -> int:

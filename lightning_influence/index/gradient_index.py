@@ -209,41 +209,77 @@ class GradientIndex:
             out[:, examples] = scores
         return out
 
-    def top_k(self, queries: QueryGradients, k: int, normalize: bool = False, rescore: int | None = None,
-              scorer=None, train_loader: DataLoader | None = None, dtype: torch.dtype = torch.float32,
-              approximate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` most positive scores per query: ``(values [Q, k], dataset indices [Q, k])``.
+    def top_k(self, queries: QueryGradients | torch.Tensor, k: int, normalize: bool = False,
+              rescore: int | None = None, scorer=None, train_loader: DataLoader | None = None,
+              dtype: torch.dtype = torch.float32, approximate: bool = False, largest: bool = True,
+              query_gradients: QueryGradients | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most positive (``largest=False``: most negative) scores per query:
+        ``(values [Q, k], dataset indices [Q, k])``, ranked from the extreme (ties: lower index first).
+
+        ``queries``: query gradients (``scorer.query_gradients``, preconditioned with this index's
+        factors) or query vectors (:meth:`compress_queries` / :meth:`query_vectors`).
 
         Without ``rescore``: by the index alone. With ``rescore=K`` (``K >= k``): the index proposes the
         ``K`` best candidates per query, and the exact scores of ``scorer`` (an :class:`InfluenceScorer`
         with the index's factors) rank them; only those examples of ``train_loader`` (a ``DataLoader``
-        over the indexed, map-style dataset) are run, through a ``Subset`` loader. ``queries`` must then
-        come from that ``scorer`` (``scorer.query_gradients``). The values returned are the exact scores.
+        over the indexed, map-style dataset) are run, through a ``Subset`` loader. The exact scores need
+        the queries' gradients from that ``scorer``: ``queries`` themselves, or ``query_gradients=`` when
+        ``queries`` are vectors. The values returned are then the exact scores.
 
         ``approximate=True`` finds the first stage's candidates with a faiss HNSW graph (inner product; built
         once per index and kept) instead of the exact matmul: for very large indexes. faiss is an optional
         extra (``pip install faiss-cpu``), never required.
         """
+        out = self.top_k_sides(queries, k, ("positive",) if largest else ("negative",), normalize, rescore, scorer,
+                               train_loader, dtype, approximate, query_gradients)
+        values, indices, _ = out["positive" if largest else "negative"]
+        return values, indices
+
+    def top_k_sides(self, queries: QueryGradients | torch.Tensor, k: int, sides=("positive", "negative"),
+                    normalize: bool = False, rescore: int | None = None, scorer=None,
+                    train_loader: DataLoader | None = None, dtype: torch.dtype = torch.float32,
+                    approximate: bool = False, query_gradients: QueryGradients | None = None,
+                    token_wise: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """:meth:`top_k` for several sides at once: ``{side: (values, indices, token_scores)}``.
+
+        Two-stage rescoring runs the union of every side's candidates through the exact scorer once.
+        With ``token_wise`` (two stages only), ``token_scores`` ``[Q, k, T]`` are each final candidate's
+        exact token-wise scores (they sum over ``T`` to its value; padding tokens are zero), else ``None``.
+        """
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise GradientIndexError(f"k must be a positive integer, got {k!r}")
+        bad = [s for s in sides if s not in ("positive", "negative")]
+        if bad or not sides:
+            raise GradientIndexError(f"sides must be 'positive' and/or 'negative', got {sides!r}")
         k = min(k, self.num_examples)
-        first = k if rescore is None else rescore
+        first = k
         if rescore is not None:
             if not isinstance(rescore, int) or isinstance(rescore, bool) or rescore < k:
                 raise GradientIndexError(f"rescore must be an integer >= k={k} (candidates per query), got {rescore!r}")
             if scorer is None or train_loader is None:
                 raise GradientIndexError("two-stage top-k needs the exact scorer and the training dataloader: "
                                          "top_k(..., rescore=K, scorer=InfluenceScorer(...), train_loader=...)")
+            exact_queries = query_gradients if query_gradients is not None else queries
+            if isinstance(exact_queries, torch.Tensor):
+                raise GradientIndexError("rescoring needs the queries' gradients (scorer.query_gradients): pass them "
+                                         "as queries, or as query_gradients= beside the query vectors")
             first = min(rescore, self.num_examples)
-        if approximate:
-            values, indices = self._faiss_search(queries, first, normalize)
-        else:
-            values = indices = None
-            for scores, examples in self._chunks(queries, normalize, dtype):
-                values, indices = _merge_top(values, indices, scores, examples, first)
+        elif token_wise:
+            raise GradientIndexError("token-wise scores are exact scores: ask for them with two stages (rescore=K)")
+        vectors = queries if isinstance(queries, torch.Tensor) else self.query_vectors(queries, dtype)
+        proposed = {}
+        for side in sides:
+            q = vectors if side == "positive" else -vectors  # the most negative scores are the top of -q
+            if approximate:
+                values, indices = self._faiss_search(q, first, normalize)
+            else:
+                values = indices = None
+                for scores, examples in self._chunks(q, normalize, dtype):
+                    values, indices = _merge_top(values, indices, scores, examples, first)
+            proposed[side] = (values if side == "positive" else -values, indices)
         if rescore is None:
-            return values[:, :k], indices[:, :k]
-        return self._rescore(queries, indices, k, scorer, train_loader)
+            return {side: (v[:, :k], i[:, :k], None) for side, (v, i) in proposed.items()}
+        return self._rescore(exact_queries, proposed, k, scorer, train_loader, token_wise)
 
     def _faiss_search(self, queries: QueryGradients | torch.Tensor, k: int, normalize: bool):
         try:
@@ -266,15 +302,14 @@ class GradientIndex:
                 ids.append(examples)
             self._faiss = (normalize, graph, torch.cat(ids))
         _, graph, ids = self._faiss
-        q = queries if isinstance(queries, torch.Tensor) else self.query_vectors(queries)
-        q = q.float()
+        q = (queries if isinstance(queries, torch.Tensor) else self.query_vectors(queries)).float()
         if normalize:
             q = q / q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         graph.hnsw.efSearch = max(graph.hnsw.efSearch, 2 * k)
         values, positions = graph.search(q.contiguous().numpy(), k)
         return torch.from_numpy(values), ids[torch.from_numpy(positions).long()]
 
-    def _rescore(self, queries: QueryGradients, candidates: torch.Tensor, k: int, scorer, train_loader):
+    def _rescore(self, queries: QueryGradients, proposed: dict, k: int, scorer, train_loader, token_wise: bool):
         if not isinstance(train_loader, DataLoader) or train_loader.batch_size is None:
             raise GradientIndexError(
                 "rescoring needs a torch DataLoader with a batch_size over the indexed map-style dataset, to run "
@@ -283,24 +318,44 @@ class GradientIndex:
         if len(train_loader.dataset) != self.num_examples:  # type: ignore[arg-type]
             raise GradientIndexError(f"the training dataset has {len(train_loader.dataset)} examples but the index "
                                      f"{self.num_examples}; pass the dataset the index was built on")
-        if isinstance(queries, torch.Tensor):
-            raise GradientIndexError("rescoring needs the queries' gradients (scorer.query_gradients), not vectors")
         if scorer.factors is not self.factors and \
                 factors_identity(scorer.factors, "index") != factors_identity(self.factors, "index"):
             raise GradientIndexError("the rescoring scorer uses other factors than the index was opened with; "
                                      "rescore with InfluenceScorer(model, task, <the index's factors>)")
-        union = torch.unique(candidates)  # sorted
-        subset = DataLoader(Subset(train_loader.dataset, union.tolist()), batch_size=train_loader.batch_size,
+        union = torch.unique(torch.cat([i.flatten() for _, i in proposed.values()]))  # sorted
+        exact = self._exact_scores(queries, union, scorer, train_loader, token_wise=False)  # [Q, U]
+        out = {}
+        for side, (_, candidates) in proposed.items():
+            sign = 1.0 if side == "positive" else -1.0
+            # Each query ranks only its own candidates, from the extreme; ties: the lower training index first.
+            position = torch.searchsorted(union, candidates)  # [Q, K] columns of `exact`
+            own = exact.gather(1, position) * sign
+            order = torch.sort(candidates, dim=1).indices
+            own, cand = own.gather(1, order), candidates.gather(1, order)
+            best = torch.sort(own, dim=1, descending=True, stable=True).indices[:, :k]
+            values, indices = own.gather(1, best) * sign, cand.gather(1, best)
+            tokens = self._final_token_scores(queries, indices, scorer, train_loader) if token_wise else None
+            out[side] = (values, indices, tokens)
+        return out
+
+    def _exact_scores(self, queries: QueryGradients, examples: torch.Tensor, scorer, train_loader,
+                      token_wise: bool) -> torch.Tensor:
+        """Exact scores ``[Q, U]`` (token-wise ``[Q, U, T]``) of the training ``examples`` (sorted, unique)."""
+        subset = DataLoader(Subset(train_loader.dataset, examples.tolist()), batch_size=train_loader.batch_size,
                             shuffle=False, collate_fn=train_loader.collate_fn, num_workers=train_loader.num_workers)
-        exact = torch.cat([scorer.score_batch(queries, batch, batch_index=i).sum(0).cpu()
-                           for i, batch in enumerate(subset)], dim=1)  # [Q, U]
-        # Each query ranks only its own candidates.
-        position = torch.searchsorted(union, candidates)  # [Q, K] columns of `exact`
-        own = exact.gather(1, position)
-        order = torch.sort(candidates, dim=1).indices  # ties: the lower training index first
-        own, cand = own.gather(1, order), candidates.gather(1, order)
-        best = torch.sort(own, dim=1, descending=True, stable=True).indices[:, :k]
-        return own.gather(1, best), cand.gather(1, best)
+        parts = [scorer.score_batch(queries, batch, batch_index=i, token_wise=token_wise).sum(0).cpu()
+                 for i, batch in enumerate(subset)]
+        if token_wise:
+            t_max = max(p.shape[-1] for p in parts)
+            parts = [torch.nn.functional.pad(p, (0, t_max - p.shape[-1])) for p in parts]
+        return torch.cat(parts, dim=1)
+
+    def _final_token_scores(self, queries: QueryGradients, indices: torch.Tensor, scorer, train_loader):
+        """``[Q, k, T]``: each query's token-wise scores of its own final candidates."""
+        union = torch.unique(indices)
+        tokens = self._exact_scores(queries, union, scorer, train_loader, token_wise=True)  # [Q, U, T]
+        position = torch.searchsorted(union, indices)  # [Q, k]
+        return tokens.gather(1, position.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
 def _merge_top(values, indices, scores: torch.Tensor, examples: torch.Tensor, k: int):

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lightning_influence.curvature.base import DEFAULT_DAMPING_FACTOR
 from lightning_influence.errors import OptionsError
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.capture import TrackedLayer
@@ -134,19 +135,26 @@ def _curvature(factors: InfluenceFactors, name: str, placement: str) -> tuple[to
     """``(Lambda, lambda)`` of a layer in float64, or ``None`` for the identity strategy.
 
     EK-FAC factors whose ``Lambda`` is not fitted yet (phase ``eigen``, inside the eigenvalue-correction
-    pass) give K-FAC's ``L_S L_A`` as the estimate of ``E[R^2]`` (used for truncation only, which is
-    all the ``query`` placement needs)."""
+    pass) give K-FAC's ``L_S L_A`` (used for truncation only, which is all the ``query`` placement needs)."""
     if factors.strategy == "identity":
         return None
     if factors.is_complete:
         return factors.eigenvalues(name).to(torch.float64), float(factors.damping_for(name))
     if factors.strategy == "ekfac" and factors.phase_done("eigen") and placement == "query":
-        t = factors.tensors[name]
-        lam = torch.outer(t["S_eigvals"].to(torch.float64).clamp_min(0), t["A_eigvals"].to(torch.float64).clamp_min(0))
-        damping = factors.damping if factors.damping is not None else factors.damping_factor * float(lam.mean())
-        return lam, float(damping)
+        return _kfac_estimate(factors, name)
     factors.require_complete()  # raises, naming the fix
     raise AssertionError("unreachable")
+
+
+def _kfac_estimate(factors: InfluenceFactors, name: str) -> tuple[torch.Tensor, float]:
+    """K-FAC's ``L_S L_A`` (an estimate of ``E[R^2]``) and the default damping heuristic on it.
+
+    What the ``query`` placement truncates by: it exists as soon as the eigenbases do, so an index
+    written inside the eigenvalue-correction pass and one built after the fit keep the same
+    coordinates, whatever damping the factors are later used with."""
+    t = factors.tensors[name]
+    lam = torch.outer(t["S_eigvals"].to(torch.float64).clamp_min(0), t["A_eigvals"].to(torch.float64).clamp_min(0))
+    return lam, DEFAULT_DAMPING_FACTOR * float(lam.mean())
 
 
 class LayerCompression:
@@ -336,7 +344,9 @@ class Compression:
                                        "(heuristic) or a positive damping")
                 if options.keep is not None:
                     # Energy of the preconditioned gradient per coordinate: E[R^2] * w (Lambda estimates E[R^2]).
-                    energy = lam.clamp_min(0) * inv
+                    # The query placement ranks by K-FAC's estimate, so that it depends on the eigenbases only.
+                    est, est_damping = _kfac_estimate(factors, name) if alpha == 0.0 else (lam, damping)
+                    energy = est.clamp_min(0) / (est + est_damping)
                     rows = _top(energy.sum(1), options.keep)
                     cols = _top(energy.sum(0), options.keep)
                     inv, lam = _kept(inv, rows, cols), _kept(lam, rows, cols)
@@ -344,7 +354,10 @@ class Compression:
                     index_weight = inv if alpha == 1.0 else inv.sqrt()
                     # applied to R_q * w (the preconditioned query): leaves R_q * w^(1 - alpha)
                     query_weight = lam + damping if alpha == 1.0 else (lam + damping).sqrt()
-                raw_query_weight = None if alpha == 1.0 else (index_weight.clone() if alpha == 0.5 else inv)
+                # For queries compressed from their tokens: w^(1 - alpha). With alpha = 0 it is the factors' own
+                # preconditioner, never saved (the index is opened with the complete factors, which give it).
+                raw_query_weight = None if alpha == 1.0 else (index_weight.clone() if alpha == 0.5 else
+                                                              (inv if factors.is_complete else None))
             ks = layer.d_out if rows is None else len(rows)
             ka = layer.d_in if cols is None else len(cols)
             generator = torch.Generator().manual_seed(_layer_seed(options.seed, name))
@@ -381,8 +394,11 @@ class Compression:
 
     # ---------------------------------------------------------------- persistence
     def tensors(self) -> dict[str, torch.Tensor]:
+        """What is saved with an index (and fingerprinted into its identity): with the ``query`` placement
+        not the query side's weight, which comes from the factors the index is opened with."""
+        skip = ("raw_query_weight",) if self.options.preconditioner == "query" else ()
         return {f"{name}::{key}": value.contiguous() for name, c in self.layers.items()
-                for key, value in c.tensors().items()}
+                for key, value in c.tensors().items() if key not in skip}
 
     @classmethod
     def from_tensors(cls, flat: dict[str, torch.Tensor], factors: InfluenceFactors,
@@ -391,9 +407,17 @@ class Compression:
         layers = {}
         for name, layer in factors.layers.items():
             get = lambda key: flat.get(f"{name}::{key}")  # noqa: E731
+            raw_query_weight = get("raw_query_weight")
+            if options.preconditioner == "query" and factors.is_complete:
+                # The query side carries all of the preconditioner, and it is the one of the factors the index
+                # is opened with: the index itself depends on the eigenbases only (built before Lambda existed,
+                # or for another damping), so the weight saved with it may be another one.
+                curv = _curvature(factors, name, "query")
+                if curv is not None:
+                    lam, damping = curv
+                    raw_query_weight = _kept(1.0 / (lam + damping), get("rows"), get("cols"))
             layers[name] = LayerCompression(layer, eigen, get("rows"), get("cols"), get("index_weight"),
-                                            get("query_weight"), get("proj_s"), get("proj_a"),
-                                            get("raw_query_weight"))
+                                            get("query_weight"), get("proj_s"), get("proj_a"), raw_query_weight)
         return cls(layers, options)
 
 

@@ -65,8 +65,9 @@ def factors_identity(factors: InfluenceFactors, placement: str) -> str:
 
     With the ``query`` placement the index side is ``Q_S^T DW Q_A`` (compressed): it depends on the
     eigenbases only, so an index written inside the eigenvalue-correction pass (before ``Lambda``
-    exists) is valid for the completed factors, with any damping. Otherwise the factors' full
-    fingerprint (statistics and damping)."""
+    exists) is valid for the completed factors, with any damping (its truncation ranks by K-FAC's
+    ``L_S L_A``, from the same covariance pass). Otherwise the factors' full fingerprint (statistics
+    and damping)."""
     if placement != "query":
         return "factors:" + factors_fingerprint(factors)
     head = {"strategy": factors.strategy,
@@ -77,7 +78,7 @@ def factors_identity(factors: InfluenceFactors, placement: str) -> str:
             t = factors.tensors[name]
             if "A_eigvecs" not in t:
                 factors.require_complete()  # raises, naming the fix
-            named += [(f"{name}::A", t["A_eigvecs"]), (f"{name}::S", t["S_eigvecs"])]
+            named += [(f"{name}::{key}", t[key]) for key in ("A_eigvecs", "S_eigvecs", "A_eigvals", "S_eigvals")]
     return "basis:" + tensors_fingerprint(named, head)
 
 

@@ -98,6 +98,18 @@ class InfluenceCallback(Callback):
             texts (the paper keeps 10,000); needs training texts (a dataset ``texts`` list or a tokenizer).
         score_layers: report influence through these tracked layers only (e.g. the MLP layers).
         score_dtype: scoring compute dtype: ``float32``, ``float64``, ``bfloat16`` or ``float16``.
+        index: a directory for a gradient index of the training data (``docs/index.md``): each
+            example's compressed, preconditioned gradient, to score new queries later without a pass
+            over the training data (``GradientIndex.load(index, factors)``). With ``strategy="ekfac"``,
+            ``fisher="empirical"``, ``index_preconditioner="query"`` (the default) and no
+            ``max_batches``/``max_examples`` cap, it is written inside the eigenvalue-correction pass
+            (no extra pass). Otherwise (the sampled Fisher's backward differentiates sampled labels, not
+            the training loss; other placements need the fitted eigenvalues) it is built in one more
+            pass after the fit, as ``InfluenceModule.build_index`` does; the log says which. Under data
+            parallelism each rank writes its shard. A killed build resumes after its last shard.
+        index_projection_dim / index_keep / index_preconditioner / index_projection / index_seed /
+            index_dtype / index_shard_size: the index's ``IndexOptions`` (``projection_dim``, ``keep``,
+            ``preconditioner``, ``projection``, ``seed``, ``dtype``, ``shard_size``).
 
     Before the first training step (``on_train_start``) the task runs once on one training batch
     (forward and loss only, no gradient, weights and RNG untouched) and the query file is read,
@@ -129,6 +141,14 @@ class InfluenceCallback(Callback):
         score_dtype: str = "float32",
         query_svd: str = "randomized",
         stats_dtype: str = "float64",
+        index: str | None = None,
+        index_projection_dim: int | None = 48,
+        index_keep: int | None = None,
+        index_preconditioner: str = "query",
+        index_projection: str = "orthogonal",
+        index_seed: int = 0,
+        index_dtype: str = "float32",
+        index_shard_size: int = 4096,
     ):
         super().__init__()
         try:
@@ -138,8 +158,17 @@ class InfluenceCallback(Callback):
                 capture_dtype=capture_dtype, stats_dtype=stats_dtype)
             self.score_options = ScoreOptions(query_rank=query_rank, query_svd=query_svd, score_dtype=score_dtype,
                                               layers=score_layers, top_k=top_k, tfidf_candidates=tfidf_candidates)
+            self.index_options = None
+            if index is not None:
+                from lightning_influence.index import IndexOptions  # noqa: PLC0415
+
+                self.index_options = IndexOptions(
+                    projection_dim=index_projection_dim, keep=index_keep, preconditioner=index_preconditioner,
+                    projection=index_projection, seed=index_seed, dtype=index_dtype, shard_size=index_shard_size)
         except OptionsError as err:
             raise MisconfigurationException(str(err)) from None
+        self.index = Path(index) if index is not None else None
+        self.index_path: Path | None = None  # set once the index is complete
         if isinstance(fit_on, bool) or not (fit_on in ("fit_end", "manual") or isinstance(fit_on, int)):
             raise MisconfigurationException(f"fit_on must be 'fit_end', 'manual' or an epoch number, got {fit_on!r}")
         if isinstance(fit_on, int) and fit_on < 1:
@@ -172,6 +201,10 @@ class InfluenceCallback(Callback):
             raise MisconfigurationException(str(err)) from None
         if stage == "fit":
             self._check_fit_on(trainer)
+        if self.index is not None and self.index.resolve() == self.output_dir.resolve():
+            raise MisconfigurationException(
+                f"InfluenceCallback(index='{self.index}') is the factors' output_dir: both write a manifest.json "
+                "there. Give the index its own directory (e.g. index='influence/index')")
         if trainer.is_global_zero:
             try:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -326,6 +359,7 @@ class InfluenceCallback(Callback):
         opts = self.fit_options
         model = self.network(pl_module)
         loader = self._training_loader(trainer, pl_module, dataloader)
+        self.index_path = None
         try:
             layers = find_tracked_layers(model, opts.modules, opts.module_types)
         except TrackingError as err:
@@ -344,24 +378,81 @@ class InfluenceCallback(Callback):
         if total is not None and opts.max_batches is not None:
             total = min(total, opts.max_batches)
         for phase in remaining_phases(factors):
+            feed = self._index_feed(trainer, model, factors, phase, loader, device)
             with progress_bar(total, pass_title(factors, phase), trainer.progress_bar_callback is not None) as bar:
                 run_phase(
-                    phase, factors, model, self.task, pass_loader, device=device, dtype=opts.capture_dtype,
+                    phase, factors, model, self.task, pass_loader if feed is None else feed.batches(), device=device,
+                    dtype=opts.capture_dtype, consumer=feed,
                     stats_dtype=opts.stats_dtype,
                     max_batches=opts.max_batches, max_examples=opts.max_examples, seed=opts.seed,
                     transfer=lambda b: trainer.strategy.batch_to_device(b, device),
                     progress=lambda n: bar.update(1),
                     forward_context=trainer.precision_plugin.forward_context,
                 )
+            if feed is not None:
+                self._finish_index(trainer, feed.close())
             if trainer.is_global_zero:
                 factors.save(self.output_dir)
             trainer.strategy.barrier("influence_phase_saved")
             rank_zero_info(f"[lightning-influence] {phase} pass done; factors ({factors.phase}) saved to {self.output_dir}")
         if not factors.curvature.passes and trainer.is_global_zero:
             factors.save(self.output_dir)  # complete without a pass (identity): saved once all the same
+        if self.index is not None and self.index_path is None:
+            self._build_index_after_fit(trainer, model, factors, loader, device)
         self.factors = factors
         self._done_fingerprint = fingerprint
         return factors
+
+    # ------------------------------------------------------------------ the gradient index
+    def builds_index_in_pass(self) -> bool:
+        """Whether ``index=`` is written inside the eigenvalue-correction pass (else one more pass after the fit)."""
+        opts = self.fit_options
+        return (self.index is not None and opts.strategy == "ekfac" and opts.fisher == "empirical"
+                and self.index_options.preconditioner == "query" and opts.max_batches is None
+                and opts.max_examples is None)
+
+    def _index_feed(self, trainer: L.Trainer, model: nn.Module, factors: InfluenceFactors, phase: str,
+                    loader: Any, device: torch.device):
+        """The consumer that writes the index in the ``lambda`` pass, or ``None``."""
+        if phase != "lambda" or not self.builds_index_in_pass():
+            return None
+        from lightning_influence.index import IndexWriter, PassFeed  # noqa: PLC0415
+
+        self.index_path = None
+        try:
+            writer = IndexWriter(self.index, factors, model, self.index_options, rank=trainer.global_rank,
+                                 world_size=trainer.world_size, device=device, dtype=self.fit_options.capture_dtype)
+        except InfluenceError as err:
+            raise MisconfigurationException(f"InfluenceCallback(index='{self.index}'): {err}") from None
+        rank_zero_info(f"[lightning-influence] writing the gradient index to {self.index} inside the "
+                       "eigenvalue-correction pass")
+        return PassFeed(writer, rebuild_loader(loader, indexed=True))
+
+    def _build_index_after_fit(self, trainer: L.Trainer, model: nn.Module, factors: InfluenceFactors, loader: Any,
+                               device: torch.device) -> None:
+        from lightning_influence.index import build_index  # noqa: PLC0415
+
+        why = ("the factors were complete already" if self.builds_index_in_pass() else
+               "it can be written inside the eigenvalue-correction pass only with strategy='ekfac', "
+               "fisher='empirical', index_preconditioner='query' and no max_batches/max_examples")
+        rank_zero_info(f"[lightning-influence] building the gradient index in {self.index} in one more pass over the "
+                       f"training data ({why})")
+        indexed = rebuild_loader(loader, indexed=True)
+        with progress_bar(length_of(indexed), "Influence: gradient index",
+                          trainer.progress_bar_callback is not None) as bar:
+            try:
+                path = build_index(model, self.task, factors, indexed, self.index, self.index_options,
+                                   rank=trainer.global_rank, world_size=trainer.world_size, indexed=True,
+                                   device=device, dtype=self.fit_options.capture_dtype,
+                                   progress=lambda n: bar.update(1))
+            except InfluenceError as err:
+                raise MisconfigurationException(f"InfluenceCallback(index='{self.index}'): {err}") from None
+        self._finish_index(trainer, path)
+
+    def _finish_index(self, trainer: L.Trainer, path: Path) -> None:
+        trainer.strategy.barrier("influence_index_written")  # every rank's share is complete
+        self.index_path = path
+        rank_zero_info(f"[lightning-influence] gradient index written to {path}")
 
     # ------------------------------------------------------------------ helpers
     def _share_resumed(self, trainer: L.Trainer, factors: InfluenceFactors | None,

@@ -15,6 +15,7 @@ the answer: a score matrix in dataset order, a streaming top-k, or score shards 
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -26,7 +27,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_influence.errors import InfluenceError
+from lightning_influence.errors import InfluenceError, OptionsError
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.integration.writer import (SINGLE_PROCESS, ScoreMatrixWriter, ShardWriter, TopKWriter,
                                                     _ScoreWriter)
@@ -217,13 +218,69 @@ class InfluenceModule(L.LightningModule):
         return writer.result
 
     # ------------------------------------------------------------------ public scoring
-    def pairwise_scores(self, query_loader: Iterable | QueryGradients, train_loader: Iterable,
-                        trainer: L.Trainer | None = None, per_layer: bool = False) -> torch.Tensor:
+    # ------------------------------------------------------------------ the gradient index
+    def build_index(self, train_loader: Iterable, directory: str | Path, options: Any = None,
+                    **option_values: Any):
+        """Write a gradient index of ``train_loader`` to ``directory`` and return it opened (a :class:`GradientIndex`).
+
+        One pass over the training data (in this process, no collective) with these factors, of any
+        strategy: each example's compressed, preconditioned gradient (docs/method.md, section 7).
+        ``options`` is an :class:`~lightning_influence.index.IndexOptions`; single options may be given
+        by keyword instead (``projection_dim=64``). A killed build resumes after its last shard. Pass the
+        index where ``pairwise_scores`` and ``top_k`` take the training dataloader.
+        """
+        from lightning_influence.index import GradientIndex, IndexOptions, build_index  # noqa: PLC0415
+
+        with _misconfiguration():
+            if options is not None and not isinstance(options, IndexOptions):
+                raise OptionsError(f"options must be an IndexOptions, got {type(options).__name__}")
+            if option_values:
+                options = dataclasses.replace(options or IndexOptions(), **option_values)
+            loader = rebuild_loader(train_loader, shard=False)
+            with progress_bar(length_of(loader), "Influence: gradient index", self.show_progress) as bar:
+                build_index(self.model, self.task, self.factors, loader, directory, options,
+                            device=self._device_of_model(), dtype=self._index_dtype(),
+                            progress=lambda n: bar.update(1))
+            return GradientIndex.load(directory, self.factors, self.model)
+
+    def _index_dtype(self) -> torch.dtype:
+        return torch.float64 if self.options.score_dtype == torch.float64 else torch.float32
+
+    def _index_queries(self, index: Any, query_loader: Iterable | QueryGradients) -> torch.Tensor:
+        """The queries compressed for ``index`` (straight from their tokens, or from prepared gradients)."""
+        if self.options.layers is not None:
+            raise OptionsError("an index scores through every layer of its factors; drop the `layers=` option "
+                               "to score with an index")
+        if index.factors is not self.factors and index.manifest["identity"]["factors"] != \
+                _factors_identity(self.factors, index.options.preconditioner):
+            raise OptionsError("the index was opened with other factors than this module's; open it with "
+                               "GradientIndex.load(directory, module.factors)")
+        if isinstance(query_loader, QueryGradients):
+            return index.query_vectors(query_loader, self._index_dtype())
+        return index.compress_queries(self.scorer(), rebuild_loader(query_loader, shard=False))
+
+    def pairwise_scores(self, query_loader: Iterable | QueryGradients, train_loader: Any,
+                        trainer: L.Trainer | None = None, per_layer: bool = False,
+                        normalize: bool = False) -> torch.Tensor:
         """Scores ``[num_queries, num_train]`` (``[num_layers, Q, N]`` with ``per_layer``).
 
         Training examples come back in dataset order (the loader's order when it does not
         shuffle). With ``trainer`` under data parallelism every rank gets the full matrix.
+        ``train_loader`` may be a :class:`~lightning_influence.index.GradientIndex` built with these
+        factors: the queries are compressed as it was and scored by one matmul per shard, with no
+        forward or backward over the training data (approximate scores unless its projection is as
+        wide as each layer; ``normalize=True``: cosine scores, for an index with ``preconditioner="sqrt"``).
         """
+        if _is_index(train_loader):
+            if trainer is not None or per_layer:
+                raise MisconfigurationException("scores from a gradient index are one matmul in this process: "
+                                                "drop trainer= and per_layer=")
+            with _misconfiguration():
+                vectors = self._index_queries(train_loader, query_loader)
+                return train_loader.scores(vectors, normalize=normalize, dtype=self._index_dtype())
+        if normalize:
+            raise MisconfigurationException("normalize=True (cosine scores) needs a GradientIndex in place of the "
+                                            "training dataloader")
         queries = self.prepare_queries(query_loader)
         writer = ScoreMatrixWriter(per_layer, empty_shape=(len(self.scorer().layer_names), queries.num_queries),
                                    empty_dtype=self.output_dtype)
@@ -236,9 +293,11 @@ class InfluenceModule(L.LightningModule):
                                    empty_dtype=self.output_dtype)
         return self._run(writer, train_loader, trainer, _SelfInfluenceStep(self), "Influence: self-influence")
 
-    def top_k(self, query_loader: Iterable | QueryGradients, train_loader: Iterable, k: int | None = None,
+    def top_k(self, query_loader: Iterable | QueryGradients, train_data: Any = None, k: int | None = None,
               scores_dir: str | Path | None = None, shard_size: int | None = None,
-              trainer: L.Trainer | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+              trainer: L.Trainer | None = None, *, rescore: int | None = None, train_loader: Any = None,
+              normalize: bool = False, token_scores: bool = False,
+              approximate: bool = False) -> dict[str, Any]:
         """Streaming top-k: the ``k`` most positive and most negative training examples per query.
 
         Memory stays flat in the number of training examples. With ``scores_dir`` all scores
@@ -247,9 +306,35 @@ class InfluenceModule(L.LightningModule):
         factors, layers, data, ``k`` or ``shard_size`` is started over, with a warning naming
         what differed. Returns ``{"positive": (values, indices), "negative":
         (values, indices)}``, each ``[Q, k]``, indices into the training dataset. ``k`` and
-        ``shard_size`` default to the options' ``top_k`` and ``shard_size``.
+        ``shard_size`` default to the options' ``top_k`` and ``shard_size``. ``train_data`` is the
+        training dataloader (also accepted as ``train_loader=``).
+
+        ``train_data`` may be a :class:`~lightning_influence.index.GradientIndex` built with these
+        factors: the index ranks the training data by one matmul per shard (``normalize``: by cosine;
+        ``approximate``: faiss HNSW, an optional extra). With ``rescore=K`` the index proposes ``K``
+        candidates per query and side, and the exact scores with these factors rank them (two stages:
+        only the candidates of ``train_loader``, the training ``DataLoader`` over the indexed dataset,
+        are run); the values are then exact, and ``token_scores=True`` adds ``"positive_tokens"`` /
+        ``"negative_tokens"`` ``[Q, k, T]``, each final candidate's token-wise scores. In-process only.
         """
         k = self.options.top_k if k is None else k
+        if _is_index(train_data):
+            if scores_dir is not None or trainer is not None:
+                raise MisconfigurationException("top-k from a gradient index runs in this process and keeps no score "
+                                                "shards: drop scores_dir= and trainer=")
+            return self._index_top_k(query_loader, train_data, k, rescore, train_loader, normalize, token_scores,
+                                     approximate)
+        if rescore is not None or normalize or token_scores or approximate:
+            raise MisconfigurationException("rescore=, normalize=, token_scores= and approximate= are for a "
+                                            "GradientIndex in place of the training dataloader")
+        if train_data is None:
+            train_data = train_loader
+        elif train_loader is not None:
+            raise MisconfigurationException("give the training dataloader once (train_loader= is the rescoring data "
+                                            "of a GradientIndex)")
+        if train_data is None:
+            raise MisconfigurationException("top_k needs the training dataloader or a GradientIndex")
+        train_loader = train_data
         shard_size = self.options.shard_size if shard_size is None else shard_size
         with _misconfiguration():
             ScoreOptions.merged(self.options, {"top_k": k, "shard_size": shard_size})
@@ -272,6 +357,29 @@ class InfluenceModule(L.LightningModule):
             rank_zero_info(f"[lightning-influence] resuming scoring at training index {start}")
         return self._run(writer, train_loader, trainer, self, title, start=start)
 
+    def _index_top_k(self, query_loader, index, k: int, rescore: int | None, train_loader: Any, normalize: bool,
+                     token_scores: bool, approximate: bool) -> dict[str, Any]:
+        with _misconfiguration():
+            ScoreOptions.merged(self.options, {"top_k": k})
+            if token_scores and rescore is None:
+                raise OptionsError("token_scores=True needs two stages (rescore=K): token-wise scores are exact "
+                                   "scores of the final candidates")
+            vectors = self._index_queries(index, query_loader)
+            gradients = None
+            if rescore is not None:
+                if train_loader is None:
+                    raise OptionsError("two-stage top-k (rescore=K) needs train_loader=, the training DataLoader over "
+                                       "the dataset the index was built on")
+                gradients = self.prepare_queries(query_loader)
+            sides = index.top_k_sides(vectors, k, ("positive", "negative"), normalize=normalize, rescore=rescore,
+                                      scorer=self.scorer() if rescore is not None else None, train_loader=train_loader,
+                                      dtype=self._index_dtype(), approximate=approximate, query_gradients=gradients,
+                                      token_wise=token_scores)
+        out: dict[str, Any] = {side: (values, indices) for side, (values, indices, _) in sides.items()}
+        if token_scores:
+            out.update({f"{side}_tokens": tokens for side, (_, _, tokens) in sides.items()})
+        return out
+
     def candidate_scores(self, query_loader: Iterable | QueryGradients, query_texts: list[str],
                          train_texts: list[str], train_loader: Any, k: int | None = None,
                          cache_dir: str | Path | None = None,
@@ -293,6 +401,18 @@ class InfluenceModule(L.LightningModule):
         candidates = index.top_k(query_texts, k)
         return filtered_scores(self.scorer(), queries, candidates, train_loader.dataset, train_loader.collate_fn,
                                batch_size=train_loader.batch_size or 8)
+
+
+def _is_index(data: Any) -> bool:
+    from lightning_influence.index import GradientIndex  # noqa: PLC0415
+
+    return isinstance(data, GradientIndex)
+
+
+def _factors_identity(factors: InfluenceFactors, placement: str) -> str:
+    from lightning_influence.index.store import factors_identity  # noqa: PLC0415
+
+    return factors_identity(factors, placement)
 
 
 class _SelfInfluenceStep(L.LightningModule):
