@@ -33,6 +33,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lightning_influence.curvature.base import DEFAULT_DAMPING_FACTOR
+from lightning_influence.curvature.ekfac import EKFACStrategy
+from lightning_influence.curvature.identity import IdentityStrategy
+from lightning_influence.curvature.kfac import KFACStrategy
 from lightning_influence.errors import OptionsError
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.capture import TrackedLayer
@@ -131,16 +134,22 @@ def _projection(kind: str, generator: torch.Generator, rows: int, cols: int) -> 
     return q * math.sqrt(rows / cols)
 
 
+def has_eigenbasis(factors: InfluenceFactors) -> bool:
+    """Whether the factors precondition in a Kronecker eigenbasis (K-FAC, EK-FAC), where truncation applies."""
+    return isinstance(factors.curvature, KFACStrategy)
+
+
 def _curvature(factors: InfluenceFactors, name: str, placement: str) -> tuple[torch.Tensor, float] | None:
     """``(Lambda, lambda)`` of a layer in float64, or ``None`` for the identity strategy.
 
     EK-FAC factors whose ``Lambda`` is not fitted yet (phase ``eigen``, inside the eigenvalue-correction
     pass) give K-FAC's ``L_S L_A`` (used for truncation only, which is all the ``query`` placement needs)."""
-    if factors.strategy == "identity":
+    if isinstance(factors.curvature, IdentityStrategy):
         return None
     if factors.is_complete:
         return factors.eigenvalues(name).to(torch.float64), float(factors.damping_for(name))
-    if factors.strategy == "ekfac" and factors.phase_done("eigen") and placement == "query":
+    if isinstance(factors.curvature, EKFACStrategy) and factors.phase_done(factors.curvature.passes[0].phase) \
+            and placement == "query":
         return _kfac_estimate(factors, name)
     factors.require_complete()  # raises, naming the fix
     raise AssertionError("unreachable")
@@ -325,7 +334,7 @@ class Compression:
     def from_factors(cls, factors: InfluenceFactors, options: IndexOptions) -> "Compression":
         """Choose the truncation, weights and projections of every layer of ``factors``."""
         alpha = PLACEMENTS[options.preconditioner]
-        eigen = factors.strategy in ("kfac", "ekfac")
+        eigen = has_eigenbasis(factors)
         if options.keep is not None and not eigen:
             raise OptionsError(
                 f"IndexOptions.keep truncates in the K-FAC/EK-FAC eigenbasis; {factors.strategy} factors have none. "
@@ -403,7 +412,7 @@ class Compression:
     @classmethod
     def from_tensors(cls, flat: dict[str, torch.Tensor], factors: InfluenceFactors,
                      options: IndexOptions) -> "Compression":
-        eigen = factors.strategy in ("kfac", "ekfac")
+        eigen = has_eigenbasis(factors)
         layers = {}
         for name, layer in factors.layers.items():
             get = lambda key: flat.get(f"{name}::{key}")  # noqa: E731

@@ -31,6 +31,7 @@ import torch
 
 from lightning_influence.errors import GradientIndexError
 from lightning_influence.factors import InfluenceFactors
+from lightning_influence.index.projection import has_eigenbasis
 from lightning_influence.store import BundleFormat, factors_fingerprint, tensors_fingerprint
 
 __all__ = ["GradientIndexError", "INDEX_FORMAT", "rank_format", "factors_identity", "example_digests",
@@ -73,7 +74,7 @@ def factors_identity(factors: InfluenceFactors, placement: str) -> str:
     head = {"strategy": factors.strategy,
             "layers": {n: [l.kind, l.d_out, l.d_in, l.has_bias] for n, l in factors.layers.items()}}
     named = []
-    if factors.strategy in ("kfac", "ekfac"):
+    if has_eigenbasis(factors):
         for name in factors.layers:
             t = factors.tensors[name]
             if "A_eigvecs" not in t:

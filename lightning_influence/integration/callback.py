@@ -26,7 +26,7 @@ from lightning_influence.errors import FactorsError, InfluenceError, OptionsErro
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.loaders import rebuild_loader
 from lightning_influence.options import DEFAULT_DAMPING_FACTOR, FitOptions, ScoreOptions
-from lightning_influence.curvature import DEFAULT_STRATEGY
+from lightning_influence.curvature import DEFAULT_STRATEGY, get_strategy
 from lightning_influence.passes import fit_identity, pass_title, remaining_phases, run_phase
 from lightning_influence.progress import length_of, progress_bar
 from lightning_influence.store import describe_differences
@@ -48,6 +48,13 @@ def resolve_task(task: Task | str) -> Task:
     raise MisconfigurationException(
         f"unknown task {task!r}: pass a Task instance or one of {', '.join(TASKS_BY_NAME)}"
     )
+
+
+def _fed_pass(strategy: str) -> str | None:
+    """The name of the strategy's pass that feeds a per-example consumer (EK-FAC's ``lambda``), if any."""
+    curvature = get_strategy(strategy)
+    feeds = getattr(curvature, "feeds_consumer", None)
+    return next((p.name for p in curvature.passes if feeds is not None and feeds(p.name)), None)
 
 
 def _has_no_forward(model: nn.Module) -> bool:
@@ -407,14 +414,14 @@ class InfluenceCallback(Callback):
     def builds_index_in_pass(self) -> bool:
         """Whether ``index=`` is written inside the eigenvalue-correction pass (else one more pass after the fit)."""
         opts = self.fit_options
-        return (self.index is not None and opts.strategy == "ekfac" and opts.fisher == "empirical"
+        return (self.index is not None and _fed_pass(opts.strategy) is not None and opts.fisher == "empirical"
                 and self.index_options.preconditioner == "query" and opts.max_batches is None
                 and opts.max_examples is None)
 
     def _index_feed(self, trainer: L.Trainer, model: nn.Module, factors: InfluenceFactors, phase: str,
                     loader: Any, device: torch.device):
         """The consumer that writes the index in the ``lambda`` pass, or ``None``."""
-        if phase != "lambda" or not self.builds_index_in_pass():
+        if not self.builds_index_in_pass() or phase != _fed_pass(self.fit_options.strategy):
             return None
         from lightning_influence.index import IndexWriter, PassFeed  # noqa: PLC0415
 
@@ -433,8 +440,9 @@ class InfluenceCallback(Callback):
         from lightning_influence.index import build_index  # noqa: PLC0415
 
         why = ("the factors were complete already" if self.builds_index_in_pass() else
-               "it can be written inside the eigenvalue-correction pass only with strategy='ekfac', "
-               "fisher='empirical', index_preconditioner='query' and no max_batches/max_examples")
+               "it can be written inside the eigenvalue-correction pass only with strategy='ekfac' (a "
+               "strategy whose pass feeds a consumer), fisher='empirical', index_preconditioner='query' and no "
+               "max_batches/max_examples")
         rank_zero_info(f"[lightning-influence] building the gradient index in {self.index} in one more pass over the "
                        f"training data ({why})")
         indexed = rebuild_loader(loader, indexed=True)
