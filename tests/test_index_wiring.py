@@ -196,3 +196,36 @@ def test_module_refuses_an_index_of_other_factors(module_case):
         other.pairwise_scores(queries, index)
     with pytest.raises(MisconfigurationException, match="other factors"):
         other.top_k(queries, index, k=2)
+
+
+@pytest.mark.slow
+def test_callback_index_under_ddp_equals_single_process(tmp_path):
+    """Two gloo processes: each rank writes its shard of the index inside the Lambda pass; the index
+    (both ranks' shards, in dataset order) equals one built in one process from the same factors."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, PYTHONPATH=os.path.join(here, ".."), OMP_NUM_THREADS="1")
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(here, "ddp_index_script.py"), str(tmp_path)], env=env,
+                              capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the DDP job hung: {str(err.stdout)[-2000:]} {str(err.stderr)[-2000:]}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torch.manual_seed(0)
+    model = lm.LitClassifier()  # the script's model: same seed, no training step (max_epochs=0)
+    data = lm.loader(lm.classification_data(45), batch_size=8)
+    factors = InfluenceFactors.load(tmp_path / "factors")
+    assert json.loads((tmp_path / "index" / "manifest.json").read_text())["world_size"] == 2
+    for rank in (0, 1):
+        state = json.loads((tmp_path / "index" / f"rank-{rank:05d}.json").read_text())
+        assert state["complete"] and state["num_examples"] in (22, 23)
+    ddp = GradientIndex.load(tmp_path / "index", factors, model, data)
+    module = InfluenceModule(model, ClassificationTask(), factors, show_progress=False)
+    one = module.build_index(data, tmp_path / "one", projection_dim=3, preconditioner="query")
+    queries = lm.query_loader()
+    torch.testing.assert_close(module.pairwise_scores(queries, ddp), module.pairwise_scores(queries, one),
+                               rtol=1e-5, atol=1e-6)
