@@ -202,6 +202,9 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
     if speed:
         _speed_section(w, speed)
     _gpu_section(w, _load("speed-cuda.json"))
+    if (RESULTS / "index-section.md").exists():  # written by benchmarks/index_bench.py
+        w((RESULTS / "index-section.md").read_text().rstrip())
+        w("")
     return "\n".join(L) + "\n"
 
 
