@@ -1,6 +1,8 @@
 """The gradient index wired in: written inside the EK-FAC pass (run_phase's consumer, the callback's
 index=), built by InfluenceModule, and accepted by pairwise_scores / top_k in place of the training data."""
 
+import json
+
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -9,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_influence import ClassificationTask, InfluenceCallback, InfluenceFactors, InfluenceModule, \
     InfluenceScorer
 from lightning_influence.capture import find_tracked_layers
-from lightning_influence.errors import OptionsError
+from lightning_influence.errors import GradientIndexError, OptionsError
 from lightning_influence.index import GradientIndex, IndexOptions, IndexWriter, PassFeed
 from lightning_influence.loaders import rebuild_loader
 from lightning_influence.passes import fit_factors, run_phase
@@ -62,6 +64,46 @@ def test_run_phase_consumer_writes_the_index_inside_the_lambda_pass(tmp_path):
     modules = {n: model.get_submodule(n) for n in layers}
     assert_scores_close(ours, dense.dense_scores("ekfac", model, modules, ce_loss, ce_measure,
                                                  models.mlp_data(16, seed=1), queries))
+
+
+def test_index_written_in_a_killed_lambda_pass_resumes(tmp_path):
+    """A kill inside the Lambda pass leaves the completed shards; the rerun of the pass (as a resumed fit
+    makes it) skips writing them, checks their data, and ends with the index of an uninterrupted pass."""
+    model, loader = models.mlp(), _data(24)  # 6 batches of 4, a shard every 2 batches
+    task = ClassificationTask()
+    layers = find_tracked_layers(model, None)
+    options = IndexOptions(projection_dim=3, preconditioner="query", shard_size=8)
+
+    def lambda_pass(directory, stop_after=None):
+        factors = InfluenceFactors("ekfac", layers, fisher="empirical")
+        run_phase("covariance", factors, model, task, loader)
+        writer = IndexWriter(directory, factors, model, options)
+        feed = PassFeed(writer, _killed(rebuild_loader(loader, indexed=True), stop_after))
+        run_phase("lambda", factors, model, task, feed.batches(), consumer=feed)
+        feed.close()
+        return factors, writer
+
+    factors, _ = lambda_pass(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        lambda_pass(tmp_path / "resumed", stop_after=5)
+    with pytest.raises(GradientIndexError, match="unfinished"):
+        GradientIndex.load(tmp_path / "resumed", factors)
+    killed = [s["file"] for s in json.loads((tmp_path / "resumed" / "rank-00000.json").read_text())["shards"]]
+    assert len(killed) == 2  # batches 0-3; batch 4 was in the unwritten buffer
+    _, writer = lambda_pass(tmp_path / "resumed")
+    assert [s["file"] for s in writer._shards][:2] == killed and len(writer._shards) == 3  # kept, not rewritten
+    queries = models.mlp_data(3, seed=2)
+    qg = InfluenceScorer(model, task, factors).query_gradients([queries])
+    whole = GradientIndex.load(tmp_path / "whole", factors, model, loader)
+    resumed = GradientIndex.load(tmp_path / "resumed", factors, model, loader)
+    assert torch.equal(whole.scores(qg), resumed.scores(qg))
+
+
+def _killed(batches, stop_after):
+    for i, item in enumerate(batches):
+        if stop_after is not None and i == stop_after:
+            raise KeyboardInterrupt("killed")
+        yield item
 
 
 def test_run_phase_refuses_a_consumer_it_cannot_feed(tmp_path):
@@ -202,7 +244,6 @@ def test_module_refuses_an_index_of_other_factors(module_case):
 def test_callback_index_under_ddp_equals_single_process(tmp_path):
     """Two gloo processes: each rank writes its shard of the index inside the Lambda pass; the index
     (both ranks' shards, in dataset order) equals one built in one process from the same factors."""
-    import json
     import os
     import subprocess
     import sys
