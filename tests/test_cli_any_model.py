@@ -148,3 +148,68 @@ def test_bad_values_fail_before_loading(tmp_path, capsys):
     assert main(["score", "--model", "x:Y", "--train_data", "x.jsonl", "--queries", "q.jsonl",
                  "--output_dir", str(tmp_path)]) == 2
     assert "no influence factors in" in capsys.readouterr().err
+
+
+def test_a_class_with_a_checkpoint_and_function_data(tmp_path):
+    """--model package.module:Class + --checkpoint + --model_attr, data and queries from functions: dense check."""
+    from lightning_influence.factors import InfluenceFactors
+    from lightning_influence.integration.pipeline import load_scores
+
+    from . import cli_models, dense
+    from .test_scores_dense import ce_loss, ce_measure
+
+    model = cli_models.save_checkpoint(tmp_path / "weights.pt")
+    common = ["--model", "tests.cli_models:WrappedMLP", "--checkpoint", str(tmp_path / "weights.pt"),
+              "--model_attr", "net", "--task", "classification", "--train_data", "tests.cli_models:train_loader",
+              "--output_dir", str(tmp_path / "out"), "--progress", "false"]
+    assert main(["fit", *common, "--fisher", "empirical", "--capture_dtype", "float64"]) == 0
+    assert list(InfluenceFactors.load(tmp_path / "out" / "factors").layers) == ["0", "2"]  # not the unused head
+    assert main(["score", *common, "--queries", "tests.cli_models:query_loader", "--score_dtype", "float64",
+                 "--top_k", "2"]) == 0
+    x, y = cli_models.train_loader().dataset.tensors
+    qx, qy = cli_models.query_loader().dataset.tensors
+    net = model.net
+    expected = dense.dense_scores("ekfac", net, {"0": net[0], "2": net[2]}, ce_loss, ce_measure, (x, y), (qx, qy))
+    torch.testing.assert_close(load_scores(tmp_path / "out").scores, expected, rtol=1e-6,
+                               atol=1e-9 * float(expected.abs().max()))
+
+
+def test_classification_from_a_directory_and_labelled_jsonl(llama, tmp_path):
+    """--task classification loads AutoModelForSequenceClassification and reads {"text", "label"} lines."""
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification
+
+    from lightning_influence import ClassificationTask, InfluenceModule, fit_factors
+    from lightning_influence.cli import LabelledTexts
+    from lightning_influence.integration.pipeline import load_scores
+
+    root, model_dir, _, _ = llama
+    cls_dir = tmp_path / "classifier"
+    config = LlamaForSequenceClassification.config_class.from_pretrained(str(model_dir))
+    config.num_labels = 3
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(config).save_pretrained(cls_dir)
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(cls_dir))
+    records = [{"text": t, "label": i % 3} for i, t in enumerate(TRAIN_TEXTS[:12])]
+    train = tmp_path / "labelled.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    queries = tmp_path / "labelled_queries.jsonl"
+    queries.write_text("".join(json.dumps({"query_id": f"c{i}", "text": TRAIN_TEXTS[i + 12], "label": i % 3}) + "\n"
+                               for i in range(2)))
+    common = ["--model", str(cls_dir), "--task", "classification", "--train_data", str(train),
+              "--output_dir", str(tmp_path / "out"), "--progress", "false"]
+    assert main(["fit", *common, "--fisher", "empirical"]) == 0
+    assert main(["score", *common, "--queries", str(queries)]) == 0
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(cls_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(cls_dir))
+    train_set = LabelledTexts(records, tokenizer, "classification")
+    query_set = LabelledTexts([json.loads(line) for line in queries.read_text().splitlines()], tokenizer,
+                              "classification")
+    loader = DataLoader(train_set, batch_size=8, collate_fn=train_set.collate)
+    factors = fit_factors(model, ClassificationTask(), loader, fisher="empirical")
+    expected = InfluenceModule(model, task=ClassificationTask(), factors=factors, show_progress=False).pairwise_scores(
+        DataLoader(query_set, batch_size=8, collate_fn=query_set.collate), loader)
+    saved = load_scores(tmp_path / "out")
+    assert saved.query_ids == ["c0", "c1"]
+    torch.testing.assert_close(saved.scores, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
