@@ -64,6 +64,6 @@ def test_self_contained_examples_run(index, tmp_path, monkeypatch):
     report = namespace.get("report")
     if report is not None:  # the quick start: its report went to the offline run
         assert len(report.queries) == 2 and report.queries[0].top_positive
-        runs = list((tmp_path / "wandb").glob("offline-run-*"))
-        assert len(runs) == 1
-        assert list((runs[0] / "files" / "media" / "table" / "influence").glob("top_influences_*.table.json"))
+        run_dir = Path(namespace["run"].dir).parent  # <wandb dir>/offline-run-<time>-<id>
+        assert run_dir.name.startswith("offline-run-")
+        assert list((run_dir / "files" / "media" / "table" / "influence").glob("top_influences_*.table.json"))
