@@ -602,11 +602,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if value is not None and value < 1:
                 parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         command, cfg, run = args.command, args, cmd_demo
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
     from lightning_influence.errors import InfluenceError
 
     try:
         return run(cfg)
-    except (FileNotFoundError, ValueError, InfluenceError) as err:
+    except (FileNotFoundError, ValueError, InfluenceError, MisconfigurationException) as err:
         print(f"lightning-influence {command}: error: {err}", file=sys.stderr)
         return 2
 

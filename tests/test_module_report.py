@@ -145,3 +145,27 @@ def test_report_rejects_mismatched_query_ids(case):
     module, tl, ql, _ = case
     with pytest.raises(MisconfigurationException, match="3 queries in the loader but 2 query ids"):
         module.report(ql, tl, query_ids=["a", "b"])
+
+
+def test_report_with_tfidf_candidates_lists_only_candidates(case, tmp_path, monkeypatch):
+    """tfidf_candidates without output_dir: the index lives in a temporary directory, nothing stays behind."""
+    from lightning_influence.scoring.tfidf import TfidfCandidates
+
+    module, tl, ql, expected = case
+    monkeypatch.chdir(tmp_path)
+    texts = ["training row 1", "training row 5", "row 9"]
+    filtered = InfluenceModule(module.model, task=module.task, factors=module.factors, score_dtype=torch.float64,
+                               tfidf_candidates=4, show_progress=False)
+    report = filtered.report(ql, tl, top_k=2, query_texts=texts, wandb=False)
+    candidates = TfidfCandidates.fit(tl.dataset.texts).top_k(texts, 4)
+    scale = float(expected.abs().max())
+    for qi, q in enumerate(report.queries):
+        pool = candidates[qi].tolist()
+        listed = q.top_positive + q.top_negative
+        assert listed and all(e.train_index in pool for e in listed)
+        best = max(pool, key=lambda i: float(expected[qi, i]))
+        if expected[qi, best] > 0:
+            assert q.top_positive[0].train_index == best
+        for e in listed:
+            assert e.score == pytest.approx(float(expected[qi, e.train_index]), rel=1e-6, abs=1e-9 * scale)
+    assert list(tmp_path.iterdir()) == []
