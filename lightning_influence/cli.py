@@ -313,7 +313,7 @@ def load_tokenizer(directory: str | os.PathLike):
     """A tokenizer saved with ``save_pretrained`` (local files only); a missing pad token is the EOS token."""
     from transformers import AutoTokenizer
 
-    if not Path(directory, "tokenizer_config.json").is_file() and not Path(directory, "tokenizer.json").is_file():
+    if not _has_tokenizer(directory):
         raise FileNotFoundError(f"no tokenizer in {directory} (expected tokenizer.json or tokenizer_config.json); "
                                 "pass --tokenizer DIR")
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
@@ -420,15 +420,19 @@ def _task(name: str):
     return {"causal_lm": CausalLMTask, "classification": ClassificationTask, "regression": RegressionTask}[name]()
 
 
+def _has_tokenizer(directory: str | os.PathLike) -> bool:
+    return Path(directory, "tokenizer_config.json").is_file() or Path(directory, "tokenizer.json").is_file()
+
+
 def _model_and_data(cfg: Any):
+    """The model, the tokenizer (``--tokenizer``, else the model directory's, else none) and the training loader."""
     model = load_model(cfg.model, cfg.task, cfg.checkpoint, cfg.model_attr)
-    tok_dir = cfg.tokenizer or (cfg.model if Path(cfg.model).is_dir() else None)
-    needs_tokenizer = Path(cfg.train_data).exists() or ":" not in cfg.train_data
-    tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
-    if tokenizer is None and needs_tokenizer:
-        raise ValueError(f"--train_data {cfg.train_data} is a text file, which needs a tokenizer: pass --tokenizer DIR")
-    loader = train_loader_from(cfg.train_data, cfg.task, tokenizer, cfg.batch_size, cfg.max_length)
-    return model, tokenizer, loader
+    tokenizer = None
+    if cfg.tokenizer is not None:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    elif Path(cfg.model).is_dir() and _has_tokenizer(cfg.model):
+        tokenizer = load_tokenizer(cfg.model)
+    return model, tokenizer, train_loader_from(cfg.train_data, cfg.task, tokenizer, cfg.batch_size, cfg.max_length)
 
 
 def _device(name: str | None):
