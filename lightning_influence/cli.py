@@ -177,7 +177,9 @@ def option_flags(cls: type) -> list[tuple[str, Any, Any, str]]:
     docs = _docstring_args(cls)
     flags = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.default
+        if default is dataclasses.MISSING:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if isinstance(default, torch.dtype):
             default = str(default).removeprefix("torch.")
         flags.append((f.name, _flag_type(hints[f.name]), default, docs.get(f.name, f"{cls.__name__}.{f.name}")))
@@ -246,7 +248,10 @@ def build_command_parser(command: str):
     cls = FitOptions if command == "fit" else ScoreOptions
     group = parser.add_argument_group(f"{cls.__name__} (lightning_influence.options.{cls.__name__})")
     for name, flag_type, default, help_text in option_flags(cls):
-        group.add_argument(f"--{name}", type=flag_type, default=default, help=help_text)
+        try:
+            group.add_argument(f"--{name}", type=flag_type, default=default, help=help_text)
+        except ValueError:  # a type jsonargparse cannot parse: the dataclass validates the value instead
+            group.add_argument(f"--{name}", type=Optional[str], default=default, help=help_text)
     return parser
 
 
