@@ -339,7 +339,6 @@ class InfluenceModule(L.LightningModule):
                                batch_size=train_loader.batch_size or 8)
 
 
-
 class _SelfInfluenceStep(L.LightningModule):
     """The predict step of self-influence: ``(indices, scores [L, B])`` per ``(indices, batch)``."""
 
