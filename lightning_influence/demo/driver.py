@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_influence.scoring.topk import _select
+from lightning_influence.scoring.topk import select_top_k
 from lightning_influence.text import LMCollator, LMDataset, QueryCollator, QueryDataset, query_text
 from lightning_influence.demo.corpus import generate_corpus, make_queries, supporting_indices
 from lightning_influence.demo.tokenizer import train_tokenizer
@@ -243,7 +243,7 @@ def _ranked(scores: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, t
     selection rule (``scoring.topk``: ties go to the lower index); NaN ranks last."""
     row = torch.nan_to_num(torch.as_tensor(scores, dtype=torch.float64).flatten(), nan=-math.inf)
     n = row.numel() if k is None else min(k, row.numel())
-    values, indices = _select(row.unsqueeze(0), torch.arange(row.numel()).unsqueeze(0), n, largest=True)
+    values, indices = select_top_k(row.unsqueeze(0), torch.arange(row.numel()).unsqueeze(0), n, largest=True)
     return values[0], indices[0]
 
 
