@@ -1,8 +1,9 @@
 """From fitted factors to saved scores and reports: the end of a config-triggered run.
 
-``score_and_report`` is what :class:`InfluenceCallback` runs after fitting when it was
-given queries; :func:`run_queries` is the same thing for any model, factors and data
-(the demo and the command line use it).
+:func:`report_queries` is the one report path: :meth:`InfluenceModule.report`, :func:`run_queries`
+(the demo's, for any model, factors and data) and ``score_and_report`` (what
+:class:`InfluenceCallback` runs after fitting when it was given queries) all end in it, so the
+report is assembled, saved and logged to W&B in one place.
 
 The scores stream: each training batch's scores go to score shards under
 ``output_dir/score_shards`` (and a streaming top-k), never as ``[L, Q, N]`` layer scores. The
