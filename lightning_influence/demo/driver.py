@@ -659,8 +659,8 @@ def _run_demo(out: Path, num_sequences: int, epochs: int, strategy: str, seed: i
     echo(f"HTML report:       {result.report_html}")
     if run_dir is not None:
         echo(f"W&B offline run:   {run_dir}   (upload with: wandb sync {run_dir})")
-    echo(f"Score again later: lightning-influence score --checkpoint {model_dir} --factors {result.factors_dir} "
-         f"--queries {queries_file} --tokenizer {tokenizer_dir} --train-texts {train_file} "
-         f"--output-dir {out / 'rescored'}")
+    echo(f"Score again later: lightning-influence score --model lightning_influence.demo.driver:TinyGPT2LM "
+         f"--checkpoint {ckpt} --factors {result.factors_dir} --tokenizer {tokenizer_dir} --train_data {train_file} "
+         f"--queries {queries_file} --output_dir {out / 'rescored'}")
     echo(f"Done in {timings['total']:.0f} s.")
     return result
