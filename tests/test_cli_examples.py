@@ -46,11 +46,12 @@ def test_help_texts():
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lightning_influence.cli"]
     out = subprocess.run(cmd + ["--help"], capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "demo" in out.stdout and "score" in out.stdout and "lightning-influence demo" in out.stdout
+    for command in ("demo", "fit", "score", "lightning-influence demo"):
+        assert command in out.stdout
     out = subprocess.run(cmd + ["score", "--help"], capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 0, out.stderr
-    for option in ("--checkpoint", "--factors", "--queries", "--tokenizer", "--train-texts", "--output-dir",
-                   "--top-k", "--query-rank", "save_pretrained", "JSONL"):
+    for option in ("--model", "--checkpoint", "--factors", "--queries", "--tokenizer", "--train_data", "--output_dir",
+                   "--top_k", "--query_rank", "from_pretrained", "JSONL", "--wandb"):
         assert option in out.stdout
     out = subprocess.run(cmd + ["demo", "--help"], capture_output=True, text=True, env=_env(), timeout=120)
     for option in ("--output-dir", "--num-sequences", "--epochs", "--strategy", "--quick"):
@@ -62,8 +63,8 @@ def test_bad_arguments_fail_clearly(tmp_path, capsys):
         main(["demo", "--epochs", "0"])
     assert err.value.code == 2
     assert "--epochs must be a positive integer" in capsys.readouterr().err
-    code = main(["score", "--checkpoint", str(tmp_path), "--factors", str(tmp_path / "nope"), "--queries", "q.jsonl",
-                 "--tokenizer", str(tmp_path), "--train-texts", "t.txt"])
+    code = main(["score", "--model", "pkg:Model", "--factors", str(tmp_path / "nope"), "--queries", "q.jsonl",
+                 "--tokenizer", str(tmp_path), "--train_data", "t.txt"])
     assert code == 2
     assert "no influence factors" in capsys.readouterr().err
 
@@ -90,10 +91,11 @@ def test_cli_demo_then_score(tmp_path, capsys):
 
     # The Lightning checkpoint (loaded with weights_only=True) gives the demo's scores back.
     out = tmp_path / "rescored"
-    code = main(["score", "--checkpoint", str(demo_dir / "model.ckpt"), "--factors", str(demo_dir / "factors"),
-                 "--queries", str(demo_dir / "queries.jsonl"), "--tokenizer", str(demo_dir / "tokenizer"),
-                 "--train-texts", str(demo_dir / "train.jsonl"), "--output-dir", str(out), "--top-k", "5",
-                 "--no-progress-bar"])
+    demo_model = ["--model", "lightning_influence.demo.driver:TinyGPT2LM", "--checkpoint", str(demo_dir / "model.ckpt"),
+                  "--factors", str(demo_dir / "factors"), "--tokenizer", str(demo_dir / "tokenizer")]
+    code = main(["score", *demo_model, "--queries", str(demo_dir / "queries.jsonl"),
+                 "--train_data", str(demo_dir / "train.jsonl"), "--output_dir", str(out), "--top_k", "5",
+                 "--progress", "false"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "states fact?" in printed and "recall@10" in printed and "TF-IDF" in printed
@@ -103,13 +105,12 @@ def test_cli_demo_then_score(tmp_path, capsys):
     assert [len(q["top_positive"]) for q in report["queries"]] == [5] * 6
     assert (out / "report.html").is_file()
 
-    # A save_pretrained directory, plain-text training data, low-rank queries.
+    # Plain-text training data, low-rank queries.
     plain = tmp_path / "train.txt"
     plain.write_text("\n".join(json.loads(line)["text"] for line in (demo_dir / "train.jsonl").read_text().splitlines()))
     out2 = tmp_path / "rescored_lowrank"
-    code = main(["score", "--checkpoint", str(demo_dir / "model"), "--factors", str(demo_dir / "factors"),
-                 "--queries", str(REPO / "examples" / "queries.jsonl"), "--tokenizer", str(demo_dir / "tokenizer"),
-                 "--train-texts", str(plain), "--output-dir", str(out2), "--query-rank", "4"])
+    code = main(["score", *demo_model, "--queries", str(REPO / "examples" / "queries.jsonl"),
+                 "--train_data", str(plain), "--output_dir", str(out2), "--query_rank", "4"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "Query q0_occupation" in printed

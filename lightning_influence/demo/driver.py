@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_influence.scoring.topk import _select
+from lightning_influence.scoring.topk import select_top_k
 from lightning_influence.text import LMCollator, LMDataset, QueryCollator, QueryDataset, query_text
 from lightning_influence.demo.corpus import generate_corpus, make_queries, supporting_indices
 from lightning_influence.demo.tokenizer import train_tokenizer
@@ -243,7 +243,7 @@ def _ranked(scores: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, t
     selection rule (``scoring.topk``: ties go to the lower index); NaN ranks last."""
     row = torch.nan_to_num(torch.as_tensor(scores, dtype=torch.float64).flatten(), nan=-math.inf)
     n = row.numel() if k is None else min(k, row.numel())
-    values, indices = _select(row.unsqueeze(0), torch.arange(row.numel()).unsqueeze(0), n, largest=True)
+    values, indices = select_top_k(row.unsqueeze(0), torch.arange(row.numel()).unsqueeze(0), n, largest=True)
     return values[0], indices[0]
 
 
@@ -659,8 +659,8 @@ def _run_demo(out: Path, num_sequences: int, epochs: int, strategy: str, seed: i
     echo(f"HTML report:       {result.report_html}")
     if run_dir is not None:
         echo(f"W&B offline run:   {run_dir}   (upload with: wandb sync {run_dir})")
-    echo(f"Score again later: lightning-influence score --checkpoint {model_dir} --factors {result.factors_dir} "
-         f"--queries {queries_file} --tokenizer {tokenizer_dir} --train-texts {train_file} "
-         f"--output-dir {out / 'rescored'}")
+    echo(f"Score again later: lightning-influence score --model lightning_influence.demo.driver:TinyGPT2LM "
+         f"--checkpoint {ckpt} --factors {result.factors_dir} --tokenizer {tokenizer_dir} --train_data {train_file} "
+         f"--queries {queries_file} --output_dir {out / 'rescored'}")
     echo(f"Done in {timings['total']:.0f} s.")
     return result

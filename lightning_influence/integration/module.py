@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from collections.abc import Callable, Sequence  # module.report's annotations
 
 from lightning_influence.errors import InfluenceError, OptionsError
 from lightning_influence.factors import InfluenceFactors
@@ -174,6 +175,49 @@ class InfluenceModule(L.LightningModule):
             raise MisconfigurationException("no prepared queries: pass queries= or call prepare_queries first")
         tok = self.scorer().score_batch(qg, batch, token_wise=True)
         return tok if per_layer else tok.sum(0)
+
+    # ------------------------------------------------------------------ report
+    def report(self, queries: Any, train_loader: Any, *, top_k: int | None = None,
+               train_texts: Sequence[str] | Callable[[int], str | None] | None = None,
+               query_ids: Sequence[str] | None = None, query_texts: Sequence[str] | None = None,
+               tokenizer: Any = None, wandb: Any = None, output_dir: str | Path | None = None,
+               title: str = "Influence report", strict_sign: bool = True) -> Any:
+        """Score, build the :class:`~lightning_influence.reporting.InfluenceReport`, and log it to W&B.
+
+        The callback's end of run and :func:`~lightning_influence.integration.pipeline.run_queries`
+        take the same path (``pipeline.report_queries``): scores stream into shards, each query
+        lists its ``top_k`` most positive and most negative training examples with their
+        per-layer breakdown (and token scores when a ``tokenizer`` is given).
+
+        Args:
+            queries: a DataLoader of query batches (ids and texts from ``query_ids`` /
+                ``query_texts`` or its dataset), a JSONL file of ``{"prompt", "completion"}``
+                (needs ``tokenizer``), a ``"module:function"`` returning such a loader, or a
+                ``QuerySet``.
+            train_loader: the training data to score (a DataLoader; dataset order is kept).
+            top_k: examples listed per query and direction (default: the options' ``top_k``).
+            train_texts: the training texts, a sequence or ``index -> text`` (default: the
+                dataset's ``texts``, else decoded with ``tokenizer``).
+            tokenizer: decodes training texts, gives token heatmaps, reads JSONL queries.
+            wandb: a W&B run or a Lightning ``WandbLogger``; ``None`` (default) logs to the
+                active ``wandb.init`` run if there is one, else nowhere; ``False``: nowhere.
+            output_dir: also write ``scores.json``, ``report.json``, ``report.html`` and the
+                query gradients there (default: nothing is written).
+            strict_sign: "most negative" lists only negative scores (fewer rows when there
+                are fewer than ``top_k``), and likewise for "most positive".
+
+        Returns:
+            The report (in this process; no collective is entered).
+        """
+        from lightning_influence.integration.pipeline import as_query_set, report_queries  # noqa: PLC0415 (above us)
+
+        with _misconfiguration():
+            query_set = as_query_set(queries, tokenizer, query_ids, query_texts)
+            _, result = report_queries(self, query_set, train_loader, output_dir=output_dir, top_k=top_k,
+                                       train_texts=train_texts, tokenizer=tokenizer, wandb=wandb, title=title,
+                                       strict_sign=strict_sign, show_progress=self.show_progress)
+        return result
+
 
     # ------------------------------------------------------------------ Lightning's predict loop
     def on_predict_start(self) -> None:

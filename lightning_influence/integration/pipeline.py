@@ -1,8 +1,9 @@
 """From fitted factors to saved scores and reports: the end of a config-triggered run.
 
-``score_and_report`` is what :class:`InfluenceCallback` runs after fitting when it was
-given queries; :func:`run_queries` is the same thing for any model, factors and data
-(the demo and the command line use it).
+:func:`report_queries` is the one report path: :meth:`InfluenceModule.report`, :func:`run_queries`
+(the demo's, for any model, factors and data) and ``score_and_report`` (what
+:class:`InfluenceCallback` runs after fitting when it was given queries) all end in it, so the
+report is assembled, saved and logged to W&B in one place.
 
 The scores stream: each training batch's scores go to score shards under
 ``output_dir/score_shards`` (and a streaming top-k), never as ``[L, Q, N]`` layer scores. The
@@ -16,6 +17,8 @@ from __future__ import annotations
 import importlib
 import logging
 import shutil
+import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.errors import TopKError
@@ -38,7 +42,7 @@ from lightning_influence.tasks import CausalLMTask, Task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuerySet", "load_query_set", "find_tokenizer", "run_queries", "score_and_report", "save_scores",
+__all__ = ["QuerySet", "load_query_set", "query_set_from_loader", "as_query_set", "find_tokenizer", "run_queries", "report_queries", "score_and_report", "save_scores",
            "load_scores", "SavedScores"]
 
 
@@ -75,16 +79,7 @@ def load_query_set(spec: str, tokenizer=None, batch_size: int = 8) -> QuerySet:
             fn = getattr(importlib.import_module(module_name), fn_name)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"queries={spec!r}: cannot import {fn_name} from {module_name} ({err})") from None
-        loader = fn()
-        dataset = getattr(loader, "dataset", None)
-        ids = list(getattr(dataset, "query_ids", []))
-        joined = [join_query(str(q.get("prompt", "")), str(q.get("completion", "")))
-                  for q in getattr(dataset, "queries", [])]
-        n = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else len(ids)
-        ids = ids or [f"q{i}" for i in range(n)]
-        if not joined:
-            return QuerySet(loader, ids, ids)
-        return QuerySet(loader, ids, [t for t, _ in joined], [p for _, p in joined])
+        return query_set_from_loader(fn())
     records = read_jsonl_queries(spec)  # a broken file is reported before a missing tokenizer
     if tokenizer is None:
         raise ValueError(
@@ -97,6 +92,40 @@ def load_query_set(spec: str, tokenizer=None, batch_size: int = 8) -> QuerySet:
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=QueryCollator(pad))
     joined = [join_query(q["prompt"], q["completion"]) for q in records]  # the one query-text rule
     return QuerySet(loader, dataset.query_ids, [t for t, _ in joined], [p for _, p in joined])
+
+
+def query_set_from_loader(loader: Any, query_ids: Sequence[str] | None = None,
+                          query_texts: Sequence[str] | None = None) -> QuerySet:
+    """A :class:`QuerySet` around a DataLoader of query batches.
+
+    Ids and display texts are ``query_ids`` / ``query_texts`` when given, else read from the
+    loader's dataset (``query_ids`` and ``queries`` of prompt/completion records, as
+    :class:`~lightning_influence.text.QueryDataset` has), else ``q0``, ``q1``, ... for both.
+    """
+    from lightning_influence.text import join_query
+
+    dataset = getattr(loader, "dataset", None)
+    ids = [str(i) for i in (query_ids if query_ids is not None else getattr(dataset, "query_ids", []))]
+    records = getattr(dataset, "queries", None) or []
+    joined = [join_query(str(q.get("prompt", "")), str(q.get("completion", ""))) for q in records
+              if isinstance(q, dict)]
+    n = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else len(ids)
+    ids = ids or [f"q{i}" for i in range(n)]
+    if query_texts is not None:
+        return QuerySet(loader, ids, [str(t) for t in query_texts])
+    if len(joined) != len(ids):
+        return QuerySet(loader, ids, list(ids))
+    return QuerySet(loader, ids, [t for t, _ in joined], [p for _, p in joined])
+
+
+def as_query_set(queries: Any, tokenizer=None, query_ids: Sequence[str] | None = None,
+                 query_texts: Sequence[str] | None = None) -> QuerySet:
+    """``queries`` as a :class:`QuerySet`: a QuerySet, a JSONL path or ``module:function`` spec, or a loader."""
+    if isinstance(queries, QuerySet):
+        return queries
+    if isinstance(queries, (str, Path)):
+        return load_query_set(str(queries), tokenizer)
+    return query_set_from_loader(queries, query_ids, query_texts)
 
 
 RUN_SCORES_FORMAT = BundleFormat(
@@ -183,37 +212,81 @@ def run_queries(
     ``tfidf_candidates=``) say how. Returns ``(scores [Q, N], report)``. With
     ``tfidf_candidates=k`` each query is scored only against its ``k`` most TF-IDF-similar
     training texts (the other entries of the returned matrix are NaN). ``show_progress`` shows
-    progress bars on the scoring passes (rank zero only).
+    progress bars on the scoring passes (rank zero only). ``wandb_run``: a W&B run or a
+    Lightning ``WandbLogger`` to log the report to; ``None`` logs to the active ``wandb.init``
+    run if there is one; ``False`` logs nowhere. This is :meth:`InfluenceModule.report` with
+    an output directory (both run :func:`report_queries`).
 
     In one process (the default) nothing enters a collective. ``collective=trainer.strategy``,
     called on every rank together (as the callback does), scores each rank's shard and merges:
     rank zero writes the files (and the TF-IDF cache, which the other ranks then read) and logs
     to W&B; every rank gets the scores, only rank zero the report.
     """
-    from lightning_influence.reporting import build_report, layer_shares, log_report, write_html_report
-
     opts = ScoreOptions.merged(options, option_values)
     module = InfluenceModule(model, task=task, factors=factors, options=opts, show_progress=show_progress)
+    return report_queries(module, queries, train_loader, output_dir=output_dir, tokenizer=tokenizer,
+                          wandb=wandb_run, title=title, show_progress=show_progress, collective=collective)
+
+
+def report_queries(
+    module: InfluenceModule,
+    queries: QuerySet,
+    train_loader: DataLoader,
+    *,
+    output_dir: str | Path | None = None,
+    top_k: int | None = None,
+    train_texts: Sequence[str] | Callable[[int], str | None] | None = None,
+    tokenizer=None,
+    wandb: Any = None,
+    title: str = "Influence report",
+    strict_sign: bool = True,
+    show_progress: bool = True,
+    collective: Collective = SINGLE_PROCESS,
+):
+    """The one report path: score ``queries`` against ``train_loader``, build the report, log it.
+
+    Behind :meth:`InfluenceModule.report`, :func:`run_queries` and the callback's end of run.
+    Returns ``(scores [Q, N], report)`` (``report`` is ``None`` on ranks other than zero).
+    ``wandb``: a run or ``WandbLogger``; ``None``: the active ``wandb.init`` run, if any;
+    ``False``: none. With ``output_dir`` the score shards, ``scores.json``, the stored query
+    gradients (``queries/``), ``report.json`` and ``report.html`` are written there; without,
+    the shards go to a temporary directory and nothing stays on disk.
+    """
+    from lightning_influence.reporting import active_run, build_report, layer_shares, log_report, write_html_report
+
+    opts = module.options if top_k is None else ScoreOptions.merged(module.options, {"top_k": top_k})
     qg = module.prepare_queries(queries.loader)
+    if len(queries.ids) != qg.num_queries or len(queries.texts) != qg.num_queries:
+        raise MisconfigurationException(
+            f"{qg.num_queries} queries in the loader but {len(queries.ids)} query ids and {len(queries.texts)} "
+            "query texts: give one id and one text per query")
     dataset = train_loader.dataset
-    out = Path(output_dir)
+    text_of = _train_text_fn(dataset, tokenizer) if train_texts is None else train_texts
+    out = Path(output_dir) if output_dir is not None else None
+    if out is None and collective.world_size > 1:
+        raise MisconfigurationException("scoring on several ranks needs an output_dir the ranks share")
     scorer = module.scorer()
+    factors = module.factors
     layer_names = list(scorer.layer_names)
     layer_totals = None
-    if opts.tfidf_candidates is not None:
-        text_of = _train_text_fn(dataset, tokenizer)
-        if text_of is None:
-            raise ValueError("tfidf_candidates needs the training texts: a dataset with a `texts` list, or a tokenizer")
-        train_texts = [text_of(i) or "" for i in range(len(dataset))]
-        index = _tfidf_index(out / "tfidf", train_texts, collective)
-        cand_scores, cand_idx = module.candidate_scores(qg, queries.texts, train_texts, train_loader,
-                                                        k=opts.tfidf_candidates, index=index)
-        scores = torch.full((qg.num_queries, len(dataset)), float("nan"), dtype=cand_scores.dtype)
-        scores.scatter_(1, cand_idx, cand_scores)
-    else:
-        scores, layer_abs_sums = _stream_scores(module, qg, train_loader, out / "score_shards", opts, collective,
-                                                show_progress)
-        layer_totals = layer_shares(layer_abs_sums.unsqueeze(1), layer_names)
+    with ExitStack() as stack:
+        work = out if out is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="influence-")))
+        if opts.tfidf_candidates is not None:
+            if text_of is None:
+                raise MisconfigurationException(
+                    "tfidf_candidates needs the training texts: pass train_texts=, a dataset with a `texts` list, "
+                    "or a tokenizer")
+            all_texts = ([text_of(i) or "" for i in range(len(dataset))] if callable(text_of)
+                         else [str(t) for t in text_of])
+            index = _tfidf_index(work / "tfidf", all_texts, collective)
+            cand_scores, cand_idx = module.candidate_scores(qg, queries.texts, all_texts, train_loader,
+                                                            k=opts.tfidf_candidates, index=index)
+            scores = torch.full((qg.num_queries, len(dataset)), float("nan"), dtype=cand_scores.dtype)
+            scores.scatter_(1, cand_idx, cand_scores)
+        else:
+            scores, layer_abs_sums = _stream_scores(module, qg, train_loader, work / "score_shards", opts, collective,
+                                                    show_progress)
+            layer_totals = layer_shares(layer_abs_sums.unsqueeze(1), layer_names)
     if not collective.is_global_zero:
         return scores, None
     collate = train_loader.collate_fn
@@ -232,23 +305,25 @@ def run_queries(
         n = int(mask[0].sum()) if mask is not None else ids.numel()
         return token_strings(tokenizer, ids[:n]), tok[:n].tolist()
 
-    report = build_report(scores, queries.ids, queries.texts, train_texts=_train_text_fn(dataset, tokenizer),
+    report = build_report(scores, queries.ids, queries.texts, train_texts=text_of,
                           k=opts.top_k, layer_names=layer_names, token_scores_fn=token_scores,
-                          strategy=factors.strategy, prompt_lengths=queries.prompt_lengths,
-                          token_alignment="next" if isinstance(task, CausalLMTask) else "input")
+                          strategy=factors.strategy, prompt_lengths=queries.prompt_lengths, strict_sign=strict_sign,
+                          token_alignment="next" if isinstance(module.task, CausalLMTask) else "input")
     _add_layer_breakdown(report, scorer, qg, dataset, collate, batch_size=train_loader.batch_size or 8)
     if layer_totals is not None:
         report.layer_totals = layer_totals
-    # Prepared once: the stored query gradients can be scored later against any training shard.
-    module.save_queries(out / "queries", [{"query_id": i, "text": t} for i, t in zip(queries.ids, queries.texts)])
-    save_scores(out, scores, queries.ids, None, layer_names,
-                extra={"strategy": factors.strategy, "query_rank": opts.query_rank,
-                       "tfidf_candidates": opts.tfidf_candidates})
-    report.save_json(out / "report.json", include_scores=False)
-    write_html_report(report, out / "report.html", title=title)
-    if wandb_run is not None:
-        log_report(report, wandb_run)
-    log.info("influence scores and report written to %s", out)
+    if out is not None:
+        # Prepared once: the stored query gradients can be scored later against any training shard.
+        module.save_queries(out / "queries", [{"query_id": i, "text": t} for i, t in zip(queries.ids, queries.texts)])
+        save_scores(out, scores, queries.ids, None, layer_names,
+                    extra={"strategy": factors.strategy, "query_rank": opts.query_rank,
+                           "tfidf_candidates": opts.tfidf_candidates})
+        report.save_json(out / "report.json", include_scores=False)
+        write_html_report(report, out / "report.html", title=title)
+        log.info("influence scores and report written to %s", out)
+    run = active_run(wandb)
+    if run is not None:
+        log_report(report, run)
     return scores, report
 
 

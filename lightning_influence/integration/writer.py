@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lightning_influence.errors import ScoringError
-from lightning_influence.scoring.topk import ScoreShardWriter, StreamingTopK, _select as select_top_k
+from lightning_influence.scoring.topk import ScoreShardWriter, StreamingTopK, select_top_k
 
 __all__ = ["Collective", "SINGLE_PROCESS", "ScoreMatrixWriter", "TopKWriter", "ShardWriter",
            "gather_columns", "merge_top_k"]

@@ -12,7 +12,7 @@ from lightning_influence.reporting.html_report import render_html_report, token_
 from lightning_influence.reporting.layers import layer_columns, short_layer_names
 from lightning_influence.reporting.report import (TOKEN_ALIGNMENTS, InfluenceReport, QueryInfluence, TrainInfluence,
                                                   build_report, layer_shares, magnitude_curve)
-from lightning_influence.reporting.wandb_report import (LAYER_TABLE_COLUMNS, QUERY_TABLE_COLUMNS, TABLE_COLUMNS,
+from lightning_influence.reporting.wandb_report import (LAYER_TABLE_COLUMNS, QUERY_TABLE_COLUMNS, TABLE_COLUMNS, active_run,
                                                         layer_contribution_rows, log_factors_artifact, log_report,
                                                         marked_query_text, query_summary_rows, report_table_columns,
                                                         report_table_rows)
@@ -31,6 +31,7 @@ __all__ = [
     "write_html_report",
     "render_html_report",
     "log_report",
+    "active_run",
     "log_factors_artifact",
     "report_table_rows",
     "report_table_columns",

@@ -28,7 +28,7 @@ from typing import Any, Union
 import torch
 
 from lightning_influence.errors import ReportError
-from lightning_influence.scoring.topk import _select
+from lightning_influence.scoring.topk import select_top_k
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def _topk_finite(row: torch.Tensor, k: int, largest: bool) -> tuple[list[float],
     k = min(k, keep.numel())
     if k <= 0:
         return [], []
-    vals, idx = _select(row[keep].unsqueeze(0), keep.unsqueeze(0), k, largest)
+    vals, idx = select_top_k(row[keep].unsqueeze(0), keep.unsqueeze(0), k, largest)
     return vals[0].tolist(), idx[0].tolist()
 
 

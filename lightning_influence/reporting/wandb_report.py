@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "log_report",
+    "active_run",
     "log_factors_artifact",
     "report_table_rows",
     "report_table_columns",
@@ -117,6 +119,22 @@ def _resolve_run(run_or_logger: Any) -> Any:
     if callable(getattr(run_or_logger, "log", None)):
         return run_or_logger  # something run-like (e.g. a wrapper or a test double)
     raise TypeError(f"expected a wandb Run or a Lightning WandbLogger, got {type(run_or_logger).__name__}")
+
+
+def active_run(run_or_logger: Any = None) -> Any:
+    """The W&B run a report goes to: ``run_or_logger`` if given, else the active ``wandb.init`` run.
+
+    ``None`` means "the run that is active, if any": ``wandb.run`` when ``wandb`` has been
+    imported and a run is open (a plain ``wandb.init``), else ``None`` (nothing is logged).
+    ``False`` means no run. A Lightning ``WandbLogger`` or a run is returned as given
+    (:func:`log_report` takes either).
+    """
+    if run_or_logger is False:
+        return None
+    if run_or_logger is not None:
+        return run_or_logger
+    wandb = sys.modules.get("wandb")  # never imported here: without an import there is no active run
+    return getattr(wandb, "run", None) if wandb is not None else None
 
 
 def _safe_key(s: str, max_len: int = 64) -> str:

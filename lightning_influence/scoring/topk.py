@@ -33,7 +33,7 @@ from lightning_influence.errors import TopKError
 from lightning_influence.store import (BundleFormat, describe_differences, identity_differences, read_bundle,
                                        read_json_or_none, remove_stale_files, write_bundle)
 
-__all__ = ["StreamingTopK", "ScoreShardWriter", "read_scores", "read_score_manifest", "scores_identity"]
+__all__ = ["StreamingTopK", "ScoreShardWriter", "select_top_k", "read_scores", "read_score_manifest", "scores_identity"]
 
 FORMAT_NAME = "lightning-influence-score-shards"  # version 1 was "lightning-influence-scores" (shared with save_scores)
 FORMAT_VERSION = 2
@@ -74,7 +74,7 @@ def _check_finite(scores: torch.Tensor, idx: torch.Tensor) -> None:
         )
 
 
-def _select(values: torch.Tensor, indices: torch.Tensor, k: int, largest: bool):
+def select_top_k(values: torch.Tensor, indices: torch.Tensor, k: int, largest: bool):
     """The k best of each row: by value (descending if ``largest``), ties by ascending index."""
     by_index = torch.argsort(indices, dim=1, stable=True)
     values, indices = values.gather(1, by_index), indices.gather(1, by_index)
@@ -131,9 +131,9 @@ class StreamingTopK:
         dtype = torch.promote_types(scores.dtype, self._pos_v.dtype) if self.num_seen else scores.dtype
         scores = scores.to(dtype)
         rows = idx.unsqueeze(0).expand(self.num_queries, b)
-        self._pos_v, self._pos_i = _select(torch.cat([self._pos_v.to(dtype), scores], 1),
+        self._pos_v, self._pos_i = select_top_k(torch.cat([self._pos_v.to(dtype), scores], 1),
                                            torch.cat([self._pos_i, rows], 1), self.k, largest=True)
-        self._neg_v, self._neg_i = _select(torch.cat([self._neg_v.to(dtype), scores], 1),
+        self._neg_v, self._neg_i = select_top_k(torch.cat([self._neg_v.to(dtype), scores], 1),
                                            torch.cat([self._neg_i, rows], 1), self.k, largest=False)
         self.num_seen += b
         self.next_index = max(self.next_index, int(idx.max()) + 1)
