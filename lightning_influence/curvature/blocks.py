@@ -20,7 +20,32 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SideLayout"]
+from lightning_influence.errors import OptionsError
+
+__all__ = ["SideLayout", "side_layout", "check_block_options", "DEFAULT_BLOCK_SIZE", "DEFAULT_BLOCK_THRESHOLD"]
+
+# Sides wider than 8192 are kept as blocks of 2048: every side of GPT-2 (768, 3072) and Llama-7B's
+# attention (4096) stays dense, while a 50257-wide head or a 14336-wide MLP side costs d * 2048
+# numbers (838 MB in float64 for 50257) instead of d^2 (20 GB); a 2048-block eigendecomposition
+# takes about a second on one core. The memory plan (memory.py) takes the same two options.
+DEFAULT_BLOCK_SIZE = 2048
+DEFAULT_BLOCK_THRESHOLD = 8192
+
+
+def check_block_options(block_size: int | None, block_threshold: int | None) -> None:
+    """Raise :class:`~lightning_influence.errors.OptionsError` unless both are positive integers or ``None``."""
+    for name, value in (("block_size", block_size), ("block_threshold", block_threshold)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise OptionsError(f"{name} must be a positive integer or None, got {value!r} (block_size=None keeps "
+                               f"every side dense; block_threshold=None blocks every side wider than block_size)")
+
+
+def side_layout(dim: int, block_size: int | None, block_threshold: int | None) -> "SideLayout":
+    """The layout of a side of dimension ``dim``: blocks of ``block_size`` when ``dim`` exceeds
+    ``block_threshold`` (``None``: any side wider than ``block_size``), dense otherwise or when
+    ``block_size`` is ``None``."""
+    blocked = block_size is not None and (block_threshold is None or dim > block_threshold)
+    return SideLayout(dim, block_size if blocked else None)
 
 
 class SideLayout:
@@ -36,6 +61,16 @@ class SideLayout:
         self.block = self.dim if block_size is None or block_size >= dim else int(block_size)
         self.num_blocks = math.ceil(self.dim / self.block)
         self.padded = self.num_blocks * self.block
+
+    @classmethod
+    def of(cls, matrix: torch.Tensor, dim: int) -> "SideLayout":
+        """The layout of a stored covariance or eigenbasis ``matrix`` of a side of dimension ``dim``
+        (``[dim, dim]``: dense; ``[k, b, b]``: blocks of ``b``)."""
+        if matrix.dim() == 2 and tuple(matrix.shape) == (dim, dim):
+            return cls(dim)
+        if matrix.dim() == 3 and matrix.shape[1] == matrix.shape[2] and matrix.shape[0] == math.ceil(dim / matrix.shape[1]):
+            return cls(dim, int(matrix.shape[1]))
+        raise ValueError(f"a side of dimension {dim} cannot be stored as a {tuple(matrix.shape)} matrix")
 
     @property
     def dense(self) -> bool:
