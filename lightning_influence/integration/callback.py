@@ -21,13 +21,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_influence.errors import FactorsError, TrackingError
+from lightning_influence.errors import FactorsError, OptionsError, TrackingError
 from lightning_influence.factors import InfluenceFactors, check_damping, check_fisher, check_strategy
 from lightning_influence.loaders import rebuild_loader
 from lightning_influence.progress import length_of, progress_bar
 from lightning_influence.scoring.queries import QUERY_SVD_METHODS
 from lightning_influence.curvature import DEFAULT_STRATEGY
 from lightning_influence.curvature.base import DEFAULT_DAMPING_FACTOR
+from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD, check_block_options
 from lightning_influence.passes import fit_identity, pass_title, remaining_phases, run_phase
 from lightning_influence.store import describe_differences
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
@@ -85,6 +86,8 @@ class InfluenceCallback(Callback):
             texts (the paper keeps 10,000); needs training texts (a dataset ``texts`` list or a tokenizer).
         score_layers: report influence through these tracked layers only (e.g. the MLP layers).
         score_dtype: scoring compute dtype: ``float32``, ``bfloat16`` or ``float16``.
+        block_size / block_threshold: K-FAC/EK-FAC sides wider than ``block_threshold`` (default 8192) are
+            kept as diagonal blocks of ``block_size`` (default 2048; ``None``: dense), docs/method.md, section 6.
     """
 
     def __init__(
@@ -112,13 +115,16 @@ class InfluenceCallback(Callback):
         score_dtype: str = "float32",
         query_svd: str = "randomized",
         stats_dtype: str = "float64",
+        block_size: int | None = DEFAULT_BLOCK_SIZE,
+        block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD,
     ):
         super().__init__()
         try:
             check_strategy(strategy)
             check_fisher(fisher)
             check_damping(damping, damping_factor)
-        except FactorsError as err:
+            check_block_options(block_size, block_threshold)
+        except (FactorsError, OptionsError) as err:
             raise MisconfigurationException(str(err)) from None
         if not (fit_on in ("fit_end", "manual") or (isinstance(fit_on, int) and fit_on >= 0)):
             raise MisconfigurationException(f"fit_on must be 'fit_end', 'manual' or an epoch number, got {fit_on!r}")
@@ -149,6 +155,7 @@ class InfluenceCallback(Callback):
         self.dataloader = dataloader
         self.dtype = getattr(torch, dtype)
         self.stats_dtype = getattr(torch, stats_dtype)
+        self.block_size, self.block_threshold = block_size, block_threshold
         self.seed = seed
         self.queries = queries
         self.query_rank = query_rank
@@ -245,12 +252,14 @@ class InfluenceCallback(Callback):
         except TrackingError as err:
             raise MisconfigurationException(str(err)) from None
         identity = fit_identity(model, loader, layers, self.strategy, self.fisher, self.max_batches,
-                                self.max_examples, self.seed, self.stats_dtype, self.dtype)
+                                self.max_examples, self.seed, self.stats_dtype, self.dtype, self.block_size,
+                                self.block_threshold)
         fingerprint = identity["weights"]
         factors = self._resume(layers, identity)
         if factors is None:
             factors = InfluenceFactors(self.strategy, layers, fisher=self.fisher, damping=self.damping,
-                                       damping_factor=self.damping_factor, metadata={"identity": identity})
+                                       damping_factor=self.damping_factor, metadata={"identity": identity},
+                                       block_size=self.block_size, block_threshold=self.block_threshold)
         pass_loader = rebuild_loader(loader)
         device = device if device is not None else trainer.strategy.root_device
         total = length_of(pass_loader)
