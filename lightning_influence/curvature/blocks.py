@@ -117,12 +117,17 @@ class SideLayout:
 
     def eigh(self, total: torch.Tensor, count: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues and eigenvectors (float64) of the mean covariance ``total / count``, block by block."""
-        cov = total.to(torch.float64) / count
+        # Symmetrised mean, (C + C^T) / 2 with C = total / count, in one new float64 matrix (a float64
+        # ``total`` is not copied first): the eigendecomposition's input, output and workspace are the peak.
+        total = total.to(torch.float64)
+        cov = total + total.transpose(-1, -2)
+        cov.mul_(0.5 / count)
         if self.dense:
-            cov = 0.5 * (cov + cov.T)
             vals, vecs = torch.linalg.eigh(cov)
             return vals, vecs.contiguous()
-        cov = 0.5 * (cov + cov.transpose(1, 2))
+        if self.padded == self.dim:  # no short block: one batched eigh, no copies into preallocated results
+            vals, vecs = torch.linalg.eigh(cov)
+            return vals, vecs.contiguous()
         vals = torch.zeros(self.num_blocks, self.block, dtype=torch.float64, device=cov.device)
         vecs = torch.zeros_like(cov)
         full = self.dim // self.block  # blocks with no padding
