@@ -27,7 +27,7 @@ from lightning_influence.capture import TrackedLayer
 from lightning_influence.curvature import get_strategy, strategy_class
 from lightning_influence.curvature.base import COMPLETE, DEFAULT_DAMPING_FACTOR
 from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD
-from lightning_influence.errors import FactorsError
+from lightning_influence.errors import FactorsError, OptionsError
 
 __all__ = ["InfluenceFactors", "FISHER_TYPES", "check_strategy", "check_fisher", "check_damping"]
 
@@ -273,18 +273,31 @@ class InfluenceFactors:
         metadata = dict(manifest.get("metadata") or {})
         if bundle.identity:
             metadata["identity"] = bundle.identity
-        return cls(
-            manifest["strategy"],
-            layers,
-            fisher=manifest["fisher"],
-            damping=manifest["damping"],
-            damping_factor=manifest["damping_factor"],
-            tensors=tensors,
-            phase=manifest["phase"],
-            metadata=metadata,
-            block_size=manifest["block_size"],
-            block_threshold=manifest["block_threshold"],
-        )
+        try:
+            factors = cls(
+                manifest["strategy"], layers, fisher=manifest["fisher"], damping=manifest["damping"],
+                damping_factor=manifest["damping_factor"], tensors=tensors, phase=manifest["phase"],
+                metadata=metadata, block_size=manifest["block_size"], block_threshold=manifest["block_threshold"],
+            )
+        except OptionsError as err:
+            raise FactorsError(f"{manifest_path} is corrupt ({err}); refit the factors") from None
+        factors._check_shapes(manifest_path)
+        return factors
+
+    def _check_shapes(self, where: Path) -> None:
+        """Every saved sum has the shape its strategy and block layout declare (a manifest that does not go
+        with its tensors would otherwise precondition with the wrong layout)."""
+        for p in self.curvature.passes:
+            if not self.phase_done(p.phase):
+                break
+            for name, layer in self.layers.items():
+                for key, shape in self.curvature.statistics(p.name, layer).items():
+                    value = self.tensors[name].get(key)
+                    if value is None or tuple(value.shape) != tuple(shape):
+                        got = "missing" if value is None else tuple(value.shape)
+                        raise FactorsError(f"{where}: '{name}::{key}' is {got}, the {self.strategy} factors with "
+                                           f"block_size={self.block_size}, block_threshold={self.block_threshold} "
+                                           f"need {tuple(shape)}; the files are corrupt, refit the factors")
 
     def with_damping(self, damping: float | None, damping_factor: float | None = None) -> "InfluenceFactors":
         """A view of the same statistics with another damping (no copy of the tensors)."""

@@ -15,7 +15,7 @@ from lightning_influence import CausalLMTask, ClassificationTask, InfluenceCallb
 from lightning_influence import fit_factors
 from lightning_influence.capture import find_tracked_layers
 from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD, side_layout
-from lightning_influence.errors import OptionsError
+from lightning_influence.errors import FactorsError, OptionsError
 from lightning_influence.memory import plan_memory
 from lightning_influence.store import factors_fingerprint
 
@@ -150,3 +150,17 @@ def test_defaults_block_only_very_wide_sides_and_agree_with_the_memory_plan():
     assert plan.layers[0].sides == "S 4x16"
     expected = (4 * 16 * 16 + 5 * 5) * 8  # float64 covariance sums, as planned
     assert plan.phases[0].parts["covariance sums"] == expected
+
+
+def test_a_manifest_whose_block_options_do_not_match_its_tensors_is_refused(tmp_path):
+    fit_factors(models.mlp(), ClassificationTask(), models.split_batch(models.mlp_data(8, seed=1), 4),
+                strategy="kfac", block_size=3, block_threshold=None, output_dir=tmp_path)
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "block_size": None}))
+    with pytest.raises(FactorsError, match=r"'0::A_sum' is \(2, 3, 3\), the kfac factors with block_size=None.*"
+                                           r"need \(6, 6\); the files are corrupt, refit the factors"):
+        InfluenceFactors.load(tmp_path)
+    path.write_text(json.dumps({**manifest, "block_size": 0}))
+    with pytest.raises(FactorsError, match="corrupt.*block_size must be a positive integer"):
+        InfluenceFactors.load(tmp_path)
