@@ -112,6 +112,7 @@ def run_phase(
     progress: Callable[[int], None] | None = None,
     forward_context: Callable[[], ContextManager] | None = None,
     stats_dtype: torch.dtype = torch.float64,
+    on_layer_finished: Callable[[str, float], None] | None = None,
 ) -> None:
     """Run the strategy's pass named ``phase`` (e.g. ``covariance``, ``lambda``) and store it in ``factors``.
 
@@ -123,6 +124,8 @@ def run_phase(
     ``forward_context()`` wraps each forward (e.g. the trainer's autocast for bf16-mixed).
     ``stats_dtype`` is the dtype the sums are kept (and saved) in: float64, or float32 for
     half the memory (eigendecompositions are done in float64 either way).
+    ``on_layer_finished(name, seconds)`` is called after each layer's finishing step (K-FAC's
+    eigendecomposition) that ran on this rank, e.g. to drive a progress bar over the layers.
     """
     check_stats_dtype(stats_dtype)
     check_limits(max_batches, max_examples)
@@ -195,7 +198,7 @@ def run_phase(
     del sums
     for name, layer in layers.items():
         strategy.check_pass(phase, layer, {**factors.tensors[name], **on_device[name]})
-    finish_layers(strategy, phase, factors, on_device, device)
+    finish_layers(strategy, phase, factors, on_device, device, on_layer_finished)
     factors.set_phase(spec.phase)
     log.info("%s pass done: %d batches, %d examples on this rank", phase, seen_batches, seen_examples)
 
@@ -205,7 +208,8 @@ SLOW_FINISH_SECONDS = 1.0
 
 
 def finish_layers(strategy: Any, phase: str, factors: InfluenceFactors,
-                  on_device: dict[str, dict[str, torch.Tensor]], device: torch.device) -> None:
+                  on_device: dict[str, dict[str, torch.Tensor]], device: torch.device,
+                  on_layer_finished: Callable[[str, float], None] | None = None) -> None:
     """Run the strategy's :meth:`finish_pass` for every layer and move each layer's tensors to the CPU.
 
     Under an initialised process group with several ranks, a strategy that declares its finish
@@ -227,6 +231,8 @@ def finish_layers(strategy: Any, phase: str, factors: InfluenceFactors,
             strategy.finish_pass(phase, layer, tensors)
             elapsed = time.perf_counter() - start
             done += 1
+            if on_layer_finished is not None:
+                on_layer_finished(name, elapsed)
             if outputs[name] and elapsed >= SLOW_FINISH_SECONDS:
                 log.info("%s pass: layer '%s' (%dx%d) finished in %.1f s (%d of %d on this rank)", phase, name,
                          layer.d_out, layer.d_in, elapsed, done, sum(1 for n in layers if owner.get(n, rank) == rank))

@@ -87,3 +87,18 @@ def test_safetensors_written_tensor_by_tensor_read_back_by_safetensors(tmp_path)
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
     with pytest.raises(ValueError, match="cannot save tensor 'c'"):
         write_safetensors(tmp_path / "u.safetensors", {"c": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_run_phase_reports_each_finished_layer():
+    from lightning_influence import InfluenceFactors
+    from lightning_influence.capture import find_tracked_layers
+
+    model = models.mlp()
+    factors = InfluenceFactors("ekfac", find_tracked_layers(model), fisher="empirical")
+    finished = []
+    batches = models.split_batch(models.mlp_data(8), 4)
+    for phase in ("covariance", "lambda"):
+        passes.run_phase(phase, factors, model, ClassificationTask(), batches,
+                         on_layer_finished=lambda name, seconds: finished.append((phase, name, seconds >= 0)))
+    assert finished == [("covariance", "0", True), ("covariance", "2", True), ("lambda", "0", True),
+                        ("lambda", "2", True)]
