@@ -116,30 +116,32 @@ class SideLayout:
         return xb.transpose(1, 2) @ xb
 
     def eigh(self, total: torch.Tensor, count: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues and eigenvectors (float64) of the mean covariance ``total / count``, block by block."""
-        # Symmetrised mean, (C + C^T) / 2 with C = total / count, in one new float64 matrix (a float64
-        # ``total`` is not copied first): the eigendecomposition's input, output and workspace are the peak.
+        """Eigenvalues and eigenvectors (float64) of the mean covariance ``total / count``, block by block.
+
+        Each block is symmetrised, ``(C + C^T) / 2`` with ``C = total / count``, in one new float64
+        matrix of its own (a float64 ``total`` is not copied first), so a blocked side never holds
+        more than one block's input and workspace beside its results.
+        """
+        if self.dense:
+            return self._eigh_block(total, count)
+        vals = torch.zeros(self.num_blocks, self.block, dtype=torch.float64, device=total.device)
+        vecs = torch.zeros(self.num_blocks, self.block, self.block, dtype=torch.float64, device=total.device)
+        r = self.dim - (self.num_blocks - 1) * self.block  # real coordinates of the last block
+        for k in range(self.num_blocks):
+            if k < self.num_blocks - 1 or r == self.block:
+                vals[k], vecs[k] = self._eigh_block(total[k], count)
+            else:  # the short last block: its real part only, identity on the padding
+                vals[k, :r], vecs[k, :r, :r] = self._eigh_block(total[k, :r, :r], count)
+                vecs[k, r:, r:] = torch.eye(self.block - r, dtype=torch.float64, device=total.device)
+        return vals, vecs
+
+    @staticmethod
+    def _eigh_block(total: torch.Tensor, count: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         total = total.to(torch.float64)
         cov = total + total.transpose(-1, -2)
         cov.mul_(0.5 / count)
-        if self.dense:
-            vals, vecs = torch.linalg.eigh(cov)
-            return vals, vecs.contiguous()
-        if self.padded == self.dim:  # no short block: one batched eigh, no copies into preallocated results
-            vals, vecs = torch.linalg.eigh(cov)
-            return vals, vecs.contiguous()
-        vals = torch.zeros(self.num_blocks, self.block, dtype=torch.float64, device=cov.device)
-        vecs = torch.zeros_like(cov)
-        full = self.dim // self.block  # blocks with no padding
-        if full:
-            vals[:full], vecs[:full] = torch.linalg.eigh(cov[:full])
-        if full < self.num_blocks:  # the short last block: its real part only, identity on the padding
-            r = self.dim - full * self.block
-            v, q = torch.linalg.eigh(cov[full, :r, :r])
-            vals[full, :r] = v
-            vecs[full, :r, :r] = q
-            vecs[full, r:, r:] = torch.eye(self.block - r, dtype=torch.float64, device=cov.device)
-        return vals, vecs.contiguous()
+        vals, vecs = torch.linalg.eigh(cov)
+        return vals, vecs.contiguous()  # eigh returns column-major; saved files are row-major
 
     def eigenvalues(self, vals: torch.Tensor) -> torch.Tensor:
         """The ``[dim]`` eigenvalues in coordinate order (padding dropped)."""
