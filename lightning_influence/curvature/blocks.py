@@ -115,24 +115,27 @@ class SideLayout:
         xb = self._split(x).transpose(0, 1)  # [k, N, b]
         return xb.transpose(1, 2) @ xb
 
-    def eigh(self, total: torch.Tensor, count: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues and eigenvectors (float64) of the mean covariance ``total / count``, block by block.
+    def eigh(self, total: torch.Tensor, count: torch.Tensor | float,
+             dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues and eigenvectors of the mean covariance ``total / count``, block by block,
+        computed in float64 and returned in ``dtype``.
 
         Each block is symmetrised, ``(C + C^T) / 2`` with ``C = total / count``, in one new float64
         matrix of its own (a float64 ``total`` is not copied first), so a blocked side never holds
         more than one block's input and workspace beside its results.
         """
         if self.dense:
-            return self._eigh_block(total, count)
-        vals = torch.zeros(self.num_blocks, self.block, dtype=torch.float64, device=total.device)
-        vecs = torch.zeros(self.num_blocks, self.block, self.block, dtype=torch.float64, device=total.device)
+            vals, vecs = self._eigh_block(total, count)
+            return vals.to(dtype), vecs.to(dtype)
+        vals = torch.zeros(self.num_blocks, self.block, dtype=dtype, device=total.device)
+        vecs = torch.zeros(self.num_blocks, self.block, self.block, dtype=dtype, device=total.device)
         r = self.dim - (self.num_blocks - 1) * self.block  # real coordinates of the last block
         for k in range(self.num_blocks):
             if k < self.num_blocks - 1 or r == self.block:
                 vals[k], vecs[k] = self._eigh_block(total[k], count)
             else:  # the short last block: its real part only, identity on the padding
                 vals[k, :r], vecs[k, :r, :r] = self._eigh_block(total[k, :r, :r], count)
-                vecs[k, r:, r:] = torch.eye(self.block - r, dtype=torch.float64, device=total.device)
+                vecs[k, r:, r:] = torch.eye(self.block - r, dtype=dtype, device=total.device)
         return vals, vecs
 
     @staticmethod

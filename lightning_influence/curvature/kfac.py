@@ -36,15 +36,16 @@ def rotation_in_token_space(tokens: int, d_out: int, d_in: int, block_out: int, 
 
 
 def _eigh(side: SideLayout, total: torch.Tensor, count: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``side.eigh`` on the device the sums are on (float64); on the CPU, saying so, where that device cannot."""
+    """``side.eigh`` (in float64, results in the sums' dtype) on the device the sums are on; on the CPU,
+    saying so, where that device cannot."""
     try:
-        return side.eigh(total, count)
+        return side.eigh(total, count, dtype=total.dtype)
     except (RuntimeError, NotImplementedError, TypeError) as err:
         if total.device.type == "cpu":
             raise
         log.warning("float64 eigendecomposition of layer '%s' failed on %s (%s); doing it on the CPU",
                     layer, total.device, str(err).splitlines()[0] if str(err) else type(err).__name__)
-        vals, vecs = side.eigh(total.cpu(), count.cpu() if isinstance(count, torch.Tensor) else count)
+        vals, vecs = side.eigh(total.cpu(), count.cpu() if isinstance(count, torch.Tensor) else count, total.dtype)
         return vals.to(total.device), vecs.to(total.device)
 
 
