@@ -164,3 +164,17 @@ def test_a_manifest_whose_block_options_do_not_match_its_tensors_is_refused(tmp_
     path.write_text(json.dumps({**manifest, "block_size": 0}))
     with pytest.raises(FactorsError, match="corrupt.*block_size must be a positive integer"):
         InfluenceFactors.load(tmp_path)
+
+
+def test_float32_statistics_keep_the_blocked_layout_and_agree_with_float64():
+    model, task = models.mlp(), ClassificationTask()
+    batches = models.split_batch(models.mlp_data(16, seed=1), 4)
+    queries = models.split_batch(models.mlp_data(3, seed=2), 3)
+    scores = {}
+    for dtype in (torch.float64, torch.float32):
+        f = fit_factors(model, task, batches, strategy="ekfac", block_size=3, block_threshold=None, stats_dtype=dtype,
+                        dtype=torch.float64)
+        assert f.tensors["0"]["S_eigvecs"].dtype == dtype and f.tensors["0"]["S_eigvecs"].shape == (3, 3, 3)
+        scores[dtype] = InfluenceScorer(model, task, f, dtype=torch.float64).pairwise_scores(queries, batches)
+    torch.testing.assert_close(scores[torch.float32], scores[torch.float64], rtol=1e-4,
+                               atol=1e-5 * float(scores[torch.float64].abs().max()))
