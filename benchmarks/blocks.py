@@ -164,6 +164,18 @@ def section(result: dict) -> str:
                   f"`S_sum` {tuple(head['S_sum'])}, factors {head['factor_bytes'] / 2**30:.2f} GiB, fit "
                   f"{head['fit']['seconds']:.0f} s on one thread, peak RSS +{head['fit']['increment_rss'] / 2**30:.2f} GiB "
                   f"(dense, its output covariance alone would be 50257^2 x 8 bytes = 18.8 GiB in float64)."]
+    before, after = (RESULTS / "pass_memory_before.json"), (RESULTS / "pass_memory_after.json")
+    if before.is_file() and after.is_file():
+        b, a = json.loads(before.read_text()), json.loads(after.read_text())
+        lines += ["", "**One buffer, no copies** (`python benchmarks/pass_memory.py [--library CHECKOUT]`, "
+                  "`benchmarks/results/pass_memory_*.json`): K-FAC's covariance pass on `Linear(4095, 4096)` with a "
+                  "bias (two 4096 x 4096 float64 sums, 256 MiB; with their eigenbases the factors hold "
+                  f"{a['factor_bytes'] / 2**20:.0f} MiB), 4 batches of 32, one thread. Peak RSS above the start of "
+                  f"the pass: {b['pass']['increment_rss'] / 2**20:.0f} MiB with the torchmetrics states (before), "
+                  f"{a['pass']['increment_rss'] / 2**20:.0f} MiB with one flat buffer (after); writing the "
+                  f"{a['file_bytes'] / 2**20:.0f} MiB factor file: +{b['save']['increment_rss'] / 2**20:.0f} MiB "
+                  f"before (safetensors 0.8's `save_file` does not copy) and +{a['save']['increment_rss'] / 2**20:.0f}"
+                  " MiB after (tensor by tensor, whatever the safetensors version)."]
     lines += ["", result.get("note", ""), SECTION_END]
     return "\n".join(lines)
 
@@ -184,7 +196,11 @@ def main() -> None:
     parser.add_argument("--lds", action="store_true", help="also the LDS of each digits score set (retrains 100 MLPs)")
     parser.add_argument("--wide-head", action="store_true", help="also fit a 50257 x 768 head with the defaults")
     parser.add_argument("--note", default="", help="a line written under the table")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the docs section from blocks.json")
     args = parser.parse_args()
+    if args.report_only:
+        write_docs(json.loads((RESULTS / "blocks.json").read_text()))
+        return
     set_threads()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     t0 = time.perf_counter()

@@ -236,7 +236,11 @@ def finish_layers(strategy: Any, phase: str, factors: InfluenceFactors,
             if outputs[name] and elapsed >= SLOW_FINISH_SECONDS:
                 log.info("%s pass: layer '%s' (%dx%d) finished in %.1f s (%d of %d on this rank)", phase, name,
                          layer.d_out, layer.d_in, elapsed, done, sum(1 for n in layers if owner.get(n, rank) == rank))
-        on_device[name] = tensors
+        if world == 1:  # done with this layer on the device: its sums and factors move now, not all at the end
+            factors.tensors[name] = {k: v.cpu() for k, v in tensors.items()}
+            del on_device[name]
+        else:  # kept on the device for the broadcasts below
+            on_device[name] = tensors
     if world > 1:
         for name, layer in layers.items():  # the same order on every rank
             if not outputs[name]:
@@ -248,7 +252,7 @@ def finish_layers(strategy: Any, phase: str, factors: InfluenceFactors,
                     tensor = torch.empty(shape, dtype=dtype, device=device)
                 torch.distributed.broadcast(tensor, src=owner[name])
                 on_device[name][key] = tensor
-    for name in layers:
+    for name in list(on_device):
         factors.tensors[name] = {k: v.cpu() for k, v in on_device.pop(name).items()}
     elapsed = time.perf_counter() - started
     if any(outputs.values()) and elapsed >= SLOW_FINISH_SECONDS:
