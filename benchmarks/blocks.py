@@ -199,7 +199,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs section from blocks.json")
     args = parser.parse_args()
     if args.report_only:
-        write_docs(json.loads((RESULTS / "blocks.json").read_text()))
+        result = json.loads((RESULTS / "blocks.json").read_text())
+        result["note"] = args.note or result.get("note", "")
+        write_docs(result)
         return
     set_threads()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
