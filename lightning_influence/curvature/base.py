@@ -92,7 +92,9 @@ class CurvatureStrategy:
     def __init__(self, block_size: int | None = DEFAULT_BLOCK_SIZE,
                  block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD):
         """``block_size``/``block_threshold``: Kronecker sides wider than the threshold are kept as diagonal
-        blocks of ``block_size`` (docs/method.md, section 6); strategies without Kronecker sides ignore them."""
+        blocks of ``block_size`` (docs/method.md, section 6); strategies without Kronecker sides ignore them.
+        A subclass that defines its own ``__init__`` takes these two keywords and passes them on here:
+        :class:`~lightning_influence.factors.InfluenceFactors` always gives them."""
         check_block_options(block_size, block_threshold)
         self.block_size = block_size
         self.block_threshold = block_threshold
