@@ -102,3 +102,38 @@ def test_run_phase_reports_each_finished_layer():
                          on_layer_finished=lambda name, seconds: finished.append((phase, name, seconds >= 0)))
     assert finished == [("covariance", "0", True), ("covariance", "2", True), ("lambda", "0", True),
                         ("lambda", "2", True)]
+
+
+@pytest.mark.slow
+def test_eigendecompositions_are_dealt_over_ranks_and_broadcast(tmp_path):
+    """2 gloo processes: each rank eigendecomposes one of the two layers (and runs the cheap Lambda
+    finish for both); both end with the same factors, equal to a single-process fit on all the data."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lightning_influence import InfluenceFactors
+
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, PYTHONPATH=os.path.join(here, ".."), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(here, "dealt_eigh_script.py"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finished = [json.loads((tmp_path / f"finished-rank{r}.json").read_text()) for r in (0, 1)]
+    for strategy in ("kfac", "ekfac"):
+        covariance = [sorted(n for p, n in f[strategy] if p == "covariance") for f in finished]
+        assert sorted(covariance[0] + covariance[1]) == ["0", "2"] and len(covariance[0]) == 1  # one layer each
+        if strategy == "ekfac":
+            assert [sorted(n for p, n in f[strategy] if p == "lambda") for f in finished] == [["0", "2"]] * 2
+        single = fit_factors(models.mlp(), ClassificationTask(), models.split_batch(models.mlp_data(16, seed=1), 4),
+                             strategy=strategy, fisher="empirical", dtype=torch.float64, block_size=3,
+                             block_threshold=6)
+        ranks = [InfluenceFactors.load(tmp_path / f"{strategy}-rank{r}") for r in (0, 1)]
+        assert single.tensors["0"]["S_eigvecs"].shape == (3, 3, 3)  # layer 0's 7-wide S side in blocks of 3
+        assert single.tensors["2"]["A_eigvecs"].shape == (3, 3, 3)  # layer 2's 8-wide A side (bias column)
+        for name, tensors in single.tensors.items():
+            for key, value in tensors.items():
+                assert torch.equal(ranks[0].tensors[name][key], ranks[1].tensors[name][key]), (strategy, name, key)
+            a = single.dense_matrix(name)
+            torch.testing.assert_close(ranks[0].dense_matrix(name), a, rtol=1e-9, atol=1e-12 * float(a.abs().max()))
