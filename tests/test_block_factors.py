@@ -178,3 +178,30 @@ def test_float32_statistics_keep_the_blocked_layout_and_agree_with_float64():
         scores[dtype] = InfluenceScorer(model, task, f, dtype=torch.float64).pairwise_scores(queries, batches)
     torch.testing.assert_close(scores[torch.float32], scores[torch.float64], rtol=1e-4,
                                atol=1e-5 * float(scores[torch.float64].abs().max()))
+
+
+def test_callback_fits_blocked_factors_and_refits_when_the_block_options_change(tmp_path):
+    import warnings
+
+    from . import lit_models as lm
+
+    torch.manual_seed(0)
+    model = lm.LitClassifier()
+    trainer = lm.trainer(max_epochs=0)
+    trainer.fit(model, datamodule=lm.ClassificationData())
+    kwargs = dict(task="classification", strategy="ekfac", fisher="empirical", output_dir=str(tmp_path),
+                  fit_on="manual")
+    blocked = InfluenceCallback(block_size=4, block_threshold=None, **kwargs).fit_factors(trainer, model)
+    reference = fit_factors(model, ClassificationTask(), lm.loader(lm.classification_data(48)), strategy="ekfac",
+                            fisher="empirical", block_size=4, block_threshold=None)
+    for name, tensors in reference.tensors.items():
+        assert any(t.dim() == 3 for t in tensors.values())  # some side is blocked
+        for key, value in tensors.items():
+            torch.testing.assert_close(blocked.tensors[name][key], value, rtol=1e-6, atol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same options: resumed, no warning
+        again = InfluenceCallback(block_size=4, block_threshold=None, **kwargs).fit_factors(trainer, model)
+    assert torch.equal(again.tensors["net.0"]["S_eigvecs"], blocked.tensors["net.0"]["S_eigvecs"])
+    with pytest.warns(UserWarning, match=r"refitting the factors.*options.block_size: 4 saved, null now"):
+        dense_factors = InfluenceCallback(block_size=None, **kwargs).fit_factors(trainer, model)
+    assert all(t.dim() <= 2 for t in dense_factors.tensors["net.0"].values())
