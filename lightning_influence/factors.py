@@ -26,14 +26,16 @@ from lightning_influence.store import BundleFormat, new_tensor_name, read_bundle
 from lightning_influence.capture import TrackedLayer
 from lightning_influence.curvature import get_strategy, strategy_class
 from lightning_influence.curvature.base import COMPLETE, DEFAULT_DAMPING_FACTOR
-from lightning_influence.errors import FactorsError
+from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD
+from lightning_influence.errors import FactorsError, OptionsError
 
 __all__ = ["InfluenceFactors", "FISHER_TYPES", "check_strategy", "check_fisher", "check_damping"]
 
 FISHER_TYPES = ("sampled", "empirical")
 FORMAT_NAME = "lightning-influence-factors"
-FORMAT_VERSION = 2  # 2: the store's bundle layout (files, identity)
-_MANIFEST_KEYS = ("tensor_file", "strategy", "fisher", "damping", "damping_factor", "phase", "modules")
+FORMAT_VERSION = 3  # 2: the store's bundle layout (files, identity); 3: block-diagonal sides (block_size, ...)
+_MANIFEST_KEYS = ("tensor_file", "strategy", "fisher", "damping", "damping_factor", "phase", "modules",
+                  "block_size", "block_threshold")
 FACTORS_FORMAT = BundleFormat(
     FORMAT_NAME, FORMAT_VERSION, FactorsError, "factors", prefix="factors",
     make="Fit them first (InfluenceCallback or fit_factors) or point to the callback's output_dir.",
@@ -81,6 +83,10 @@ class InfluenceFactors:
         damping_factor: the heuristic's factor (``None``: the paper's 0.1, ``curvature.base.DEFAULT_DAMPING_FACTOR``).
         tensors: per module, the named statistic tensors (sums, counts, eigenbases).
         phase: the last completed phase (one of ``self.curvature.phases``; default: nothing fitted yet).
+        block_size / block_threshold: Kronecker sides (K-FAC, EK-FAC) wider than ``block_threshold`` are kept
+            as diagonal blocks of ``block_size`` (docs/method.md, section 6); ``block_size=None`` keeps every
+            side dense, ``block_threshold=None`` blocks every side wider than ``block_size``. Defaults: blocks
+            of 2048 for sides wider than 8192 (a 50257-wide head fits; GPT-2's and Llama's MLPs stay dense).
 
     Attributes:
         strategy: the strategy's name.
@@ -97,8 +103,11 @@ class InfluenceFactors:
         tensors: dict[str, dict[str, torch.Tensor]] | None = None,
         phase: str | None = None,
         metadata: dict | None = None,
+        block_size: int | None = DEFAULT_BLOCK_SIZE,
+        block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD,
     ):
-        self.curvature = get_strategy(strategy)
+        self.curvature = get_strategy(strategy, block_size=block_size, block_threshold=block_threshold)
+        self.block_size, self.block_threshold = block_size, block_threshold
         self.strategy = self.curvature.name
         self.fisher = check_fisher(fisher)
         check_damping(damping, damping_factor)
@@ -155,6 +164,15 @@ class InfluenceFactors:
         """``V^T (G + lambda I)^-1 V`` per leading index, for ``V`` of shape ``[B, d_out, d_in]``."""
         return self.curvature.inverse_quadratic(self._prepared(name, grads.device, grads.dtype), grads)
 
+    def precondition_tokens(self, name: str, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """:meth:`precondition` of the per-example gradients ``sum_t s_t a_t^T`` of tokens ``a`` ``[B, T, d_in]``
+        and ``s`` ``[B, T, d_out]``, rotating the tokens into the eigenbasis first where that is cheaper."""
+        return self.curvature.precondition_tokens(self._prepared(name, a.device, a.dtype), a, s)
+
+    def inverse_quadratic_tokens(self, name: str, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """:meth:`inverse_quadratic` of the per-example gradients of tokens ``a``, ``s`` (self-influence)."""
+        return self.curvature.inverse_quadratic_tokens(self._prepared(name, a.device, a.dtype), a, s)
+
     def dense_matrix(self, name: str) -> torch.Tensor:
         """The layer's curvature as an explicit ``(d_out*d_in)^2`` float64 matrix (row-major vec).
 
@@ -192,6 +210,8 @@ class InfluenceFactors:
             "damping": self.damping,
             "damping_factor": self.damping_factor,
             "phase": self.phase,
+            "block_size": self.block_size,
+            "block_threshold": self.block_threshold,
             "modules": {
                 n: {"kind": l.kind, "d_out": l.d_out, "d_in": l.d_in, "has_bias": l.has_bias}
                 for n, l in self.layers.items()
@@ -253,16 +273,31 @@ class InfluenceFactors:
         metadata = dict(manifest.get("metadata") or {})
         if bundle.identity:
             metadata["identity"] = bundle.identity
-        return cls(
-            manifest["strategy"],
-            layers,
-            fisher=manifest["fisher"],
-            damping=manifest["damping"],
-            damping_factor=manifest["damping_factor"],
-            tensors=tensors,
-            phase=manifest["phase"],
-            metadata=metadata,
-        )
+        try:
+            factors = cls(
+                manifest["strategy"], layers, fisher=manifest["fisher"], damping=manifest["damping"],
+                damping_factor=manifest["damping_factor"], tensors=tensors, phase=manifest["phase"],
+                metadata=metadata, block_size=manifest["block_size"], block_threshold=manifest["block_threshold"],
+            )
+        except OptionsError as err:
+            raise FactorsError(f"{manifest_path} is corrupt ({err}); refit the factors") from None
+        factors._check_shapes(manifest_path)
+        return factors
+
+    def _check_shapes(self, where: Path) -> None:
+        """Every saved sum has the shape its strategy and block layout declare (a manifest that does not go
+        with its tensors would otherwise precondition with the wrong layout)."""
+        for p in self.curvature.passes:
+            if not self.phase_done(p.phase):
+                break
+            for name, layer in self.layers.items():
+                for key, shape in self.curvature.statistics(p.name, layer).items():
+                    value = self.tensors[name].get(key)
+                    if value is None or tuple(value.shape) != tuple(shape):
+                        got = "missing" if value is None else tuple(value.shape)
+                        raise FactorsError(f"{where}: '{name}::{key}' is {got}, the {self.strategy} factors with "
+                                           f"block_size={self.block_size}, block_threshold={self.block_threshold} "
+                                           f"need {tuple(shape)}; the files are corrupt, refit the factors")
 
     def with_damping(self, damping: float | None, damping_factor: float | None = None) -> "InfluenceFactors":
         """A view of the same statistics with another damping (no copy of the tensors)."""
@@ -275,12 +310,14 @@ class InfluenceFactors:
             self.tensors,
             self.phase,
             self.metadata,
+            block_size=self.block_size,
+            block_threshold=self.block_threshold,
         )
 
     def __repr__(self) -> str:
         return (
             f"InfluenceFactors(strategy={self.strategy!r}, fisher={self.fisher!r}, phase={self.phase!r}, "
-            f"modules={len(self.layers)}, damping={self.damping!r})"
+            f"modules={len(self.layers)}, damping={self.damping!r}, block_size={self.block_size!r})"
         )
 
 

@@ -25,6 +25,7 @@ import torch
 # The default strategy and the paper's heuristic damping factor live with the strategies (one place each).
 from lightning_influence.curvature import DEFAULT_STRATEGY
 from lightning_influence.curvature.base import DEFAULT_DAMPING_FACTOR
+from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD, check_block_options
 from lightning_influence.errors import InfluenceError, OptionsError
 from lightning_influence.scoring.queries import QUERY_SVD_METHODS
 
@@ -124,6 +125,8 @@ class FitOptions(_Options):
         seed: seed of the label sampling (same seed, same factors).
         capture_dtype: dtype activations and output gradients are captured in (float32 or float64).
         stats_dtype: dtype the statistics are summed and saved in (float64 default, or float32).
+        block_size / block_threshold: K-FAC/EK-FAC sides wider than ``block_threshold`` (8192) are kept
+            as diagonal blocks of ``block_size`` (2048; ``None``: always dense), docs/method.md, section 6.
     """
 
     strategy: str = DEFAULT_STRATEGY
@@ -137,6 +140,8 @@ class FitOptions(_Options):
     seed: int = 0
     capture_dtype: torch.dtype = torch.float32
     stats_dtype: torch.dtype = torch.float64
+    block_size: int | None = DEFAULT_BLOCK_SIZE
+    block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -167,6 +172,10 @@ class FitOptions(_Options):
             raise OptionsError(f"seed must be a non-negative integer, got {self.seed!r}")
         set_("capture_dtype", as_dtype(self.capture_dtype, "capture_dtype", CAPTURE_DTYPES))
         set_("stats_dtype", as_dtype(self.stats_dtype, "stats_dtype", STATS_DTYPES))
+        try:
+            check_block_options(self.block_size, self.block_threshold)
+        except InfluenceError as err:
+            raise OptionsError(str(err)) from None
 
 
 @dataclass(frozen=True)

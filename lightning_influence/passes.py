@@ -3,24 +3,27 @@
 Nothing here knows about Lightning's ``Trainer`` nor about any one strategy: a pass takes a
 model, a task and an iterable of batches, and asks the factors' strategy
 (``lightning_influence.curvature``) which sums to accumulate, how each layer's tokens add to
-them, and what to do with them at the end (K-FAC's eigendecomposition). Sums live in a
-torchmetrics ``Metric`` with ``dist_reduce_fx="sum"`` states, so under data parallelism each
-rank accumulates its shard and one reduction gives the global statistics (docs/method.md,
-section 5).
+them, and what to do with them at the end (K-FAC's eigendecomposition). Sums live in one
+flat buffer (:class:`SumStatistics`), so under data parallelism each rank accumulates its shard
+and one ``all_reduce`` gives the global statistics (docs/method.md, section 5); the
+eigendecompositions then run on the pass's device, dealt out over the ranks by layer.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 import warnings
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
-from torchmetrics import Metric
 
 from lightning_influence.errors import FactorsError, OptionsError, TaskInputError
+from lightning_influence.curvature import get_strategy
+from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.options import FitOptions
 from lightning_influence.tasks import Task
@@ -39,31 +42,48 @@ __all__ = [
 _EXAMPLES = "::examples"
 
 
-class SumStatistics(Metric):
-    """Named sums that reduce across data-parallel ranks by addition.
+class SumStatistics:
+    """Named sums that reduce across data-parallel ranks by addition: one flat buffer, one view per sum.
 
-    Matrices are kept in ``dtype`` (float64 by default); scalar counts always in float64,
-    which counts exactly far beyond float32's 2^24 tokens.
+    Matrices are kept in ``dtype`` (float64 by default) in one flat buffer; scalar counts in a
+    float64 buffer beside it, which counts exactly far beyond float32's 2^24 tokens (with
+    float64 statistics both are one buffer). :meth:`all_reduce` sums the buffers over the
+    process group in place: one collective per buffer and no copy, where a gather of every
+    rank's state would hold world-size times the statistics.
     """
 
-    full_state_update = False
-    # The states are statistics of a dataset, not of a metric's per-step values.
-    is_differentiable = False
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu"):
+        sizes = {key: math.prod(shape) for key, shape in shapes.items()}
+        matrices = [k for k, shape in shapes.items() if len(shape)]
+        counts = [k for k, shape in shapes.items() if not len(shape)]
+        groups = [(matrices + counts, dtype)] if dtype == torch.float64 else [(matrices, dtype),
+                                                                              (counts, torch.float64)]
+        self.buffers: list[torch.Tensor] = []
+        self.views: dict[str, torch.Tensor] = {}
+        for keys, buffer_dtype in groups:
+            if not keys:
+                continue
+            buffer = torch.zeros(sum(sizes[k] for k in keys), dtype=buffer_dtype, device=device)
+            offset = 0
+            for key in keys:
+                self.views[key] = buffer[offset:offset + sizes[key]].view(shapes[key])
+                offset += sizes[key]
+            self.buffers.append(buffer)
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float64):
-        super().__init__(sync_on_compute=True)
-        self._keys = {key: f"stat{i}" for i, key in enumerate(shapes)}
-        for key, shape in shapes.items():
-            state_dtype = dtype if len(shape) else torch.float64
-            self.add_state(self._keys[key], default=torch.zeros(shape, dtype=state_dtype), dist_reduce_fx="sum")
-
-    def update(self, values: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
+    def update(self, values: dict[str, torch.Tensor]) -> None:
         for key, value in values.items():
-            state = getattr(self, self._keys[key])
-            state += value.to(state.dtype)
+            self.views[key].add_(value)  # add_ casts to the buffer's dtype without a converted copy
 
-    def compute(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return {key: getattr(self, attr).clone() for key, attr in self._keys.items()}
+    def all_reduce(self) -> None:
+        """Sum every rank's buffers in place (nothing to do outside an initialised process group)."""
+        if _distributed():
+            for buffer in self.buffers:
+                torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """The sums by name: views into the buffers, not copies."""
+        return dict(self.views)
 
 
 def _pass_shapes(factors: InfluenceFactors, phase: str) -> dict[str, tuple[int, ...]]:
@@ -94,6 +114,7 @@ def run_phase(
     forward_context: Callable[[], ContextManager] | None = None,
     stats_dtype: torch.dtype = torch.float64,
     consumer: Any = None,
+    on_layer_finished: Callable[[str, float], None] | None = None,
 ) -> None:
     """Run the strategy's pass named ``phase`` (e.g. ``covariance``, ``lambda``) and store it in ``factors``.
 
@@ -112,6 +133,9 @@ def run_phase(
     ``consumer.end_batch()``. E.g. an :class:`~lightning_influence.index.IndexWriter`. Only for a
     pass whose strategy feeds one (``strategy.feeds_consumer(phase)``) and with the empirical
     Fisher, whose backward is the training-loss gradient the consumer needs.
+
+    ``on_layer_finished(name, seconds)`` is called after each layer's finishing step (K-FAC's
+    eigendecomposition) that ran on this rank, e.g. to drive a progress bar over the layers.
     """
     check_stats_dtype(stats_dtype)
     if consumer is not None:
@@ -126,7 +150,7 @@ def run_phase(
         from lightning.fabric.utilities.apply_func import move_data_to_device  # lazy: importing Lightning is slow
         transfer = lambda b: move_data_to_device(b, device)  # noqa: E731
     shapes = _pass_shapes(factors, phase)
-    stats = SumStatistics(shapes, dtype=stats_dtype).to(device)
+    stats = SumStatistics(shapes, dtype=stats_dtype, device=device)
     sample = factors.fisher == "sampled"
     seen_batches = seen_examples = 0
     # Sampled labels come from a fixed seed so that a rerun gives identical factors.
@@ -171,10 +195,8 @@ def run_phase(
                 stats.update({_EXAMPLES: torch.tensor(float(n), dtype=torch.float64)})
                 if progress is not None:
                     progress(n)
-    with warnings.catch_warnings():
-        # A rank with an empty shard never called update(); what counts is the reduced count, checked below.
-        warnings.filterwarnings("ignore", message=r".*compute.* was called before the ..update.. method")
-        sums = stats.compute()  # reduced over ranks: every rank takes the same decision below
+    stats.all_reduce()  # every rank, an empty shard's too: every rank takes the same decision below
+    sums = stats.compute()
     if float(sums.pop(_EXAMPLES)) == 0:
         raise TaskInputError(
             f"the {phase} pass saw no training example"
@@ -183,12 +205,16 @@ def run_phase(
             "such as a DataLoader), or max_batches/max_examples stop it before its first batch. "
             "Give the pass data to fit on; no factors were marked complete"
         )
+    # The sums stay on the pass's device (views of the reduced buffer) until their layer is finished, so
+    # that its eigendecomposition runs there; each layer's tensors then move to the CPU.
+    on_device: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
     for key, value in sums.items():
         name, _, stat = key.rpartition("::")
-        # torchmetrics squeezes one-element results: restore the declared shapes (1x1 covariances).
-        factors.tensors[name][stat] = value.reshape(shapes[key]).cpu()
+        on_device[name][stat] = value
+    del sums
     for name, layer in layers.items():
-        strategy.finish_pass(phase, layer, factors.tensors[name])
+        strategy.check_pass(phase, layer, {**factors.tensors[name], **on_device[name]})
+    finish_layers(strategy, phase, factors, on_device, device, on_layer_finished)
     factors.set_phase(spec.phase)
     log.info("%s pass done: %d batches, %d examples on this rank", phase, seen_batches, seen_examples)
 
@@ -202,6 +228,76 @@ def _check_consumer(factors: InfluenceFactors, phase: str) -> None:
         raise OptionsError(f"the {phase} pass with fisher='{factors.fisher}' differentiates sampled labels, not the "
                            "training loss a consumer (the gradient index) needs; use fisher='empirical' or build the "
                            "index after the fit (build_index)")
+
+
+# A layer's finishing step (eigendecomposition) that takes longer than this is logged with its time.
+SLOW_FINISH_SECONDS = 1.0
+
+
+def finish_layers(strategy: Any, phase: str, factors: InfluenceFactors,
+                  on_device: dict[str, dict[str, torch.Tensor]], device: torch.device,
+                  on_layer_finished: Callable[[str, float], None] | None = None) -> None:
+    """Run the strategy's :meth:`finish_pass` for every layer and move each layer's tensors to the CPU.
+
+    Under an initialised process group with several ranks, a strategy that declares its finish
+    outputs (K-FAC's eigendecompositions) has them computed by one rank per layer (layers dealt
+    out by cost, largest first) and broadcast from there: every rank enters the same broadcasts in
+    the same order. Layers that take long are logged with their time. ``on_device`` holds each
+    layer's reduced sums, on ``device`` (where the broadcasts happen).
+    """
+    layers = factors.layers
+    world = torch.distributed.get_world_size() if _distributed() else 1
+    outputs = {n: strategy.finish_outputs(phase, layers[n], {**factors.tensors[n], **on_device[n]}) for n in layers}
+    owner = _deal_layers(outputs, world) if world > 1 else {}
+    rank = _rank()
+    done, started = 0, time.perf_counter()
+    for name, layer in layers.items():
+        tensors = {**factors.tensors[name], **on_device[name]}
+        if world == 1 or not outputs[name] or owner[name] == rank:
+            start = time.perf_counter()
+            strategy.finish_pass(phase, layer, tensors)
+            elapsed = time.perf_counter() - start
+            done += 1
+            if on_layer_finished is not None:
+                on_layer_finished(name, elapsed)
+            if outputs[name] and elapsed >= SLOW_FINISH_SECONDS:
+                log.info("%s pass: layer '%s' (%dx%d) finished in %.1f s (%d of %d on this rank)", phase, name,
+                         layer.d_out, layer.d_in, elapsed, done, sum(1 for n in layers if owner.get(n, rank) == rank))
+        if world == 1:  # done with this layer on the device: its sums and factors move now, not all at the end
+            factors.tensors[name] = {k: v.cpu() for k, v in tensors.items()}
+            del on_device[name]
+        else:  # kept on the device for the broadcasts below
+            on_device[name] = tensors
+    if world > 1:
+        for name, layer in layers.items():  # the same order on every rank
+            if not outputs[name]:
+                continue
+            for key, (shape, dtype) in outputs[name].items():
+                if owner[name] == rank:
+                    tensor = on_device[name][key].contiguous()
+                else:
+                    tensor = torch.empty(shape, dtype=dtype, device=device)
+                torch.distributed.broadcast(tensor, src=owner[name])
+                on_device[name][key] = tensor
+    for name in list(on_device):
+        factors.tensors[name] = {k: v.cpu() for k, v in on_device.pop(name).items()}
+    elapsed = time.perf_counter() - started
+    if any(outputs.values()) and elapsed >= SLOW_FINISH_SECONDS:
+        log.info("%s pass: %d layers finished in %.1f s", phase, len(layers), elapsed)
+
+
+def _deal_layers(outputs: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]], world: int) -> dict[str, int]:
+    """Each layer's owning rank: largest eigendecomposition first, to the least loaded rank."""
+    def cost(name):  # cubic in the block size: the sum over matrices of (blocks x block^3)
+        return sum(math.prod(shape) * shape[-1] for shape, _ in outputs[name].values() if len(shape) >= 2)
+
+    load = [0] * world
+    owner = {}
+    for name in sorted(outputs, key=lambda n: (-cost(n), n)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owner[name] = rank
+        load[rank] += cost(name)
+    return owner
 
 
 def _limited(batches: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
@@ -262,9 +358,12 @@ def _check_resumable(factors: InfluenceFactors, model: nn.Module) -> None:
 
 def fit_identity(model: nn.Module, batches: Any, layers: Iterable[str], strategy: str, fisher: str,
                  max_batches: int | None, max_examples: int | None, seed: int, stats_dtype: torch.dtype,
-                 dtype: torch.dtype) -> dict:
+                 dtype: torch.dtype, block_size: int | None = DEFAULT_BLOCK_SIZE,
+                 block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD) -> dict:
     """What a factor fit depends on, as saved in the factors' bundle and compared on resume:
-    the model's weights, the data, and every option that changes the statistics."""
+    the model's weights, the data, and every option that changes the statistics (the strategy's
+    own options too: the block layout of K-FAC and EK-FAC)."""
+    strategy_options = get_strategy(strategy, block_size=block_size, block_threshold=block_threshold).options()
     return {
         "weights": weights_fingerprint(model),
         "data": data_fingerprint(batches),
@@ -272,6 +371,7 @@ def fit_identity(model: nn.Module, batches: Any, layers: Iterable[str], strategy
             "strategy": strategy, "fisher": fisher, "modules": sorted(layers),
             "max_batches": max_batches, "max_examples": max_examples, "seed": seed,
             "stats_dtype": str(stats_dtype).removeprefix("torch."), "capture_dtype": str(dtype).removeprefix("torch."),
+            **strategy_options,
         },
     }
 
@@ -292,11 +392,14 @@ def fit_factors(
     ``options`` is a :class:`~lightning_influence.options.FitOptions`; single options may be
     given by keyword instead or on top (``strategy=``, ``modules=``, ``module_types=``,
     ``fisher=``, ``damping=``, ``damping_factor=``, ``max_batches=``, ``max_examples=``,
-    ``seed=``, ``capture_dtype=``, ``stats_dtype=``). ``batches`` is iterated once per pass of
+    ``seed=``, ``capture_dtype=``, ``stats_dtype=``, ``block_size=``, ``block_threshold=``). ``batches`` is iterated once per pass of
     the strategy (twice for ``ekfac``), so pass a re-iterable such as a ``DataLoader``. With
     ``output_dir`` the factors are saved after each phase; passing partially fitted ``factors``
     resumes after their last completed phase. An empty ``batches`` (on every rank) raises before
     any factors are marked complete.
+    ``block_size``/``block_threshold``: K-FAC and EK-FAC keep sides wider than ``block_threshold``
+    (default 8192) as diagonal blocks of ``block_size`` (default 2048; ``None``: always dense),
+    docs/method.md, section 6.
 
     Partial ``factors`` are resumed only when they were fitted from the same weights, data and
     options (their ``metadata["identity"]``, see :func:`fit_identity`); otherwise the fit starts
@@ -307,18 +410,21 @@ def fit_factors(
     damping, damping_factor, seed = options.damping, options.damping_factor, options.seed
     max_batches, max_examples = options.max_batches, options.max_examples
     dtype, stats_dtype = options.capture_dtype, options.stats_dtype
+    block_size, block_threshold = options.block_size, options.block_threshold
     check_limits(max_batches, max_examples)
     if factors is None:
         layers = find_tracked_layers(model, modules, module_types)
         factors = InfluenceFactors(strategy, layers, fisher=fisher, damping=damping, damping_factor=damping_factor,
                                    metadata={"identity": fit_identity(model, batches, layers, strategy, fisher,
                                                                       max_batches, max_examples, seed,
-                                                                      stats_dtype, dtype)})
+                                                                      stats_dtype, dtype, block_size,
+                                                                      block_threshold)},
+                                   block_size=block_size, block_threshold=block_threshold)
     else:
         _check_resumable(factors, model)
         # Resuming continues the factors' own strategy, fisher and modules; the rest must match.
         identity = fit_identity(model, batches, factors.layers, factors.strategy, factors.fisher, max_batches,
-                                max_examples, seed, stats_dtype, dtype)
+                                max_examples, seed, stats_dtype, dtype, block_size, block_threshold)
         saved = factors.metadata.get("identity")
         diffs = identity_differences(saved, identity) if saved is not None else {}
         if diffs and not factors.is_complete:
@@ -326,7 +432,8 @@ def fit_factors(
                           f"weights, data or options ({describe_differences(diffs)}); fitting from scratch")
             factors = InfluenceFactors(factors.strategy, factors.layers, fisher=factors.fisher,
                                        damping=factors.damping, damping_factor=factors.damping_factor,
-                                       metadata={**factors.metadata, "identity": identity})
+                                       metadata={**factors.metadata, "identity": identity},
+                                       block_size=block_size, block_threshold=block_threshold)
         elif saved is None and not factors.is_complete:
             factors.metadata["identity"] = identity
     for phase in remaining_phases(factors):

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lightning_influence import __version__
 from lightning_influence.errors import StoreError
@@ -49,7 +49,7 @@ __all__ = [
     "BundleFormat", "Bundle", "write_bundle", "read_bundle", "remove_stale_files", "new_tensor_name",
     "identity_differences", "describe_differences",
     "weights_fingerprint", "factors_fingerprint", "data_fingerprint", "texts_fingerprint", "tensors_fingerprint",
-    "atomic_write_json", "sha256_file", "read_json_or_none", "ensure_writable_dir",
+    "atomic_write_json", "sha256_file", "write_safetensors", "read_json_or_none", "ensure_writable_dir",
 ]
 
 # Manifest keys the store owns; a format's own fields may not use them.
@@ -143,8 +143,7 @@ def write_bundle(
             path = directory / name
             tmp = path.with_name(name + ".tmp")
             written += [tmp, path]
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in named.items()}, str(tmp),
-                      metadata={"format": fmt.name})
+            write_safetensors(tmp, named, metadata={"format": fmt.name})
             _fsync(tmp)
             os.replace(tmp, path)
             files[name] = sha256_file(path)
@@ -163,6 +162,45 @@ def write_bundle(
         raise
     remove_stale_files(fmt, directory, files)
     return manifest
+
+
+# safetensors' dtype names
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: str | os.PathLike, named: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``named`` tensors as a safetensors file, one tensor at a time.
+
+    The header is written first, then each tensor's bytes straight from its memory (a CPU
+    tensor is not copied; a GPU tensor is copied to the CPU alone), so a save never holds a
+    second copy of the whole bundle, whichever safetensors version is installed, and views of
+    one buffer are written as the separate tensors they are.
+    """
+    entries, offset = {}, 0
+    for name, t in named.items():
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"cannot save tensor {name!r} of dtype {t.dtype} in a safetensors file")
+        nbytes = t.numel() * t.element_size()
+        entries[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header = dict(entries)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in named.values():
+            if t.numel():
+                t = t.detach().to("cpu").contiguous()
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def remove_stale_files(fmt: BundleFormat, directory: str | os.PathLike, keep: Iterable[str]) -> None:

@@ -102,8 +102,20 @@ def covariances(model, modules, loss_fn, batch, mask=None):
     return result
 
 
-def dense_curvature(strategy, A, S, grads):
-    """Explicit ``(d_out*d_in)^2`` curvature of one layer and its heuristic damping (0.1 x mean eigenvalue)."""
+def off_blocks_zeroed(M, block):
+    """``M`` with every entry outside the diagonal ``block x block`` blocks set to zero (``None``: ``M``)."""
+    if block is None:
+        return M
+    idx = torch.arange(M.shape[0]) // block
+    return torch.where(idx[:, None] == idx[None, :], M, torch.zeros_like(M))
+
+
+def dense_curvature(strategy, A, S, grads, block_a=None, block_s=None):
+    """Explicit ``(d_out*d_in)^2`` curvature of one layer and its heuristic damping (0.1 x mean eigenvalue).
+
+    ``block_a``/``block_s``: K-FAC sides kept as diagonal blocks of that size (their off-block
+    covariance entries zeroed before the eigendecomposition)."""
+    A, S = (None, None) if A is None else (off_blocks_zeroed(A, block_a), off_blocks_zeroed(S, block_s))
     if strategy == "diagonal":
         lam = (grads ** 2).mean(0)
         return torch.diag(lam), 0.1 * lam.mean()
@@ -117,18 +129,28 @@ def dense_curvature(strategy, A, S, grads):
     return q @ torch.diag(lam) @ q.T, 0.1 * lam.mean()
 
 
-def dense_scores(strategy, model, modules, train_loss, measure, train_batch, query_batch, mask=None):
-    """``[Q, N]`` scores ``grad f^T (G + lambda I)^-1 grad(-L)`` with every matrix explicit."""
+def dense_scores(strategy, model, modules, train_loss, measure, train_batch, query_batch, mask=None, blocks=None,
+                 self_scores=False):
+    """``[Q, N]`` scores ``grad f^T (G + lambda I)^-1 grad(-L)`` with every matrix explicit.
+
+    ``blocks(dim)``: the block size of a side of dimension ``dim`` (``None``: dense). With
+    ``self_scores``, the ``[N]`` self-influence ``grad L^T (G + lambda I)^-1 grad L`` instead."""
+    blocks = blocks or (lambda dim: None)
     g_train = per_example_grads(model, modules, train_loss, train_batch)
     g_query = per_example_grads(model, modules, measure, query_batch)
     covs = covariances(model, modules, train_loss, train_batch, mask) if strategy in ("kfac", "ekfac") else None
     total = 0
     for n in modules:
         if strategy == "identity":
-            total = total - g_query[n] @ g_train[n].T
+            total = total + (g_train[n] ** 2).sum(1) if self_scores else total - g_query[n] @ g_train[n].T
             continue
         A, S = covs[n] if covs else (None, None)
-        G, damp = dense_curvature(strategy, A, S, g_train[n])
+        blocks_ad = (blocks(A.shape[0]), blocks(S.shape[0])) if A is not None else (None, None)
+        G, damp = dense_curvature(strategy, A, S, g_train[n], *blocks_ad)
         eye = torch.eye(G.shape[0], dtype=G.dtype)
-        total = total - g_query[n] @ torch.linalg.solve(G + damp * eye, g_train[n].T)
+        solved = torch.linalg.solve(G + damp * eye, g_train[n].T)
+        if self_scores:
+            total = total + (g_train[n].T * solved).sum(0)
+        else:
+            total = total - g_query[n] @ solved
     return total

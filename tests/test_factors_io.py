@@ -237,7 +237,7 @@ def test_crash_while_writing_tensor_file_keeps_previous_factors(tmp_path, monkey
     def crash(*args, **kwargs):
         raise OSError("killed (simulated)")
 
-    monkeypatch.setattr(store, "save_file", crash)
+    monkeypatch.setattr(store, "write_safetensors", crash)
     with pytest.raises(OSError, match="simulated"):
         fitted("kfac").save(tmp_path)
     assert len(tensor_files(tmp_path)) == 1

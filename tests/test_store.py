@@ -95,7 +95,7 @@ def test_read_refusals(tmp_path):
         store.read_bundle(FMT, tmp_path)
 
 
-@pytest.mark.parametrize("where", ["save_file", "_fsync", "replace", "sha256_file", "atomic_write_json"])
+@pytest.mark.parametrize("where", ["write_safetensors", "_fsync", "replace", "sha256_file", "atomic_write_json"])
 def test_failure_at_each_step_keeps_the_previous_bundle(tmp_path, monkeypatch, where):
     write(tmp_path, 1.0)
     before = ours(tmp_path)

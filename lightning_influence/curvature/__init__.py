@@ -56,9 +56,12 @@ def strategy_class(name: str) -> type["CurvatureStrategy"]:
     return entry  # type: ignore[return-value]
 
 
-def get_strategy(name: str) -> "CurvatureStrategy":
-    """A strategy object for ``name`` (strategies hold no fitted state: a new one is cheap)."""
-    return strategy_class(name)()
+def get_strategy(name: str, **options) -> "CurvatureStrategy":
+    """A strategy object for ``name`` (strategies hold no fitted state: a new one is cheap).
+
+    ``options`` are the strategy's constructor options (``block_size``, ``block_threshold``).
+    """
+    return strategy_class(name)(**options)
 
 
 def register_strategy(cls: type["CurvatureStrategy"], replace: bool = False) -> type["CurvatureStrategy"]:

@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from lightning_influence.capture import TrackedLayer
+from lightning_influence.capture import TrackedLayer, per_example_gradients
+from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD, check_block_options
 from lightning_influence.errors import FactorsError
 
 __all__ = ["CurvatureStrategy", "StatisticsPass", "DEFAULT_DAMPING_FACTOR", "NOT_STARTED", "COMPLETE"]
@@ -88,6 +89,20 @@ class CurvatureStrategy:
     #: the layer tensors scoring moves to its device, beside the inverse eigenvalues (e.g. eigenbases)
     scoring_tensors: ClassVar[tuple[str, ...]] = ()
 
+    def __init__(self, block_size: int | None = DEFAULT_BLOCK_SIZE,
+                 block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD):
+        """``block_size``/``block_threshold``: Kronecker sides wider than the threshold are kept as diagonal
+        blocks of ``block_size`` (docs/method.md, section 6); strategies without Kronecker sides ignore them.
+        A subclass that defines its own ``__init__`` takes these two keywords and passes them on here:
+        :class:`~lightning_influence.factors.InfluenceFactors` always gives them."""
+        check_block_options(block_size, block_threshold)
+        self.block_size = block_size
+        self.block_threshold = block_threshold
+
+    def options(self) -> dict[str, Any]:
+        """The strategy's own options that change its factors (saved in the fit identity; none by default)."""
+        return {}
+
     # ---------------------------------------------------------------- phases
     @property
     def phases(self) -> tuple[str, ...]:
@@ -145,8 +160,21 @@ class CurvatureStrategy:
         ``inputs`` is what :meth:`pass_inputs` returned for this layer."""
         raise NotImplementedError(f"{type(self).__name__} accumulates no statistics")
 
+    def check_pass(self, pass_name: str, layer: TrackedLayer, tensors: LayerTensors) -> None:
+        """Raise on rank-reduced sums that cannot become factors (run on every rank, before :meth:`finish_pass`)."""
+
     def finish_pass(self, pass_name: str, layer: TrackedLayer, tensors: LayerTensors) -> None:
-        """Turn the (rank-reduced) sums of a pass, already in ``tensors``, into factors, in place."""
+        """Turn the (rank-reduced) sums of a pass, already in ``tensors``, into factors, in place.
+
+        The sums are on the pass's device; what this adds may stay there (the pass moves it to the CPU).
+        """
+
+    def finish_outputs(self, pass_name: str, layer: TrackedLayer,
+                       tensors: LayerTensors) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The tensors :meth:`finish_pass` adds (name -> shape, dtype) when it is expensive enough to be
+        spread over data-parallel ranks by layer: one rank computes a layer's and broadcasts them. Empty
+        (the default): every rank runs :meth:`finish_pass` itself."""
+        return {}
 
     # ------------------------------------------------------------- curvature
     def eigenvalues(self, layer: TrackedLayer, tensors: LayerTensors) -> torch.Tensor:
@@ -181,6 +209,15 @@ class CurvatureStrategy:
     def inverse_quadratic(self, prepared: LayerTensors, grads: torch.Tensor) -> torch.Tensor:
         """``V^T (G + lambda I)^-1 V`` per leading index, for ``V`` ``[B, d_out, d_in]``."""
         return (grads * grads * prepared["inv"]).flatten(1).sum(1)
+
+    def precondition_tokens(self, prepared: LayerTensors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """:meth:`precondition` of the per-example gradients ``DW = sum_t s_t a_t^T`` of tokens ``a`` ``[B, T, d_in]``,
+        ``s`` ``[B, T, d_out]``; strategies with a rotated basis may rotate the tokens instead (cheaper when T < d)."""
+        return self.precondition(prepared, per_example_gradients(a, s))
+
+    def inverse_quadratic_tokens(self, prepared: LayerTensors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """:meth:`inverse_quadratic` of the per-example gradients of tokens ``a``, ``s`` (self-influence)."""
+        return self.inverse_quadratic(prepared, per_example_gradients(a, s))
 
     def dense_matrix(self, layer: TrackedLayer, tensors: LayerTensors) -> torch.Tensor:
         """The layer's curvature ``G`` as an explicit ``(d_out*d_in)^2`` float64 matrix (row-major vec of ``V``).

@@ -20,7 +20,32 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SideLayout"]
+from lightning_influence.errors import OptionsError
+
+__all__ = ["SideLayout", "side_layout", "check_block_options", "DEFAULT_BLOCK_SIZE", "DEFAULT_BLOCK_THRESHOLD"]
+
+# Sides wider than 8192 are kept as blocks of 2048: every side of GPT-2 (768, 3072) and Llama-7B's
+# attention (4096) stays dense, while a 50257-wide head or a 14336-wide MLP side costs d * 2048
+# numbers (838 MB in float64 for 50257) instead of d^2 (20 GB); a 2048-block eigendecomposition
+# takes about a second on one core. The memory plan (memory.py) takes the same two options.
+DEFAULT_BLOCK_SIZE = 2048
+DEFAULT_BLOCK_THRESHOLD = 8192
+
+
+def check_block_options(block_size: int | None, block_threshold: int | None) -> None:
+    """Raise :class:`~lightning_influence.errors.OptionsError` unless both are positive integers or ``None``."""
+    for name, value in (("block_size", block_size), ("block_threshold", block_threshold)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise OptionsError(f"{name} must be a positive integer or None, got {value!r} (block_size=None keeps "
+                               f"every side dense; block_threshold=None blocks every side wider than block_size)")
+
+
+def side_layout(dim: int, block_size: int | None, block_threshold: int | None) -> "SideLayout":
+    """The layout of a side of dimension ``dim``: blocks of ``block_size`` when ``dim`` exceeds
+    ``block_threshold`` (``None``: any side wider than ``block_size``), dense otherwise or when
+    ``block_size`` is ``None``."""
+    blocked = block_size is not None and (block_threshold is None or dim > block_threshold)
+    return SideLayout(dim, block_size if blocked else None)
 
 
 class SideLayout:
@@ -36,6 +61,16 @@ class SideLayout:
         self.block = self.dim if block_size is None or block_size >= dim else int(block_size)
         self.num_blocks = math.ceil(self.dim / self.block)
         self.padded = self.num_blocks * self.block
+
+    @classmethod
+    def of(cls, matrix: torch.Tensor, dim: int) -> "SideLayout":
+        """The layout of a stored covariance or eigenbasis ``matrix`` of a side of dimension ``dim``
+        (``[dim, dim]``: dense; ``[k, b, b]``: blocks of ``b``)."""
+        if matrix.dim() == 2 and tuple(matrix.shape) == (dim, dim):
+            return cls(dim)
+        if matrix.dim() == 3 and matrix.shape[1] == matrix.shape[2] and matrix.shape[0] == math.ceil(dim / matrix.shape[1]):
+            return cls(dim, int(matrix.shape[1]))
+        raise ValueError(f"a side of dimension {dim} cannot be stored as a {tuple(matrix.shape)} matrix")
 
     @property
     def dense(self) -> bool:
@@ -80,26 +115,36 @@ class SideLayout:
         xb = self._split(x).transpose(0, 1)  # [k, N, b]
         return xb.transpose(1, 2) @ xb
 
-    def eigh(self, total: torch.Tensor, count: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues and eigenvectors (float64) of the mean covariance ``total / count``, block by block."""
-        cov = total.to(torch.float64) / count
+    def eigh(self, total: torch.Tensor, count: torch.Tensor | float,
+             dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues and eigenvectors of the mean covariance ``total / count``, block by block,
+        computed in float64 and returned in ``dtype``.
+
+        Each block is symmetrised, ``(C + C^T) / 2`` with ``C = total / count``, in one new float64
+        matrix of its own (a float64 ``total`` is not copied first), so a blocked side never holds
+        more than one block's input and workspace beside its results.
+        """
         if self.dense:
-            cov = 0.5 * (cov + cov.T)
-            vals, vecs = torch.linalg.eigh(cov)
-            return vals, vecs.contiguous()
-        cov = 0.5 * (cov + cov.transpose(1, 2))
-        vals = torch.zeros(self.num_blocks, self.block, dtype=torch.float64, device=cov.device)
-        vecs = torch.zeros_like(cov)
-        full = self.dim // self.block  # blocks with no padding
-        if full:
-            vals[:full], vecs[:full] = torch.linalg.eigh(cov[:full])
-        if full < self.num_blocks:  # the short last block: its real part only, identity on the padding
-            r = self.dim - full * self.block
-            v, q = torch.linalg.eigh(cov[full, :r, :r])
-            vals[full, :r] = v
-            vecs[full, :r, :r] = q
-            vecs[full, r:, r:] = torch.eye(self.block - r, dtype=torch.float64, device=cov.device)
-        return vals, vecs.contiguous()
+            vals, vecs = self._eigh_block(total, count)
+            return vals.to(dtype), vecs.to(dtype)
+        vals = torch.zeros(self.num_blocks, self.block, dtype=dtype, device=total.device)
+        vecs = torch.zeros(self.num_blocks, self.block, self.block, dtype=dtype, device=total.device)
+        r = self.dim - (self.num_blocks - 1) * self.block  # real coordinates of the last block
+        for k in range(self.num_blocks):
+            if k < self.num_blocks - 1 or r == self.block:
+                vals[k], vecs[k] = self._eigh_block(total[k], count)
+            else:  # the short last block: its real part only, identity on the padding
+                vals[k, :r], vecs[k, :r, :r] = self._eigh_block(total[k, :r, :r], count)
+                vecs[k, r:, r:] = torch.eye(self.block - r, dtype=dtype, device=total.device)
+        return vals, vecs
+
+    @staticmethod
+    def _eigh_block(total: torch.Tensor, count: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        total = total.to(torch.float64)
+        cov = total + total.transpose(-1, -2)
+        cov.mul_(0.5 / count)
+        vals, vecs = torch.linalg.eigh(cov)
+        return vals, vecs.contiguous()  # eigh returns column-major; saved files are row-major
 
     def eigenvalues(self, vals: torch.Tensor) -> torch.Tensor:
         """The ``[dim]`` eigenvalues in coordinate order (padding dropped)."""

@@ -11,7 +11,8 @@ import torch
 
 from lightning_influence.capture import TrackedLayer, per_example_gradients
 from lightning_influence.curvature.base import COMPLETE, LayerTensors, StatisticsPass
-from lightning_influence.curvature.kfac import COVARIANCE_PASS, KFACStrategy
+from lightning_influence.curvature.blocks import SideLayout
+from lightning_influence.curvature.kfac import COVARIANCE_PASS, KFACStrategy, rotation_in_token_space, to_eigenbasis
 
 __all__ = ["EKFACStrategy", "LAMBDA_PASS"]
 
@@ -45,11 +46,17 @@ class EKFACStrategy(KFACStrategy):
         if pass_name != LAMBDA_PASS:
             return super().gradient_update(pass_name, layer, a, s, count, inputs)
         qa, qs = inputs
-        # Rotate tokens first: (Q_S^T DW Q_A) = sum_t (Q_S^T s_t)(Q_A^T a_t)^T, cheaper than rotating DW.
-        a_rotated, s_rotated = a @ qa, s @ qs
-        if consumer is not None:  # e.g. the gradient index, written in this pass (docs/method.md, section 7)
-            consumer.add_rotated_tokens(layer.name, a_rotated, s_rotated)
-        rotated = per_example_gradients(a_rotated, s_rotated)
+        a_side, s_side = SideLayout.of(qa, layer.d_in), SideLayout.of(qs, layer.d_out)
+        if consumer is not None or rotation_in_token_space(a.shape[1], layer.d_out, layer.d_in, s_side.block,
+                                                           a_side.block):
+            # (Q_S^T DW Q_A) = sum_t (Q_S^T s_t)(Q_A^T a_t)^T: rotating the tokens is cheaper than rotating DW
+            # (and a consumer, e.g. the gradient index written in this pass, takes the rotated tokens).
+            a_rotated, s_rotated = a_side.rotate(a, qa), s_side.rotate(s, qs)
+            if consumer is not None:  # docs/method.md, section 7
+                consumer.add_rotated_tokens(layer.name, a_rotated, s_rotated)
+            rotated = per_example_gradients(a_rotated, s_rotated)
+        else:  # sequences longer than the layer is wide: rotate the per-example gradient
+            rotated = to_eigenbasis(per_example_gradients(a, s), qs, qa, s_side, a_side)
         return {"lambda_sum": rotated.square_().sum(0),
                 "lambda_count": torch.tensor(float(a.shape[0]), dtype=torch.float64)}
 

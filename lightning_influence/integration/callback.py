@@ -27,6 +27,7 @@ from lightning_influence.factors import InfluenceFactors
 from lightning_influence.loaders import rebuild_loader
 from lightning_influence.options import DEFAULT_DAMPING_FACTOR, FitOptions, ScoreOptions
 from lightning_influence.curvature import DEFAULT_STRATEGY, get_strategy
+from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD
 from lightning_influence.passes import fit_identity, pass_title, remaining_phases, run_phase
 from lightning_influence.progress import length_of, progress_bar
 from lightning_influence.store import describe_differences
@@ -105,6 +106,8 @@ class InfluenceCallback(Callback):
             texts (the paper keeps 10,000); needs training texts (a dataset ``texts`` list or a tokenizer).
         score_layers: report influence through these tracked layers only (e.g. the MLP layers).
         score_dtype: scoring compute dtype: ``float32``, ``float64``, ``bfloat16`` or ``float16``.
+        block_size / block_threshold: K-FAC/EK-FAC sides wider than ``block_threshold`` (default 8192) are
+            kept as diagonal blocks of ``block_size`` (default 2048; ``None``: dense), docs/method.md, section 6.
         index: a directory for a gradient index of the training data (``docs/index.md``): each
             example's compressed, preconditioned gradient, to score new queries later without a pass
             over the training data (``GradientIndex.load(index, factors)``). With ``strategy="ekfac"``,
@@ -156,13 +159,16 @@ class InfluenceCallback(Callback):
         index_seed: int = 0,
         index_dtype: str = "float32",
         index_shard_size: int = 4096,
+        block_size: int | None = DEFAULT_BLOCK_SIZE,
+        block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD,
     ):
         super().__init__()
         try:
             self.fit_options = FitOptions(
                 strategy=strategy, modules=modules, module_types=module_types, fisher=fisher, damping=damping,
                 damping_factor=damping_factor, max_batches=max_batches, max_examples=max_examples, seed=seed,
-                capture_dtype=capture_dtype, stats_dtype=stats_dtype)
+                capture_dtype=capture_dtype, stats_dtype=stats_dtype, block_size=block_size,
+                block_threshold=block_threshold)
             self.score_options = ScoreOptions(query_rank=query_rank, query_svd=query_svd, score_dtype=score_dtype,
                                               layers=score_layers, top_k=top_k, tfidf_candidates=tfidf_candidates)
             self.index_options = None
@@ -372,13 +378,15 @@ class InfluenceCallback(Callback):
         except TrackingError as err:
             raise MisconfigurationException(str(err)) from None
         identity = fit_identity(model, loader, layers, opts.strategy, opts.fisher, opts.max_batches,
-                                opts.max_examples, opts.seed, opts.stats_dtype, opts.capture_dtype)
+                                opts.max_examples, opts.seed, opts.stats_dtype, opts.capture_dtype, opts.block_size,
+                                opts.block_threshold)
         fingerprint = identity["weights"]
         factors = self._resume(layers, identity) if trainer.is_global_zero else None
         factors = self._share_resumed(trainer, factors, layers)
         if factors is None:
             factors = InfluenceFactors(opts.strategy, layers, fisher=opts.fisher, damping=opts.damping,
-                                       damping_factor=opts.damping_factor, metadata={"identity": identity})
+                                       damping_factor=opts.damping_factor, metadata={"identity": identity},
+                                       block_size=opts.block_size, block_threshold=opts.block_threshold)
         pass_loader = rebuild_loader(loader)
         device = device if device is not None else trainer.strategy.root_device
         total = length_of(pass_loader)

@@ -41,6 +41,12 @@ def _dense_cheaper(b: int, t: int, d_out: int, d_in: int, q: int, r: int) -> boo
     return dense < tokens
 
 
+def _full_rank_tokens_cheaper(b: int, t: int, d_out: int, d_in: int, q: int) -> bool:
+    """Whether ``sum_t s_t^T P_q a_t`` beats forming ``DW`` then ``<P_q, DW>``, in multiply-adds:
+    ``Q B T d_out (d_in + 1)`` against ``B d_out d_in (T + Q)`` (true for one query, or one token)."""
+    return q * t * d_out * (d_in + 1) < d_out * d_in * (t + q)
+
+
 def _pair_dot(p: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
     """``<P_q, DW_b>`` for all pairs ``[Q, B]`` as one matmul (einsum takes a ~10x slower path here)."""
     return p.reshape(p.shape[0], -1) @ dw.reshape(dw.shape[0], -1).T
@@ -163,7 +169,7 @@ class InfluenceScorer:
         counts: list[int] = []
 
         def consume(name, a, s):
-            p = self.factors.precondition(name, per_example_gradients(a, s))
+            p = self.factors.precondition_tokens(name, a, s)  # rotates the tokens first where that is cheaper
             if self.query_rank is not None:
                 # Factorise per batch and layer: the full-rank gradients of all queries never coexist.
                 p = low_rank_factorize(p, min(self.query_rank, *p.shape[1:]), self.query_svd)
@@ -214,6 +220,10 @@ class InfluenceScorer:
         if token_wise:
             pa = torch.einsum("qoi,bti->qbto", p, a)
             return -(pa.to(acc) * s.to(acc).unsqueeze(0)).sum(-1)
+        if _full_rank_tokens_cheaper(a.shape[0], a.shape[1], p.shape[1], p.shape[2], p.shape[0]):
+            # sum_t s_t^T P_q a_t: one query (or one token) needs no DW [B, d_out, d_in] at all.
+            pa = (a.reshape(-1, a.shape[-1]) @ p.reshape(-1, p.shape[-1]).T).reshape(*a.shape[:2], p.shape[0], -1)
+            return -torch.einsum("btqo,bto->qb", pa.to(acc), s.to(acc))
         return -_pair_dot(p, per_example_gradients(a, s)).to(acc)
 
     def _stack_layers(self, per_layer: dict[str, torch.Tensor], token_wise: bool) -> torch.Tensor:
@@ -239,8 +249,9 @@ class InfluenceScorer:
         per_layer: dict[str, torch.Tensor] = {}
 
         def consume(name, a, s):
-            dw = per_example_gradients(a.to(self.dtype), s.to(self.dtype))
-            per_layer[name] = self.factors.inverse_quadratic(name, dw).to(self._accumulate_dtype())
+            # Short sequences are rotated into the eigenbasis as tokens, before DW is formed (fewer flops).
+            per_layer[name] = self.factors.inverse_quadratic_tokens(name, a.to(self.dtype), s.to(self.dtype)
+                                                                    ).to(self._accumulate_dtype())
 
         self.stream(batch, False, consume, batch_index)
         return self._stack_layers(per_layer, False)
