@@ -340,6 +340,15 @@ class Compression:
                 f"IndexOptions.keep truncates in the K-FAC/EK-FAC eigenbasis; {factors.strategy} factors have none. "
                 "Use keep=None (projection only) or fit kfac/ekfac factors"
             )
+        blocked = [n for n, t in factors.tensors.items()
+                   if any(t[k].dim() == 3 for k in ("A_eigvecs", "S_eigvecs") if k in t)]
+        if blocked:
+            # The index rotates with dense eigenbases; block-diagonal sides (docs/method.md, section 6) are not
+            # wired into its projections yet: refuse rather than rotate with the wrong basis.
+            raise OptionsError(
+                f"the gradient index does not support block-diagonal factors yet (layers {blocked[:5]} have sides "
+                "kept as blocks); fit the factors with block_size=None for an index, or score those layers exactly"
+            )
         layers = {}
         for name, layer in factors.layers.items():
             curv = _curvature(factors, name, options.preconditioner)
