@@ -44,7 +44,7 @@ def compare(name, model, task, train, queries, strategy, configs, dtype, batch, 
     for label, block_size, threshold in configs:
         t0 = time.perf_counter()
         factors = fit_factors(model, task, loader(train, batch), strategy=strategy, modules=modules,
-                              fisher="empirical", dtype=dtype, block_size=block_size, block_threshold=threshold)
+                              fisher="empirical", capture_dtype=dtype, block_size=block_size, block_threshold=threshold)
         fit_seconds = time.perf_counter() - t0
         scorer = InfluenceScorer(model, task, factors, dtype=dtype)
         scores = scorer.pairwise_scores(loader(queries, len(queries)), loader(train, batch)).double()
@@ -142,7 +142,7 @@ def wide_head(log=print) -> dict:
 
 
 def section(result: dict) -> str:
-    lines = [SECTION_START, "## Block-diagonal factors against full factors", "",
+    lines = [SECTION_START, "## 9. Block-diagonal factors against full factors", "",
              "Written by `benchmarks/blocks.py` (`python -m benchmarks.blocks --lds`; raw numbers in "
              "`benchmarks/results/blocks.json`). Each model is fitted with dense factors and with blocked ones "
              "(docs/method.md, section 6), everything else equal (empirical Fisher, 0.1 x mean eigenvalue damping); "

@@ -205,6 +205,12 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
     if (RESULTS / "index-section.md").exists():  # written by benchmarks/index_bench.py
         w((RESULTS / "index-section.md").read_text().rstrip())
         w("")
+    blocks = _load("blocks.json")  # written by benchmarks/blocks.py
+    if blocks:
+        from .blocks import section as blocks_section
+
+        w(blocks_section(blocks).rstrip())
+        w("")
     return "\n".join(L) + "\n"
 
 

@@ -36,7 +36,7 @@ def blocks_of(block_size, block_threshold):
 def check_against_dense(strategy, model, task, train, queries, loss, measure, block_size, block_threshold,
                         batch_size=4, mask=None):
     factors = fit_factors(model, task, models.split_batch(train, batch_size), strategy=strategy, fisher="empirical",
-                          dtype=torch.float64, block_size=block_size, block_threshold=block_threshold)
+                          capture_dtype=torch.float64, block_size=block_size, block_threshold=block_threshold)
     scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
     modules = {n: model.get_submodule(n) for n in find_tracked_layers(model)}
     rule = blocks_of(block_size, block_threshold)
@@ -173,7 +173,7 @@ def test_float32_statistics_keep_the_blocked_layout_and_agree_with_float64():
     scores = {}
     for dtype in (torch.float64, torch.float32):
         f = fit_factors(model, task, batches, strategy="ekfac", block_size=3, block_threshold=None, stats_dtype=dtype,
-                        dtype=torch.float64)
+                        capture_dtype=torch.float64)
         assert f.tensors["0"]["S_eigvecs"].dtype == dtype and f.tensors["0"]["S_eigvecs"].shape == (3, 3, 3)
         scores[dtype] = InfluenceScorer(model, task, f, dtype=torch.float64).pairwise_scores(queries, batches)
     torch.testing.assert_close(scores[torch.float32], scores[torch.float64], rtol=1e-4,

@@ -127,7 +127,7 @@ def test_eigendecompositions_are_dealt_over_ranks_and_broadcast(tmp_path):
         if strategy == "ekfac":
             assert [sorted(n for p, n in f[strategy] if p == "lambda") for f in finished] == [["0", "2"]] * 2
         single = fit_factors(models.mlp(), ClassificationTask(), models.split_batch(models.mlp_data(16, seed=1), 4),
-                             strategy=strategy, fisher="empirical", dtype=torch.float64, block_size=3,
+                             strategy=strategy, fisher="empirical", capture_dtype=torch.float64, block_size=3,
                              block_threshold=6)
         ranks = [InfluenceFactors.load(tmp_path / f"{strategy}-rank{r}") for r in (0, 1)]
         assert single.tensors["0"]["S_eigvecs"].shape == (3, 3, 3)  # layer 0's 7-wide S side in blocks of 3

@@ -203,6 +203,8 @@ class InfluenceCallback(Callback):
     fisher = property(lambda self: self.fit_options.fisher)
     damping = property(lambda self: self.fit_options.damping)
     damping_factor = property(lambda self: self.fit_options.damping_factor)
+    block_size = property(lambda self: self.fit_options.block_size)
+    block_threshold = property(lambda self: self.fit_options.block_threshold)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
