@@ -45,7 +45,7 @@ def compare(name, model, our_task, kron_task, train_ds, query_ds, modules, dtype
         t0 = time.perf_counter()
         factors = fit_factors(model, our_task, loader(train_ds, batch_size), strategy=strategy, modules=modules,
                               fisher="empirical", damping=None, damping_factor=0.1, capture_dtype=dtype)
-        scorer = InfluenceScorer(model, our_task, factors, dtype=dtype)
+        scorer = InfluenceScorer(model, our_task, factors, score_dtype=dtype)
         ours_l = scorer.pairwise_scores(loader(query_ds, len(query_ds)), loader(train_ds, batch_size),
                                         per_layer=True).double()
         ours = ours_l.sum(0)

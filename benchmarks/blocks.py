@@ -46,7 +46,7 @@ def compare(name, model, task, train, queries, strategy, configs, dtype, batch, 
         factors = fit_factors(model, task, loader(train, batch), strategy=strategy, modules=modules,
                               fisher="empirical", capture_dtype=dtype, block_size=block_size, block_threshold=threshold)
         fit_seconds = time.perf_counter() - t0
-        scorer = InfluenceScorer(model, task, factors, dtype=dtype)
+        scorer = InfluenceScorer(model, task, factors, score_dtype=dtype)
         scores = scorer.pairwise_scores(loader(queries, len(queries)), loader(train, batch)).double()
         self_scores = scorer.self_scores(loader(train, batch)).double()
         if reference is None:

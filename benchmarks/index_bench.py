@@ -168,7 +168,7 @@ def main() -> None:
         out["in_pass_scaling"] = projection_share()
 
         # Exact streaming for the second query set (query gradients timed apart: both paths need them).
-        scorer = InfluenceScorer(model, task, factors, dtype=torch.float32)
+        scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float32)
         with Clock() as qgrad:
             qg = scorer.query_gradients(loader(query, BATCH))
         with Clock() as stream:

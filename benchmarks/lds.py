@@ -115,7 +115,7 @@ def ours_scores(net, train_ds, query_ds, mods, strategy: str, fisher: str = "emp
                           damping=damping, damping_factor=damping_factor, capture_dtype=torch.float64)
     if damping_used is not None and strategy != "identity":
         damping_used.update({name: factors.damping_for(name) for name in mods})
-    return InfluenceScorer(net, task, factors, dtype=torch.float64).pairwise_scores(
+    return InfluenceScorer(net, task, factors, score_dtype=torch.float64).pairwise_scores(
         loader(query_ds, len(query_ds)), loader(train_ds, BATCH)).double()
 
 

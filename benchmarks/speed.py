@@ -117,7 +117,7 @@ def worker(args) -> dict:
         else:
             with PeakRSS(DEVICE) as m:
                 factors = InfluenceFactors.load(fdir)
-                scorer = InfluenceScorer(model, task, factors, dtype=torch.float32,
+                scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float32,
                                          query_rank=args.rank or None)
                 scores = scorer.pairwise_scores(loader(query, BATCH), loader(train, bs))
             result["shape"] = list(scores.shape)
@@ -162,9 +162,9 @@ def profile(args) -> dict:
     jobs = {
         "fit": lambda: fit_factors(model, task, loader(train_fit, BATCH), strategy="ekfac", modules=mods,
                                    fisher="empirical", capture_dtype=torch.float32),
-        "score_full": lambda: InfluenceScorer(model, task, factors(args.n), dtype=torch.float32).pairwise_scores(
+        "score_full": lambda: InfluenceScorer(model, task, factors(args.n), score_dtype=torch.float32).pairwise_scores(
             loader(query, BATCH), loader(train_score, BATCH)),
-        "score_rank32": lambda: InfluenceScorer(model, task, factors(args.n_rank), dtype=torch.float32,
+        "score_rank32": lambda: InfluenceScorer(model, task, factors(args.n_rank), score_dtype=torch.float32,
                                                 query_rank=32).pairwise_scores(loader(query_rank, BATCH),
                                                                                loader(train_rank, BATCH)),
     }

@@ -71,9 +71,9 @@ def test_namedtuple_batches_fit_and_score_like_tuples():
     for name in ref.layers:
         for key, value in ref.tensors[name].items():
             torch.testing.assert_close(got.tensors[name][key], value, rtol=0, atol=0)
-    scores_ref = InfluenceScorer(model, ClassificationTask(), ref, dtype=torch.float64).pairwise_scores(
+    scores_ref = InfluenceScorer(model, ClassificationTask(), ref, score_dtype=torch.float64).pairwise_scores(
         tuples[:1], tuples)
-    scores = InfluenceScorer(model, AttributeTask(), got, dtype=torch.float64).pairwise_scores(pairs[:1], pairs)
+    scores = InfluenceScorer(model, AttributeTask(), got, score_dtype=torch.float64).pairwise_scores(pairs[:1], pairs)
     torch.testing.assert_close(scores, scores_ref, rtol=0, atol=0)
     assert scores.shape == (4, 16) and scores.abs().sum() > 0
 
@@ -89,8 +89,8 @@ def test_batch_encoding_batches_fit_and_score_like_dicts():
     for name in ref.layers:
         for key, value in ref.tensors[name].items():
             torch.testing.assert_close(got.tensors[name][key], value, rtol=0, atol=0)
-    ref_scores = InfluenceScorer(model, CausalLMTask(), ref, dtype=torch.float64).pairwise_scores(dicts[:1], dicts)
-    scores = InfluenceScorer(model, task, got, dtype=torch.float64).pairwise_scores(encodings[:1], encodings)
+    ref_scores = InfluenceScorer(model, CausalLMTask(), ref, score_dtype=torch.float64).pairwise_scores(dicts[:1], dicts)
+    scores = InfluenceScorer(model, task, got, score_dtype=torch.float64).pairwise_scores(encodings[:1], encodings)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
 
 

@@ -37,7 +37,7 @@ def check_against_dense(strategy, model, task, train, queries, loss, measure, bl
                         batch_size=4, mask=None):
     factors = fit_factors(model, task, models.split_batch(train, batch_size), strategy=strategy, fisher="empirical",
                           capture_dtype=torch.float64, block_size=block_size, block_threshold=block_threshold)
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64)
     modules = {n: model.get_submodule(n) for n in find_tracked_layers(model)}
     rule = blocks_of(block_size, block_threshold)
     ours = scorer.pairwise_scores(models.split_batch(queries, 2), models.split_batch(train, batch_size))
@@ -175,7 +175,7 @@ def test_float32_statistics_keep_the_blocked_layout_and_agree_with_float64():
         f = fit_factors(model, task, batches, strategy="ekfac", block_size=3, block_threshold=None, stats_dtype=dtype,
                         capture_dtype=torch.float64)
         assert f.tensors["0"]["S_eigvecs"].dtype == dtype and f.tensors["0"]["S_eigvecs"].shape == (3, 3, 3)
-        scores[dtype] = InfluenceScorer(model, task, f, dtype=torch.float64).pairwise_scores(queries, batches)
+        scores[dtype] = InfluenceScorer(model, task, f, score_dtype=torch.float64).pairwise_scores(queries, batches)
     torch.testing.assert_close(scores[torch.float32], scores[torch.float64], rtol=1e-4,
                                atol=1e-5 * float(scores[torch.float64].abs().max()))
 

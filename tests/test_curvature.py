@@ -186,7 +186,7 @@ def test_new_strategy_fits_scores_saves_and_loads(scalar, tmp_path):
     factors = fit_factors(model, task, models.split_batch(train, 5), strategy="scalar", fisher="empirical",
                           capture_dtype=torch.float64, output_dir=tmp_path)
     assert isinstance(factors.curvature, ScalarStrategy) and factors.is_complete
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64)
     pairwise = scorer.pairwise_scores(models.split_batch(queries, 2), models.split_batch(train, 5))
     own = scorer.self_scores(models.split_batch(train, 5))
 
@@ -210,7 +210,7 @@ def test_new_strategy_fits_scores_saves_and_loads(scalar, tmp_path):
     assert manifest["strategy"] == "scalar" and manifest["phase"] == COMPLETE
     loaded = InfluenceFactors.load(tmp_path)
     assert isinstance(loaded.curvature, ScalarStrategy) and loaded.tensors["0"].keys() == factors.tensors["0"].keys()
-    again = InfluenceScorer(model, task, loaded, dtype=torch.float64).pairwise_scores(
+    again = InfluenceScorer(model, task, loaded, score_dtype=torch.float64).pairwise_scores(
         models.split_batch(queries, 2), models.split_batch(train, 5))
     torch.testing.assert_close(again, pairwise, rtol=0, atol=0)
 

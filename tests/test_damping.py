@@ -92,7 +92,7 @@ def test_absolute_damping_is_used_as_given(strategy):
     damping = 0.037
     factors = fit(model, train, strategy, damping=damping)
     assert all(factors.damping_for(n) == damping for n in factors.layers)
-    scorer = InfluenceScorer(model, ClassificationTask(), factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, ClassificationTask(), factors, score_dtype=torch.float64)
     ours = scorer.pairwise_scores([queries], models.split_batch(train, 5))
     expected = explicit_scores(strategy, model, modules, train, queries, damping)
     torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()))
@@ -110,11 +110,11 @@ def test_absolute_damping_is_used_as_given(strategy):
 
     # with_damping gives the same scores as fitting with that damping, and another damping other scores.
     view = fit(model, train, strategy).with_damping(damping)
-    again = InfluenceScorer(model, ClassificationTask(), view, dtype=torch.float64).pairwise_scores(
+    again = InfluenceScorer(model, ClassificationTask(), view, score_dtype=torch.float64).pairwise_scores(
         [queries], models.split_batch(train, 5))
     torch.testing.assert_close(again, ours, rtol=1e-10, atol=0)
     heuristic = InfluenceScorer(model, ClassificationTask(), fit(model, train, strategy),
-                                dtype=torch.float64).pairwise_scores([queries], models.split_batch(train, 5))
+                                score_dtype=torch.float64).pairwise_scores([queries], models.split_batch(train, 5))
     assert not torch.allclose(heuristic, ours, rtol=1e-3)
 
 
@@ -122,6 +122,6 @@ def test_zero_damping_on_zero_curvature_is_refused():
     model = models.mlp(bias=False)
     x, y = models.mlp_data(6)
     factors = fit_factors(model, ClassificationTask(), [(torch.zeros_like(x), y)], strategy="kfac", damping=0.0)
-    scorer = InfluenceScorer(model, ClassificationTask(), factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, ClassificationTask(), factors, score_dtype=torch.float64)
     with pytest.raises(FactorsError, match="zero curvature and zero damping"):
         scorer.pairwise_scores([(x, y)], [(x, y)])

@@ -37,6 +37,6 @@ def test_cuda_bf16_scoring_correlates_with_float32():
     task = ClassificationTask()
     factors = fit_factors(model, task, train, strategy="ekfac", fisher="empirical")
     ref = InfluenceScorer(model, task, factors).pairwise_scores(queries, train)
-    bf16 = InfluenceScorer(model, task, factors, dtype=torch.bfloat16).pairwise_scores(queries, train)
+    bf16 = InfluenceScorer(model, task, factors, score_dtype=torch.bfloat16).pairwise_scores(queries, train)
     corr = torch.corrcoef(torch.stack([ref.flatten(), bf16.float().flatten()]))[0, 1]
     assert corr > 0.99

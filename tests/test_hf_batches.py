@@ -52,7 +52,7 @@ def split(batch, size):
 
 def scores(model, task, train, queries, strategy):
     factors = fit_factors(model, task, train, strategy=strategy, fisher="empirical", capture_dtype=torch.float64)
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64)
     return scorer.pairwise_scores(queries, train), scorer.self_scores(train)
 
 

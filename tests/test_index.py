@@ -47,7 +47,7 @@ def test_wide_projection_reproduces_exact_scores(tmp_path, mlp_case, strategy, p
     order although shards hold 5 examples and batches 4."""
     model, train, queries = mlp_case
     factors = fitted(strategy, model, train)
-    scorer = InfluenceScorer(model, TASK, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, TASK, factors, score_dtype=torch.float64)
     exact = scorer.pairwise_scores(models.split_batch(queries, 2), models.split_batch(train, 4))
     options = IndexOptions(projection_dim=8, preconditioner=placement, shard_size=5)
     build_index(model, TASK, factors, models.split_batch(train, 4), tmp_path, options, dtype=torch.float64)
@@ -74,7 +74,7 @@ def test_wide_index_on_padded_sequences_and_low_rank_queries(tmp_path, strategy)
                 dtype=torch.float64)
     index = GradientIndex.load(tmp_path, factors, model)
     for rank in (None, 2):
-        scorer = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=rank, query_svd="exact")
+        scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64, query_rank=rank, query_svd="exact")
         exact = scorer.pairwise_scores(models.split_batch(queries, 3), models.split_batch(train, 4))
         assert_scores_close(index.scores(scorer.query_gradients(models.split_batch(queries, 3)), dtype=torch.float64),
                             exact)
@@ -94,7 +94,7 @@ def test_truncation_keeps_the_highest_energy_coordinates_exactly(mlp_case):
     g_train = dense.per_example_grads(model, {n: model.get_submodule(n) for n in factors.layers}, ce_loss, train)
     g_query = dense.per_example_grads(model, {n: model.get_submodule(n) for n in factors.layers}, ce_measure, queries)
     acts, grads = _tokens(model, train, factors.layers)
-    qg = InfluenceScorer(model, TASK, factors, dtype=torch.float64).query_gradients([queries])
+    qg = InfluenceScorer(model, TASK, factors, score_dtype=torch.float64).query_gradients([queries])
     qv = comp.query_vectors(qg, factors, torch.float64)
     ours = torch.zeros(3, 16, dtype=torch.float64)
     expected = torch.zeros(3, 16, dtype=torch.float64)
@@ -124,7 +124,7 @@ def test_projected_dot_products_are_unbiased(mlp_case, projection, placement):
     model, train, queries = mlp_case
     factors = fitted("ekfac", model, train)
     acts, grads = _tokens(model, train, factors.layers)
-    qg = InfluenceScorer(model, TASK, factors, dtype=torch.float64).query_gradients([queries])
+    qg = InfluenceScorer(model, TASK, factors, score_dtype=torch.float64).query_gradients([queries])
     p = 2
     samples = []  # [seeds, L, Q, N]: each layer's projected score
     for seed in range(600):
@@ -137,7 +137,7 @@ def test_projected_dot_products_are_unbiased(mlp_case, projection, placement):
             per_layer.append(qv[:, comp.slices()[n]] @ rows.T)
         samples.append(torch.stack(per_layer))
     samples = torch.stack(samples)
-    exact = InfluenceScorer(model, TASK, factors, dtype=torch.float64).pairwise_scores([queries], [train])
+    exact = InfluenceScorer(model, TASK, factors, score_dtype=torch.float64).pairwise_scores([queries], [train])
     mean = samples.sum(1).mean(0)
     stderr = samples.sum(1).std(0) / samples.shape[0] ** 0.5
     assert ((mean - exact).abs() <= 4.5 * stderr).all()
@@ -250,7 +250,7 @@ def test_query_placement_depends_on_the_eigenbasis_only(tmp_path, mlp_case):
     build_index(model, TASK, factors, models.split_batch(train, 4), tmp_path,
                 IndexOptions(projection_dim=None, preconditioner="query"), dtype=torch.float64)
     damped = factors.with_damping(0.5)
-    scorer = InfluenceScorer(model, TASK, damped, dtype=torch.float64)
+    scorer = InfluenceScorer(model, TASK, damped, score_dtype=torch.float64)
     exact = scorer.pairwise_scores([queries], models.split_batch(train, 4))
     index = GradientIndex.load(tmp_path, damped, model)
     assert_scores_close(index.scores(scorer.query_gradients([queries]), dtype=torch.float64), exact)
@@ -284,7 +284,7 @@ def test_index_built_inside_the_eigenvalue_correction_pass(tmp_path, mlp_case, c
                     n, a @ qa_qs[n][0], s @ qa_qs[n][1]))
         writer.end_batch()
     writer.close()
-    scorer = InfluenceScorer(model, TASK, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, TASK, factors, score_dtype=torch.float64)
     exact = scorer.pairwise_scores([queries], models.split_batch(train, 4))
     index = GradientIndex.load(tmp_path, factors, model)
     assert_scores_close(index.scores(scorer.query_gradients([queries]), dtype=torch.float64), exact)
@@ -317,7 +317,7 @@ def test_cosine_scores_are_normalised_whitened_scores(tmp_path, mlp_case):
     model, train, queries = mlp_case
     factors = fitted("ekfac", model, train)
     batches = models.split_batch(train, 4)
-    scorer = InfluenceScorer(model, TASK, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, TASK, factors, score_dtype=torch.float64)
     exact = scorer.pairwise_scores([queries], batches)
     self_train = scorer.self_scores(batches)
     qg = scorer.query_gradients([queries])
@@ -344,7 +344,7 @@ def test_two_stage_top_k_equals_exact_top_k(tmp_path):
     loader = DataLoader(TensorDataset(*train), batch_size=8)
     build_index(model, TASK, factors, loader, tmp_path, IndexOptions(projection_dim=2))
     index = GradientIndex.load(tmp_path, factors, model, loader)
-    scorer = InfluenceScorer(model, TASK, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, TASK, factors, score_dtype=torch.float64)
     qg = scorer.query_gradients([queries])
     exact = scorer.pairwise_scores([queries], loader)
     k = 3
@@ -363,7 +363,7 @@ def test_two_stage_top_k_equals_exact_top_k(tmp_path):
         index.top_k(qg, k, rescore=2, scorer=scorer, train_loader=loader)
     with pytest.raises(GradientIndexError, match="scorer and the training dataloader"):
         index.top_k(qg, k, rescore=10)
-    other = InfluenceScorer(model, TASK, factors.with_damping(1.0), dtype=torch.float64)
+    other = InfluenceScorer(model, TASK, factors.with_damping(1.0), score_dtype=torch.float64)
     with pytest.raises(GradientIndexError, match="other factors"):
         index.top_k(qg, k, rescore=10, scorer=other, train_loader=loader)
 
@@ -412,7 +412,7 @@ def test_approximate_search_with_faiss(tmp_path, mlp_case, monkeypatch):
     loader = DataLoader(TensorDataset(*train), batch_size=4)
     build_index(model, TASK, factors, loader, tmp_path, IndexOptions(projection_dim=3))
     index = GradientIndex.load(tmp_path, factors)
-    scorer = InfluenceScorer(model, TASK, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, TASK, factors, score_dtype=torch.float64)
     qg = scorer.query_gradients([queries])
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
@@ -474,7 +474,7 @@ def test_queries_compressed_from_their_tokens(tmp_path, mlp_case, placement):
     build_index(model, TASK, factors, models.split_batch(train, 4), tmp_path,
                 IndexOptions(projection_dim=3, keep=4, preconditioner=placement), dtype=torch.float64)
     index = GradientIndex.load(tmp_path, factors)
-    scorer = InfluenceScorer(model, TASK, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, TASK, factors, score_dtype=torch.float64)
     direct = index.compress_queries(scorer, models.split_batch(queries, 2))
     via = index.query_vectors(scorer.query_gradients(models.split_batch(queries, 2)), dtype=torch.float64)
     torch.testing.assert_close(direct, via, rtol=1e-9, atol=1e-9 * float(via.abs().max()))

@@ -57,7 +57,7 @@ def test_run_phase_consumer_writes_the_index_inside_the_lambda_pass(tmp_path):
     for name in layers:
         torch.testing.assert_close(factors.tensors[name]["lambda_sum"], plain.tensors[name]["lambda_sum"])
     queries = models.mlp_data(3, seed=2)
-    scorer = InfluenceScorer(model, ClassificationTask(), factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, ClassificationTask(), factors, score_dtype=torch.float64)
     index = GradientIndex.load(tmp_path, factors, model, loader)
     ours = index.scores(scorer.query_gradients([queries]), dtype=torch.float64)
     assert_scores_close(ours, scorer.pairwise_scores([queries], loader))

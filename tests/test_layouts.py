@@ -127,7 +127,7 @@ def test_sequence_first_scores_match_dense(strategy):
     task = ClassificationTask()
     factors = fit_factors(model, task, models.split_batch(train, 3), strategy=strategy, modules=patterns,
                           fisher="empirical", capture_dtype=torch.float64)
-    scores = InfluenceScorer(model, task, factors, dtype=torch.float64).pairwise_scores(
+    scores = InfluenceScorer(model, task, factors, score_dtype=torch.float64).pairwise_scores(
         [queries], models.split_batch(train, 3))
     layers = find_tracked_layers(model, patterns)
     ref = dense.dense_scores(strategy, model, {n: model.get_submodule(n) for n in layers}, ce_sum,
@@ -171,7 +171,7 @@ def unpadded_singles(batch):
 
 def fit_and_score(model, task, train_batches, queries, strategy):
     factors = fit_factors(model, task, train_batches, strategy=strategy, fisher="empirical", capture_dtype=torch.float64)
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64)
     return factors, scorer.pairwise_scores(queries, train_batches), scorer.self_scores(train_batches)
 
 

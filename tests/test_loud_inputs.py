@@ -59,7 +59,7 @@ def test_randomized_query_svd_is_seeded_and_leaves_the_global_rng_alone():
     task = ClassificationTask()
     factors = fit_factors(model, task, [train], strategy="ekfac", capture_dtype=torch.float64)
     # rank 2 + 8 oversampled directions < 13 = min(16, 12 + bias): the randomized path is taken
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=2, query_svd="randomized")
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64, query_rank=2, query_svd="randomized")
     results = []
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)

@@ -47,9 +47,9 @@ def test_full_rank_equals_full_matrix(request, case, strategy):
         model, task, factors, train, queries = request.getfixturevalue("gpt2")
     else:
         model, task, factors, train, queries = CASES[case](strategy)
-    full = InfluenceScorer(model, task, factors, dtype=torch.float64).pairwise_scores(queries, train)
+    full = InfluenceScorer(model, task, factors, score_dtype=torch.float64).pairwise_scores(queries, train)
     # Every layer at its own full rank (the rank is clipped per layer to min(d_out, d_in)).
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=max_full_rank(factors))
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64, query_rank=max_full_rank(factors))
     qg = scorer.query_gradients(queries)
     for name, layer in factors.layers.items():
         assert qg.left[name].shape[-1] == min(layer.shape)
@@ -62,8 +62,8 @@ def test_full_rank_equals_full_matrix(request, case, strategy):
 @pytest.mark.parametrize("rank", [1, 2, 5])
 def test_reported_errors_are_the_relative_frobenius_errors(gpt2, rank):
     model, task, factors, train, queries = gpt2
-    full = InfluenceScorer(model, task, factors, dtype=torch.float64).query_gradients(queries)
-    low = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=rank,
+    full = InfluenceScorer(model, task, factors, score_dtype=torch.float64).query_gradients(queries)
+    low = InfluenceScorer(model, task, factors, score_dtype=torch.float64, query_rank=rank,
                           query_svd="exact").query_gradients(queries)
     assert low.rank == rank
     for name in factors.layers:
@@ -83,7 +83,7 @@ def test_reported_errors_are_the_relative_frobenius_errors(gpt2, rank):
 def test_low_rank_scores_are_scores_of_the_approximation(gpt2):
     """At any rank, the low-rank contraction equals full-matrix scoring of U V^T."""
     model, task, factors, train, queries = gpt2
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=2)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64, query_rank=2)
     low = scorer.query_gradients(queries)
     as_full = QueryGradients(low.layer_names, low.num_queries,
                              full={n: low.left[n] @ low.right[n].transpose(-1, -2) for n in low.layer_names})
@@ -134,7 +134,7 @@ def test_scorer_rejects_rank_beyond_every_layer():
 @pytest.mark.parametrize("rank", [None, 2, 9])
 def test_token_wise_scores_sum_to_sequence_scores(gpt2, rank):
     model, task, factors, train, queries = gpt2
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=rank)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64, query_rank=rank)
     qg = scorer.query_gradients(queries)
     for i, batch in enumerate(train):
         seq = scorer.score_batch(qg, batch, i)
@@ -152,7 +152,7 @@ def test_token_wise_scores_sum_to_sequence_scores(gpt2, rank):
 @pytest.mark.parametrize("rank", [None, 2])
 def test_float64_stays_float64(gpt2, rank):
     model, task, factors, train, queries = gpt2
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=rank)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64, query_rank=rank)
     qg = scorer.query_gradients(queries)
     assert scorer.score_batch(qg, train[0]).dtype == torch.float64
     assert scorer.score_batch(qg, train[0], token_wise=True).dtype == torch.float64
@@ -166,15 +166,15 @@ def test_both_low_rank_contractions_give_the_same_scores(gpt2, monkeypatch, dens
 
     model, task, factors, train, queries = gpt2
     full_rank = max_full_rank(factors)
-    expected = InfluenceScorer(model, task, factors, dtype=torch.float64,
+    expected = InfluenceScorer(model, task, factors, score_dtype=torch.float64,
                                query_rank=full_rank).pairwise_scores(queries, train)
     monkeypatch.setattr(scoring, "_dense_cheaper", lambda *a: dense)
     monkeypatch.setattr(scoring, "_CHUNK_ELEMENTS", 64)  # several query chunks even on tiny layers
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=rank or full_rank)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64, query_rank=rank or full_rank)
     got = scorer.pairwise_scores(queries, train)
     if rank is None:
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))
     else:
         monkeypatch.setattr(scoring, "_dense_cheaper", lambda *a: not dense)
-        other = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=rank).pairwise_scores(queries, train)
+        other = InfluenceScorer(model, task, factors, score_dtype=torch.float64, query_rank=rank).pairwise_scores(queries, train)
         torch.testing.assert_close(got, other, rtol=1e-8, atol=1e-10 * float(other.abs().max()))

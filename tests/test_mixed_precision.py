@@ -1,6 +1,6 @@
 """Accuracy of bf16/fp16 compute against float32 on the tiny GPT-2 (run with -s to see the numbers).
 
-``InfluenceScorer(dtype=bf16|fp16)`` captures activations/gradients and preconditions the
+``InfluenceScorer(score_dtype=bf16|fp16)`` captures activations/gradients and preconditions the
 queries in float32 (its accumulation dtype) and runs the scoring contractions in the low
 precision, accumulating the products in float32.
 """
@@ -31,7 +31,7 @@ def setup():
     queries = [models.lm_batch(6, vocab=11, max_len=7, seed=3, prompt_len=3)]
     task = CausalLMTask()
     factors = fit_factors(model, task, train, strategy="ekfac", fisher="empirical")
-    reference = {rank: InfluenceScorer(model, task, factors, dtype=torch.float32, query_rank=rank)
+    reference = {rank: InfluenceScorer(model, task, factors, score_dtype=torch.float32, query_rank=rank)
                  .pairwise_scores(queries, train) for rank in (None, 4)}
     return model, task, factors, train, queries, reference
 
@@ -41,7 +41,7 @@ def setup():
 def test_low_precision_compute_tracks_float32(setup, dtype, rank):
     model, task, factors, train, queries, reference = setup
     reference = reference[rank]
-    scores = InfluenceScorer(model, task, factors, dtype=dtype, query_rank=rank).pairwise_scores(queries, train)
+    scores = InfluenceScorer(model, task, factors, score_dtype=dtype, query_rank=rank).pairwise_scores(queries, train)
     assert scores.dtype == torch.float32  # accumulated and returned in float32
     rel, pearson = errors(scores, reference)
     show(f"{dtype} compute, query_rank={rank}", rel, pearson)
@@ -55,7 +55,7 @@ def test_low_precision_model_weights(setup, dtype):
     model, task, factors, train, queries, reference = setup
     reference = reference[None]
     low = models.tiny_gpt2().to(dtype)
-    scores = InfluenceScorer(low, task, factors, dtype=dtype).pairwise_scores(queries, train)
+    scores = InfluenceScorer(low, task, factors, score_dtype=dtype).pairwise_scores(queries, train)
     rel, pearson = errors(scores, reference)
     show(f"{dtype} model and compute", rel, pearson)
     assert pearson > 0.99
@@ -67,7 +67,7 @@ def test_float32_against_float64(setup):
     scores32 = reference[None]
     model64 = models.tiny_gpt2()
     factors64 = fit_factors(model64, task, train, strategy="ekfac", fisher="empirical", capture_dtype=torch.float64)
-    scores64 = InfluenceScorer(model64, task, factors64, dtype=torch.float64).pairwise_scores(queries, train)
+    scores64 = InfluenceScorer(model64, task, factors64, score_dtype=torch.float64).pairwise_scores(queries, train)
     rel, pearson = errors(scores32, scores64)
     show("float32 against float64", rel, pearson)
     assert rel < 1e-3 and pearson > 0.9999
@@ -94,8 +94,8 @@ def test_float32_statistics_match_float64(tmp_path, strategy):
                                            atol=1e-6 * float(ref.tensors[name][key].abs().max()))
     loaded = InfluenceFactors.load(tmp_path)
     assert all(loaded.tensors[n][k].dtype == v.dtype for n, t in low.tensors.items() for k, v in t.items())
-    expected = InfluenceScorer(model, task, ref, dtype=torch.float64).pairwise_scores(queries, train)
-    got = InfluenceScorer(model, task, loaded, dtype=torch.float64).pairwise_scores(queries, train)
+    expected = InfluenceScorer(model, task, ref, score_dtype=torch.float64).pairwise_scores(queries, train)
+    got = InfluenceScorer(model, task, loaded, score_dtype=torch.float64).pairwise_scores(queries, train)
     rel, pearson = errors(got, expected)
     show(f"float32 statistics ({strategy})", rel, pearson)
     assert rel < 1e-5 and pearson > 1 - 1e-10

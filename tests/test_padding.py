@@ -53,7 +53,7 @@ def fit_and_score(model, train, queries, strategy, fisher):
     task = CausalLMTask()
     factors = fit_factors(model, task, models.split_batch(train, 3), strategy=strategy, fisher=fisher,
                           capture_dtype=torch.float64)
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64)
     pair = scorer.pairwise_scores([queries], models.split_batch(train, 3))
     own = scorer.self_scores(models.split_batch(train, 3))
     return factors, pair, own

@@ -22,14 +22,14 @@ def case():
     queries = models.split_batch(models.mlp_data(4, seed=2), 3)
     task = ClassificationTask()
     factors = fit_factors(model, task, train, strategy="ekfac", fisher="empirical", capture_dtype=torch.float64)
-    full = InfluenceScorer(model, task, factors, dtype=torch.float64).pairwise_scores(queries, train)
+    full = InfluenceScorer(model, task, factors, score_dtype=torch.float64).pairwise_scores(queries, train)
     return model, task, factors, train, queries, full
 
 
 @pytest.mark.parametrize("rank", [None, 2, 6])
 def test_round_trip_scores_equal_full_path(case, tmp_path, rank):
     model, task, factors, train, queries, full = case
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=rank)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64, query_rank=rank)
     qg = scorer.query_gradients(queries)
     save_query_gradients(qg, tmp_path, factors, META)
     loaded, meta = load_query_gradients(tmp_path, factors=factors, layers=scorer.layer_names)
@@ -68,7 +68,7 @@ def test_factors_loaded_from_disk_keep_their_fingerprint(case, tmp_path):
 
 def test_refuses_other_factors(case, tmp_path):
     model, task, factors, train, queries, _ = case
-    qg = InfluenceScorer(model, task, factors, dtype=torch.float64).query_gradients(queries)
+    qg = InfluenceScorer(model, task, factors, score_dtype=torch.float64).query_gradients(queries)
     save_query_gradients(qg, tmp_path, factors, META)
     kfac = fit_factors(model, task, train, strategy="kfac", fisher="empirical", capture_dtype=torch.float64)
     with pytest.raises(QueryStoreError, match="ekfac factors, but kfac factors were given.*recompute"):
@@ -83,7 +83,7 @@ def test_refuses_other_factors(case, tmp_path):
 
 def test_refuses_other_layers_and_shapes(case, tmp_path):
     model, task, factors, _, queries, _ = case
-    qg = InfluenceScorer(model, task, factors, dtype=torch.float64).query_gradients(queries)
+    qg = InfluenceScorer(model, task, factors, score_dtype=torch.float64).query_gradients(queries)
     save_query_gradients(qg, tmp_path, factors)
     names = list(factors.layers)
     sub, meta = load_query_gradients(tmp_path, factors=factors, layers=names[1:])
@@ -104,11 +104,11 @@ def test_refuses_other_layers_and_shapes(case, tmp_path):
 
 def test_atomic_replacement_and_corruption(case, tmp_path, monkeypatch):
     model, task, factors, _, queries, _ = case
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64)
     qg = scorer.query_gradients(queries)
     save_query_gradients(qg, tmp_path, factors, META)
     first = json.loads((tmp_path / "manifest.json").read_text())["tensor_file"]
-    low = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=1).query_gradients(queries)
+    low = InfluenceScorer(model, task, factors, score_dtype=torch.float64, query_rank=1).query_gradients(queries)
     save_query_gradients(low, tmp_path, factors, META)
     second = json.loads((tmp_path / "manifest.json").read_text())["tensor_file"]
     assert first != second and not (tmp_path / first).exists()  # the replaced tensor file is gone

@@ -35,7 +35,7 @@ def lm_measure(model, batch):
 def run_case(strategy, model, task, train, queries, loss, measure, mask=None, batch_size=4):
     factors = fit_factors(model, task, models.split_batch(train, batch_size), strategy=strategy,
                           fisher="empirical", capture_dtype=torch.float64)
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64)
     ours = scorer.pairwise_scores(models.split_batch(queries, 2), models.split_batch(train, batch_size))
     modules = {n: model.get_submodule(n) for n in find_tracked_layers(model)}
     expected = dense.dense_scores(strategy, model, modules, loss, measure, train, queries, mask)
@@ -102,7 +102,7 @@ def test_identity_is_plain_gradient_dot_product_from_torch_func():
     flat = lambda g: torch.cat([v.flatten(1) for v in g.values()], 1)  # noqa: E731
     expected = -(-flat(gq)) @ flat(gt).T  # grad f = -grad loss_q
     factors = fit_factors(model, ClassificationTask(), [train], strategy="identity")
-    ours = InfluenceScorer(model, ClassificationTask(), factors, dtype=torch.float64).pairwise_scores([queries], [train])
+    ours = InfluenceScorer(model, ClassificationTask(), factors, score_dtype=torch.float64).pairwise_scores([queries], [train])
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -112,7 +112,7 @@ def test_positive_score_means_training_step_raises_query_likelihood():
     train, queries = models.mlp_data(8, seed=1), models.mlp_data(2, seed=2)
     task = ClassificationTask()
     factors = fit_factors(model, task, [train], strategy="identity")
-    scores = InfluenceScorer(model, task, factors, dtype=torch.float64).pairwise_scores([queries], [train])
+    scores = InfluenceScorer(model, task, factors, score_dtype=torch.float64).pairwise_scores([queries], [train])
     lr = 1e-6
     before = torch.stack([task.measurement(model, dense.single(queries, q)) for q in range(2)]).detach()
     for m in range(8):
@@ -132,7 +132,7 @@ def test_self_scores_match_dense_diagonal(strategy):
     train = models.mlp_data(10, seed=1)
     task = ClassificationTask()
     factors = fit_factors(model, task, models.split_batch(train, 4), strategy=strategy, fisher="empirical")
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64)
     self_scores = scorer.self_scores(models.split_batch(train, 4))
     # Self-influence is score(m, m) with the measurement = -loss of m itself.
     pair = scorer.pairwise_scores(models.split_batch(train, 4), models.split_batch(train, 4))
@@ -147,7 +147,7 @@ def test_layer_scores_sum_to_total(strategy):
     queries = models.lm_batch(2, vocab=11, max_len=7, seed=3, prompt_len=2)
     task = CausalLMTask()
     factors = fit_factors(model, task, [train], strategy=strategy, fisher="empirical", capture_dtype=torch.float64)
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64)
     per_layer = scorer.pairwise_scores([queries], [train], per_layer=True)
     assert per_layer.shape == (len(factors.layers), 2, 4)
     torch.testing.assert_close(per_layer.sum(0), scorer.pairwise_scores([queries], [train]))

@@ -24,7 +24,7 @@ def test_one_output_regression(strategy):
     queries = (torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(3, 1, generator=g, dtype=torch.float64))
     task = RegressionTask()
     factors = fit_factors(model, task, [train], strategy=strategy, fisher="empirical", capture_dtype=torch.float64)
-    ours = InfluenceScorer(model, task, factors, dtype=torch.float64).pairwise_scores([queries], [train])
+    ours = InfluenceScorer(model, task, factors, score_dtype=torch.float64).pairwise_scores([queries], [train])
     modules = {n: model.get_submodule(n) for n in find_tracked_layers(model)}
     expected = dense.dense_scores(strategy, model, modules, loss, lambda m, b: -loss(m, b), train, queries)
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-8 * float(expected.abs().max()))

@@ -110,7 +110,7 @@ def test_load_or_fit_caches_next_to_factors(tmp_path, monkeypatch):
 @pytest.mark.parametrize("rank", [None, 2])
 def test_filtered_scores_equal_full_matrix_at_candidates(lm, rank):
     model, task, factors, dataset, train_batches, query_batches = lm
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64, query_rank=rank)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64, query_rank=rank)
     full = scorer.pairwise_scores(query_batches, train_batches)
     queries = scorer.query_gradients(query_batches)
     candidates = TfidfCandidates.fit(TRAIN).top_k(QUERIES, 5)
@@ -125,7 +125,7 @@ def test_filtered_scores_equal_full_matrix_at_candidates(lm, rank):
 
 def test_filtered_scores_validates_candidates(lm):
     model, task, factors, dataset, _, query_batches = lm
-    scorer = InfluenceScorer(model, task, factors, dtype=torch.float64)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float64)
     queries = scorer.query_gradients(query_batches)
     with pytest.raises(ValueError, match=r"LongTensor\[Q, k\] with Q=3"):
         filtered_scores(scorer, queries, torch.zeros(2, 4, dtype=torch.long), dataset, collate, 4)

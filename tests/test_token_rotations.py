@@ -59,6 +59,6 @@ def test_full_rank_scores_by_tokens_or_by_gradient(queries, tokens, by_tokens):
     qg = QueryGradients(["w"], queries)
     qg.full["w"] = p
     scorer = engine.InfluenceScorer.__new__(engine.InfluenceScorer)
-    scorer.dtype = torch.float64
+    scorer.score_dtype = torch.float64
     expected = -torch.einsum("qoi,bto,bti->qb", p, s, a)
     torch.testing.assert_close(scorer.score_layer(qg, "w", a, s), expected, rtol=1e-12, atol=1e-12)

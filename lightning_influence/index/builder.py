@@ -373,7 +373,7 @@ def build_index(model: nn.Module, task: Task, factors: InfluenceFactors, train_l
             "the training dataloader shuffles: an index numbers examples by their position in it. Pass a loader "
             "with shuffle=False (e.g. loaders.rebuild_loader(loader))"
         )
-    scorer = InfluenceScorer(model, task, factors, device=device, dtype=dtype)
+    scorer = InfluenceScorer(model, task, factors, device=device, score_dtype=dtype)
     writer = IndexWriter(directory, factors, model, options, rank=rank, world_size=world_size,
                          device=scorer.device, dtype=dtype)
     for i, item in enumerate(train_loader):

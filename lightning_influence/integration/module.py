@@ -123,7 +123,7 @@ class InfluenceModule(L.LightningModule):
         o = self.options
         with _misconfiguration():
             self._scorer_cache = InfluenceScorer(self.model, self.task, self.factors, device=device,
-                                                 dtype=o.score_dtype, layers=o.layers,
+                                                 score_dtype=o.score_dtype, layers=o.layers,
                                                  query_rank=o.query_rank, query_svd=o.query_svd)
         return self._scorer_cache
 

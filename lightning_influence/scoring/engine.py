@@ -26,7 +26,7 @@ from lightning_influence.factors import InfluenceFactors
 from lightning_influence.tasks import checked_loss, Task
 from lightning_influence.capture import (model_mode, per_example_gradients, LayerCapture, TrackedLayer,
                                          find_tracked_layers)
-from lightning_influence.errors import ScoringError
+from lightning_influence.errors import InfluenceError, ScoringError
 from lightning_influence.scoring.queries import QUERY_SVD_METHODS, QueryGradients, low_rank_factorize
 
 __all__ = ["InfluenceScorer"]
@@ -65,8 +65,9 @@ class InfluenceScorer:
         task: how batches become losses and measurements.
         factors: complete :class:`InfluenceFactors` for this model.
         device: where to compute (default: the model's device).
-        dtype: compute dtype for gradients and scores (float32 default; float64 for tests;
-            bf16/fp16 trade accuracy for speed, accumulation stays float32).
+        score_dtype: compute dtype for gradients and scores, a ``torch.dtype`` or its name (float32
+            default; float64 for tests; bf16/fp16 trade accuracy for speed, accumulation stays float32);
+            the same name as ``ScoreOptions.score_dtype``.
         layers: optional subset of the factors' layers to score with (e.g. MLP layers only).
         query_rank: ``None`` for full-rank preconditioned queries, an int for rank-r query batching.
         query_svd: how rank-r queries are factorised: ``"randomized"`` (default, ``torch.svd_lowrank``)
@@ -79,7 +80,7 @@ class InfluenceScorer:
         task: Task,
         factors: InfluenceFactors,
         device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
+        score_dtype: torch.dtype | str = torch.float32,
         layers: Iterable[str] | None = None,
         query_rank: int | None = None,
         query_svd: str = "randomized",
@@ -120,9 +121,19 @@ class InfluenceScorer:
         self.factors = factors
         self.layers: dict[str, TrackedLayer] = tracked
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.dtype = dtype
+        from lightning_influence.options import SCORE_DTYPES, as_dtype  # noqa: PLC0415 (options imports scoring)
+
+        try:
+            self.score_dtype = as_dtype(score_dtype, "score_dtype", SCORE_DTYPES)
+        except InfluenceError as err:
+            raise ScoringError(str(err)) from None
         self.query_rank = query_rank
         self.query_svd = query_svd
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The scoring compute dtype (``score_dtype``)."""
+        return self.score_dtype
 
     @property
     def layer_names(self) -> list[str]:
