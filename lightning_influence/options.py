@@ -124,6 +124,9 @@ class FitOptions(_Options):
         seed: seed of the label sampling (same seed, same factors).
         capture_dtype: dtype activations and output gradients are captured in (float32 or float64).
         stats_dtype: dtype the statistics are summed and saved in (float64 default, or float32).
+        memory_budget: the most memory the passes may plan to hold on their device, in bytes or as text
+            (``"8GiB"``); ``None`` (default): what the device has free, less a 10% margin. A fit whose
+            memory plan exceeds it is refused before its first pass.
     """
 
     strategy: str = DEFAULT_STRATEGY
@@ -137,6 +140,7 @@ class FitOptions(_Options):
     seed: int = 0
     capture_dtype: torch.dtype = torch.float32
     stats_dtype: torch.dtype = torch.float64
+    memory_budget: int | str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -167,6 +171,13 @@ class FitOptions(_Options):
             raise OptionsError(f"seed must be a non-negative integer, got {self.seed!r}")
         set_("capture_dtype", as_dtype(self.capture_dtype, "capture_dtype", CAPTURE_DTYPES))
         set_("stats_dtype", as_dtype(self.stats_dtype, "stats_dtype", STATS_DTYPES))
+        if self.memory_budget is not None:
+            from lightning_influence.memory import parse_bytes
+
+            try:
+                set_("memory_budget", parse_bytes(self.memory_budget))
+            except ValueError as err:
+                raise OptionsError(f"memory_budget: {err}") from None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from torchmetrics import Metric
 
 from lightning_influence.errors import FactorsError, OptionsError, TaskInputError
 from lightning_influence.factors import InfluenceFactors
+from lightning_influence.memory import check_fit_memory
 from lightning_influence.options import FitOptions
 from lightning_influence.tasks import Task
 from lightning_influence.capture import LayerCapture, find_tracked_layers
@@ -267,11 +268,14 @@ def fit_factors(
     ``options`` is a :class:`~lightning_influence.options.FitOptions`; single options may be
     given by keyword instead or on top (``strategy=``, ``modules=``, ``module_types=``,
     ``fisher=``, ``damping=``, ``damping_factor=``, ``max_batches=``, ``max_examples=``,
-    ``seed=``, ``capture_dtype=``, ``stats_dtype=``). ``batches`` is iterated once per pass of
+    ``seed=``, ``capture_dtype=``, ``stats_dtype=``, ``memory_budget=``). ``batches`` is iterated once per pass of
     the strategy (twice for ``ekfac``), so pass a re-iterable such as a ``DataLoader``. With
     ``output_dir`` the factors are saved after each phase; passing partially fitted ``factors``
     resumes after their last completed phase. An empty ``batches`` (on every rank) raises before
     any factors are marked complete.
+
+    Before the first pass, the memory plan (``lightning_influence.memory``) is logged as one table
+    and a plan over ``memory_budget`` raises :class:`~lightning_influence.memory.MemoryBudgetError`.
 
     Partial ``factors`` are resumed only when they were fitted from the same weights, data and
     options (their ``metadata["identity"]``, see :func:`fit_identity`); otherwise the fit starts
@@ -304,6 +308,8 @@ def fit_factors(
                                        metadata={**factors.metadata, "identity": identity})
         elif saved is None and not factors.is_complete:
             factors.metadata["identity"] = identity
+    if remaining_phases(factors):  # the memory plan, before any pass allocates (memory_budget=)
+        check_fit_memory(model, task, factors, batches, options, device)
     for phase in remaining_phases(factors):
         run_phase(phase, factors, model, task, batches, device=device, dtype=dtype,
                   max_batches=max_batches, max_examples=max_examples, seed=seed, stats_dtype=stats_dtype)

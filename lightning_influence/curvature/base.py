@@ -148,6 +148,11 @@ class CurvatureStrategy:
     def finish_pass(self, pass_name: str, layer: TrackedLayer, tensors: LayerTensors) -> None:
         """Turn the (rank-reduced) sums of a pass, already in ``tensors``, into factors, in place."""
 
+    def factor_shapes(self, pass_name: str, layer: TrackedLayer) -> dict[str, tuple[int, ...]]:
+        """The tensors :meth:`finish_pass` adds for ``layer`` beside the sums (name -> shape, in the dtype of
+        the sums); the memory plan counts them. None by default."""
+        return {}
+
     # ------------------------------------------------------------- curvature
     def eigenvalues(self, layer: TrackedLayer, tensors: LayerTensors) -> torch.Tensor:
         """``[d_out, d_in]`` curvature eigenvalues of a layer in its preconditioning basis."""

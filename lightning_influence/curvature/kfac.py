@@ -54,6 +54,14 @@ class KFACStrategy(CurvatureStrategy):
             # eigh returns column-major; saved files are row-major
             tensors[f"{side}_eigvecs"] = vecs.to(total.dtype).contiguous()
 
+    def factor_shapes(self, pass_name: str, layer: TrackedLayer) -> dict[str, tuple[int, ...]]:
+        if pass_name != COVARIANCE_PASS:
+            return {}
+        # Each side's eigenbasis has its covariance's shape, its eigenvalues that shape less the last axis.
+        sums = self.statistics(COVARIANCE_PASS, layer)
+        return {f"{side}_{kind}": sums[f"{side}_sum"][:-1] if kind == "eigvals" else sums[f"{side}_sum"]
+                for side in ("S", "A") for kind in ("eigvecs", "eigvals")}
+
     # ------------------------------------------------------------- curvature
     def eigenvalues(self, layer: TrackedLayer, tensors: LayerTensors) -> torch.Tensor:
         return torch.outer(tensors["S_eigvals"].clamp_min(0), tensors["A_eigvals"].clamp_min(0))
