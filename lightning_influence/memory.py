@@ -28,7 +28,7 @@ from lightning_influence.errors import InfluenceError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MemoryPlan", "PhaseMemory", "MemoryBudgetError", "plan_memory", "fit_memory_plan", "measure_batch",
+__all__ = ["MemoryPlan", "PhaseMemory", "MemoryBudgetError", "plan_memory", "fit_memory_plan", "measure_batch", "first_batch",
            "default_budget", "resolve_budget", "parse_bytes", "format_bytes"]
 
 
@@ -307,26 +307,48 @@ def measure_batch(model: nn.Module, task: Any, layers: Mapping[str, TrackedLayer
     return batch_size, seen, loss
 
 
+def first_batch(batches: Any) -> Any | None:
+    """One batch of ``batches`` for the plan's batch shape, drawn without touching the passes' iteration.
+
+    A list or tuple gives its first item; a ``DataLoader`` over a map-style dataset gives its first
+    ``batch_size`` examples through its ``collate_fn`` (no sampler, no workers). Anything else (an
+    iterator, an iterable dataset, a custom re-iterable) gives ``None``: drawing from it could cost a
+    pass's worth of setup or be seen by the caller (``max_batches`` promises no extra batch).
+    """
+    if isinstance(batches, (list, tuple)):
+        return batches[0] if batches else None
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if isinstance(batches, DataLoader) and not isinstance(batches.dataset, IterableDataset):
+        try:
+            n = min(batches.batch_size or 1, len(batches.dataset))
+        except TypeError:
+            return None
+        return batches.collate_fn([batches.dataset[i] for i in range(n)]) if n else None
+    return None
+
+
 def fit_memory_plan(model: nn.Module, task: Any, layers: Mapping[str, TrackedLayer],
                     strategy: str | CurvatureStrategy, batches: Any, *, stats_dtype: torch.dtype,
                     capture_dtype: torch.dtype, device: torch.device | str) -> MemoryPlan:
-    """The plan of an in-process fit (``fit_factors``): the batch shape from the first batch of ``batches``.
+    """The plan of an in-process fit (``fit_factors``): the batch shape from :func:`first_batch`.
 
-    Only a re-iterable ``batches`` (a DataLoader, a list) is peeked; for a one-shot iterator the
-    plan leaves the batch working set out rather than consume a batch the passes need.
+    Without a batch (an iterator), the plan leaves the batch working set out.
     """
     batch_size, tokens = 0, {}
-    if iter(batches) is not batches:
-        from lightning.fabric.utilities.apply_func import move_data_to_device  # lazy: importing Lightning is slow
+    from lightning.fabric.utilities.apply_func import move_data_to_device  # lazy: importing Lightning is slow
 
-        from lightning_influence.capture import model_mode
+    from lightning_influence.capture import model_mode
 
-        devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            batch = next(iter(batches), None)
-            if batch is not None:
-                with model_mode(model, train=False):
-                    batch_size, tokens, _ = measure_batch(model, task, layers, move_data_to_device(batch, device))
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # a dataset's __getitem__ may draw random numbers
+        batch = first_batch(batches)
+        if batch is not None:
+            with model_mode(model, train=False):
+                batch_size, tokens, _ = measure_batch(model, task, layers, move_data_to_device(batch, device))
+    if batch is None:
+        log.info("memory plan without the batch working set: %s cannot be peeked without drawing a batch",
+                 type(batches).__name__)
     return plan_memory(layers, strategy, batch_size=batch_size, tokens_per_example=tokens, stats_dtype=stats_dtype,
                        capture_dtype=capture_dtype, device=device,
                        model_parameters=sum(p.numel() for p in model.parameters()))

@@ -140,3 +140,25 @@ def test_parse_and_format_bytes_and_the_option():
     assert FitOptions().memory_budget is None
     with pytest.raises(OptionsError, match="memory_budget"):
         FitOptions(memory_budget="plenty")
+
+
+def test_the_plans_batch_is_drawn_without_iterating_the_passes_data():
+    from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+    from lightning_influence.memory import first_batch
+
+    class NoIteration(Sampler):
+        def __init__(self):
+            pass
+
+        def __iter__(self):
+            raise AssertionError("the plan iterated the loader")
+
+        def __len__(self):
+            return 10
+
+    data = TensorDataset(torch.arange(10.0).reshape(10, 1), torch.zeros(10, dtype=torch.long))
+    x, y = first_batch(DataLoader(data, batch_size=4, sampler=NoIteration()))
+    assert x.shape == (4, 1) and torch.equal(x[:, 0], torch.arange(4.0))
+    assert first_batch([("a",), ("b",)]) == ("a",) and first_batch([]) is None
+    assert first_batch(iter([("a",)])) is None  # an iterator is never drawn from
