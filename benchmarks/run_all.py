@@ -12,6 +12,7 @@ import argparse
 import datetime as _dt
 import json
 import time
+from pathlib import Path
 
 from .common import DOCS, RESULTS, THREADS, library_fingerprint, machine_info, save_json
 
@@ -233,6 +234,14 @@ def _real_size_section(w, rs: dict) -> None:
       f"{' / '.join(map(str, rs.get('loadavg_end', [])))} at the end: the VM is shared). "
       "'Plain epochs' is CPU time over the CPU time of one forward+backward epoch over the same data; "
       "'+RSS' is the peak resident memory above the process's memory before the operation (model and data loaded).")
+    w("")
+    w("The memory plan (`lightning_influence.memory`, logged by `fit_factors` and the callback before the first "
+      "pass) counts what the influence passes add: each pass's sums (one copy, in float64), the factors of earlier "
+      "passes, the eigenbases read again in the capture dtype, one layer's float64 eigendecomposition, one batch's "
+      "captured tokens and per-example gradients. It does not count the model's own activations and autograd "
+      "graph during the passes, which the measured +RSS includes. It plans one copy of the sums: a branch whose "
+      "passes still keep torchmetrics' deep-copied state defaults and clone the sums at `compute()` holds the "
+      "covariance sums two to three times (issue 12, point 4).")
     w("")
     for name, rows in rs.get("models", {}).items():
         fit = rows.get("fit", {})
@@ -838,11 +847,16 @@ def main() -> None:
     parser.add_argument("--skip-agreement", action="store_true")
     parser.add_argument("--skip-lds", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--real-size-only", action="store_true",
+                        help="rewrite only section 8 of the page from benchmarks/results/real_size.json")
     parser.add_argument("--skip-real-size", action="store_true",
                         help="GPT-2 small and a 32k Llama with the defaults (30+ minutes on 2 cores)")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
+    if args.real_size_only:
+        print(json.dumps({"written": str(write_real_size_section(_load("real_size.json")))}))
+        return
     if args.report_only:
         agreement, lds, speed = _load("agreement.json"), _load("lds.json"), _load("speed.json")
         real_size = _load("real_size.json")
@@ -884,6 +898,25 @@ def _stage(name: str, skip: bool, quick: bool) -> dict | None:
     result["seconds"] = time.perf_counter() - t0
     save_json(f"{name}.json", result)
     return result
+
+
+def write_real_size_section(real_size: dict | None) -> Path:
+    """Replace (or add, at the end) section 8 of docs/benchmarks.md, leaving the other sections as they are."""
+    if not real_size:
+        raise SystemExit("no benchmarks/results/real_size.json: run python -m benchmarks.real_size first")
+    page = DOCS / "benchmarks.md"
+    text = page.read_text() if page.exists() else ""
+    lines: list[str] = []
+    _real_size_section(lines.append, real_size)
+    section = "\n".join(lines) + "\n"
+    head, marker, rest = text.partition("## 8. Real sizes")
+    if marker:
+        after = rest.find("\n## ")
+        text = head + section + (rest[after + 1:] if after >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    page.write_text(text)
+    return page
 
 
 def _real_size_stage(skip: bool, quick: bool) -> dict | None:
