@@ -229,7 +229,17 @@ class InfluenceCallback(Callback):
             self._check_fit_on(trainer)
             if self.fit_on != "manual":
                 # The statistics alone (batch shape not known yet); on_train_start adds the first batch's.
-                self._check_memory(trainer, model, layers, batch_size=0, tokens={}, log_table=False)
+                # Every rank raises together (each checks its own device's budget), as in on_train_start.
+                error = None
+                try:
+                    self._check_memory(trainer, model, layers, batch_size=0, tokens={}, log_table=False)
+                except MisconfigurationException as err:
+                    error = err
+                if trainer.strategy.reduce_boolean_decision(error is not None, all=False) and error is None:
+                    error = MisconfigurationException("InfluenceCallback's memory plan is over the budget on "
+                                                      "another rank (see its error)")
+                if error is not None:
+                    raise error
         if trainer.is_global_zero:
             try:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
