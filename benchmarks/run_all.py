@@ -243,6 +243,14 @@ def _real_size_section(w, rs: dict) -> None:
       "passes still keep torchmetrics' deep-copied state defaults and clone the sums at `compute()` holds the "
       "covariance sums two to three times (issue 12, point 4).")
     w("")
+    if rs.get("partial"):
+        w("**Partial run**: the operations marked 'failed: not finished' did not end before the session's deadline; "
+          "rows read from the run's log (its JSON is written at its end) have their memory rounded to MiB.")
+        w("")
+    w("The Llama runs ours under bf16 autocast (forward; the backward follows its casts), as "
+      "`precision='bf16-mixed'` does; Kronfluence's Llama rows are float32 (its own autocast option was not set), "
+      "so the Llama's Kronfluence ratios compare bf16-mixed against float32.")
+    w("")
     for name, rows in rs.get("models", {}).items():
         fit = rows.get("fit", {})
         label = {"gpt2": "GPT-2 small (124M parameters, 50257-token head tied to the embedding)",
