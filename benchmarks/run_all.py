@@ -12,6 +12,7 @@ import argparse
 import datetime as _dt
 import json
 import time
+from pathlib import Path
 
 from .common import DOCS, RESULTS, THREADS, library_fingerprint, machine_info, save_json
 
@@ -135,7 +136,7 @@ def _short(label: str) -> str:
 
 # ----------------------------------------------------------------------------- the page
 def report(agreement: dict | None, speed: dict | None, machine: dict, wall: float | None,
-           lds: dict | None = None) -> str:
+           lds: dict | None = None, real_size: dict | None = None) -> str:
     L: list[str] = []
     w = L.append
     mode = "quick" if (speed or agreement or {}).get("quick") else "full"
@@ -211,7 +212,119 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
 
         w(blocks_section(blocks).rstrip())
         w("")
+    if real_size:
+        _real_size_section(w, real_size)
     return "\n".join(L) + "\n"
+
+
+REAL_SIZE_TARGETS = {"fit_epochs": 2.5, "peak_vs_training": 2.0, "kron_time": 1.0, "kron_memory": 0.8, "plan": 0.25}
+
+
+def _first_row(rs: dict, key: str, default):
+    """A setting every operation of the real-size run shares (sequences, tokens), read from its first row."""
+    for rows in rs.get("models", {}).values():
+        if key in rows.get("epoch", {}):
+            return rows["epoch"][key]
+    return default
+
+
+def _real_size_section(w, rs: dict) -> None:
+    """Section 10: GPT-2 small and the 32k Llama with the defaults (``benchmarks/real_size.py``)."""
+    t = REAL_SIZE_TARGETS
+    w("## 10. Real sizes: GPT-2 small and a 32k-vocabulary Llama with the defaults")
+    w("")
+    w("`benchmarks/real_size.py`" + (" (quick mode: small models, not the real sizes)" if rs.get("quick") else "")
+      + ": models built from transformers configs (random weights: time and memory do not depend on training), "
+      f"{_first_row(rs, 'n', 64)} sequences of {_first_row(rs, 'seq_len', 128)} tokens in batches of 8, `fit_factors(model, CausalLMTask(), loader)` with no options "
+      "(EK-FAC, sampled Fisher, float64 statistics), then top-k of 16 queries (k=10) at full rank and at rank 32 "
+      "and self-influence through `InfluenceModule`; Kronfluence 1.0.1 on the same model (GPT-2's Conv1D "
+      "converted to Linear) and the same layers. Each operation in its own process, one torch thread "
+      f"(load average {' / '.join(map(str, rs.get('loadavg_start', [])))} at the start, "
+      f"{' / '.join(map(str, rs.get('loadavg_end', [])))} at the end: the VM is shared). "
+      "'Plain epochs' is CPU time over the CPU time of one forward+backward epoch over the same data; "
+      "'+RSS' is the peak resident memory above the process's memory before the operation (model and data loaded).")
+    w("")
+    w("The memory plan (`lightning_influence.memory`, logged by `fit_factors` and the callback before the first "
+      "pass) counts what the influence passes add: each pass's sums (one copy, in float64), the factors of earlier "
+      "passes, the eigenbases read again in the capture dtype, one layer's float64 eigendecomposition, one batch's "
+      "captured tokens and per-example gradients. It does not count the model's own activations and autograd "
+      "graph during the passes, which the measured +RSS includes. It plans one copy of the sums: a branch whose "
+      "passes still keep torchmetrics' deep-copied state defaults and clone the sums at `compute()` holds the "
+      "covariance sums two to three times (issue 12, point 4).")
+    w("")
+    if rs.get("partial"):
+        w("**Partial run**: the operations marked 'failed: not finished' did not end before the session's deadline; "
+          "rows read from the run's log (its JSON is written at its end) have their memory rounded to MiB.")
+        w("")
+    w("The Llama runs ours under bf16 autocast (forward; the backward follows its casts), as "
+      "`precision='bf16-mixed'` does; Kronfluence's Llama rows are float32 (its own autocast option was not set), "
+      "so the Llama's Kronfluence ratios compare bf16-mixed against float32.")
+    w("")
+    for name, rows in rs.get("models", {}).items():
+        fit = rows.get("fit", {})
+        label = {"gpt2": "GPT-2 small (124M parameters, 50257-token head tied to the embedding)",
+                 "llama32k": "Llama, hidden 512, 4 layers, vocabulary 32000 (untied head), bf16 autocast"}.get(name, name)
+        w(f"### {label}")
+        w("")
+        refused = rows.get("fit_defaults_refused", {}).get("refused")
+        if refused:
+            w(f"With the defaults the fit is **refused before its first pass** by the memory plan: \"{refused}\" "
+              f"The rows below track `modules={fit.get('modules')}` (the named selections, everything but the head).")
+            w("")
+        plan = fit.get("plan", {})
+        first = plan.get("table", "").splitlines()[:1]
+        if first:
+            w(f"Tracked: {first[0].removeprefix('influence memory plan: ')}.")
+            w("")
+        w("```")
+        w(plan.get("table", "(no plan recorded)"))
+        w("```")
+        w("")
+        epoch = rows.get("epoch", {}).get("cpu_seconds")
+        w("| operation | wall s | CPU s | plain epochs | peak RSS MiB | +RSS MiB |")
+        w("|---|---|---|---|---|---|")
+        names = {"epoch": "plain forward+backward epoch", "train": "training epoch (AdamW): training alone",
+                 "fit": "fit EK-FAC factors", "topk_full": "top-k, 16 queries, full rank",
+                 "topk_r32": "top-k, 16 queries, rank 32", "self": "self-influence of the 64 sequences",
+                 "kron_fit": "Kronfluence: fit EK-FAC factors", "kron_score": "Kronfluence: pairwise, 16 queries"}
+        for op, title in names.items():
+            r = rows.get(op, {})
+            if "error" in r:
+                w(f"| {title} | failed: {r['error'].splitlines()[-1][:120] if r['error'] else ''} | | | | |")
+                continue
+            if "seconds" not in r:
+                continue
+            ep = f"{r['cpu_seconds'] / epoch:.2f}" if epoch else ""
+            w(f"| {title} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {ep} | {r['peak_rss'] / 2**20:.0f} "
+              f"| {r['increment_rss'] / 2**20:.0f} |")
+        w("")
+        checks = []
+        if epoch and "cpu_seconds" in fit:
+            v = fit["cpu_seconds"] / epoch
+            checks.append((f"fit at most {t['fit_epochs']} plain epochs", f"{v:.2f}", v <= t["fit_epochs"]))
+        train = rows.get("train", {})
+        if "peak_rss" in fit and "peak_rss" in train:
+            v = fit["peak_rss"] / train["peak_rss"]
+            checks.append((f"fit's peak RSS at most {t['peak_vs_training']:.0f}x training alone's", f"{v:.2f}x",
+                           v <= t["peak_vs_training"]))
+        for ours, theirs, what in (("fit", "kron_fit", "fit"), ("topk_full", "kron_score", "scoring 16 queries")):
+            a, b = rows.get(ours, {}), rows.get(theirs, {})
+            if "cpu_seconds" in a and "cpu_seconds" in b and b["cpu_seconds"] > 0:
+                v = a["cpu_seconds"] / b["cpu_seconds"]
+                checks.append((f"{what}: time ours/Kronfluence at most {t['kron_time']}", f"{v:.2f}", v <= t["kron_time"]))
+                if b.get("increment_rss", 0) > 0:
+                    v = a["increment_rss"] / b["increment_rss"]
+                    checks.append((f"{what}: +RSS ours/Kronfluence at most {t['kron_memory']}", f"{v:.2f}",
+                                   v <= t["kron_memory"]))
+        if plan.get("peak_bytes") and fit.get("increment_rss"):
+            v = plan["peak_bytes"] / fit["increment_rss"]
+            checks.append((f"the plan's peak within {t['plan']:.0%} of the fit's measured +RSS", f"{v:.2f}x",
+                           abs(v - 1) <= t["plan"]))
+        w("| target | measured | met |")
+        w("|---|---|---|")
+        for what, value, ok in checks:
+            w(f"| {what} | {value} | {'yes' if ok else '**no**'} |")
+        w("")
 
 
 def _agreement_section(w, ag: dict) -> None:
@@ -751,11 +864,19 @@ def main() -> None:
     parser.add_argument("--skip-agreement", action="store_true")
     parser.add_argument("--skip-lds", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--real-size-only", action="store_true",
+                        help="rewrite only section 10 of the page from benchmarks/results/real_size.json")
+    parser.add_argument("--skip-real-size", action="store_true",
+                        help="GPT-2 small and a 32k Llama with the defaults (30+ minutes on 2 cores)")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
+    if args.real_size_only:
+        print(json.dumps({"written": str(write_real_size_section(_load("real_size.json")))}))
+        return
     if args.report_only:
         agreement, lds, speed = _load("agreement.json"), _load("lds.json"), _load("speed.json")
+        real_size = _load("real_size.json")
         machine = _load("machine.json") or machine_info()
         wall = machine.get("total_seconds")
     else:
@@ -768,6 +889,7 @@ def main() -> None:
         agreement = _stage("agreement", args.skip_agreement, args.quick)
         lds = _stage("lds", args.skip_lds, args.quick)
         speed = _stage("speed", args.skip_speed, args.quick)
+        real_size = _real_size_stage(args.skip_real_size, args.quick)
         machine["loadavg_end"] = loadavg_now()
         machine["library_fingerprint_end"] = library_fingerprint()
         wall = time.perf_counter() - t0
@@ -777,7 +899,7 @@ def main() -> None:
     DOCS.mkdir(exist_ok=True)
     if speed:
         plots(speed)
-    (DOCS / "benchmarks.md").write_text(report(agreement, speed, machine, wall, lds))
+    (DOCS / "benchmarks.md").write_text(report(agreement, speed, machine, wall, lds, real_size))
     print(json.dumps({"written": str(DOCS / "benchmarks.md"), "seconds": time.perf_counter() - t0}))
 
 
@@ -792,6 +914,38 @@ def _stage(name: str, skip: bool, quick: bool) -> dict | None:
     result = importlib.import_module(f".{name}", __package__).run(quick, log=lambda s: print(s, flush=True))
     result["seconds"] = time.perf_counter() - t0
     save_json(f"{name}.json", result)
+    return result
+
+
+def write_real_size_section(real_size: dict | None) -> Path:
+    """Replace (or add, at the end) section 10 of docs/benchmarks.md, leaving the other sections as they are."""
+    if not real_size:
+        raise SystemExit("no benchmarks/results/real_size.json: run python -m benchmarks.real_size first")
+    page = DOCS / "benchmarks.md"
+    text = page.read_text() if page.exists() else ""
+    lines: list[str] = []
+    _real_size_section(lines.append, real_size)
+    section = "\n".join(lines) + "\n"
+    head, marker, rest = text.partition("## 10. Real sizes")
+    if marker:
+        after = rest.find("\n## ")
+        text = head + section + (rest[after + 1:] if after >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    page.write_text(text)
+    return page
+
+
+def _real_size_stage(skip: bool, quick: bool) -> dict | None:
+    """``benchmarks.real_size`` (its own main: one process per operation); its saved JSON with ``skip``."""
+    name = "real_size-quick.json" if quick else "real_size.json"
+    if skip:
+        return _load(name)
+    print("== real_size", flush=True)
+    from .real_size import run as run_real_size
+
+    result = run_real_size(["gpt2", "llama32k"], quick, log=lambda s: print(s, flush=True))
+    save_json(name, result)
     return result
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from lightning_influence.errors import TaskInputError, TrackingError
 
-__all__ = ["TrackedLayer", "LayerCapture", "find_tracked_layers", "layer_weight_matrix", "set_token_layout",
+__all__ = ["TrackedLayer", "LayerCapture", "find_tracked_layers", "NAMED_SELECTIONS", "expand_named_selection", "layer_weight_matrix", "set_token_layout",
            "TOKEN_LAYOUTS", "per_example_gradients", "model_mode"]
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,61 @@ def _describe(module: nn.Module, name: str) -> TrackedLayer:
     raise TrackingError(f"module '{name}' of type {type(module).__name__} is not trackable")
 
 
+# Named selections: ``modules="mlp"`` or ``"attention"`` stand for the layers of that kind in the usual
+# transformers layouts (the paper's and Kronfluence's language-model experiments use the MLP layers).
+# Each layout lists module-name patterns in which ``*`` is one name segment (a layer index), matched
+# anywhere below the root (``transformer.h.0.mlp.c_fc`` and a wrapper's ``model.transformer.h.0.mlp.c_fc``
+# alike). A layout is used when each of its patterns matches a module of the model.
+NAMED_SELECTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "mlp": {
+        "GPT-2": ("h.*.mlp.c_fc", "h.*.mlp.c_proj"),
+        "Llama/Mistral/Qwen": ("layers.*.mlp.gate_proj", "layers.*.mlp.up_proj", "layers.*.mlp.down_proj"),
+        "BERT/RoBERTa": ("encoder.layer.*.intermediate.dense", "encoder.layer.*.output.dense"),
+        "GPT-NeoX/Pythia": ("layers.*.mlp.dense_h_to_4h", "layers.*.mlp.dense_4h_to_h"),
+        "OPT": ("layers.*.fc1", "layers.*.fc2"),
+    },
+    "attention": {
+        "GPT-2": ("h.*.attn.c_attn", "h.*.attn.c_proj"),
+        "Llama/Mistral/Qwen/OPT": ("layers.*.self_attn.q_proj", "layers.*.self_attn.k_proj",
+                                   "layers.*.self_attn.v_proj", "layers.*.self_attn.o_proj|layers.*.self_attn.out_proj"),
+        "BERT/RoBERTa": ("encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.key",
+                         "encoder.layer.*.attention.self.value", "encoder.layer.*.attention.output.dense"),
+        "GPT-NeoX/Pythia": ("layers.*.attention.query_key_value", "layers.*.attention.dense"),
+    },
+}
+
+
+def _segment_regex(pattern: str) -> re.Pattern:
+    """A named selection's pattern as a regex: ``*`` is one name segment, ``|`` separates alternatives,
+    and the match may start below the root."""
+    alternatives = ["\\.".join("[^.]+" if part == "*" else re.escape(part) for part in alt.split("."))
+                    for alt in pattern.split("|")]
+    return re.compile(r"(?:.+\.)?(?:" + "|".join(alternatives) + ")")
+
+
+def expand_named_selection(model: nn.Module, name: str) -> list[str]:
+    """The module names that the named selection ``name`` (``"mlp"``, ``"attention"``) picks in ``model``.
+
+    Raises :class:`TrackingError` naming the known layouts and the glob patterns to pass instead
+    when none of the layouts of :data:`NAMED_SELECTIONS` fits the model.
+    """
+    names = [n for n, m in model.named_modules() if n and _is_trackable(m)]
+    chosen: list[str] = []
+    for patterns in NAMED_SELECTIONS[name].values():
+        regexes = [_segment_regex(p) for p in patterns]
+        hits = [[n for n in names if r.fullmatch(n)] for r in regexes]
+        if all(hits):
+            chosen += [n for n in names if any(r.fullmatch(n) for r in regexes) and n not in chosen]
+    if not chosen:
+        known = "; ".join(f"{layout}: {', '.join(p)}" for layout, p in NAMED_SELECTIONS[name].items())
+        raise TrackingError(
+            f"modules={name!r} names the {name} layers of the usual transformers layouts ({known}), and "
+            f"{type(model).__name__} has none of them. Pass glob patterns of its own module names instead "
+            f"(e.g. modules=['*.{name}.*']). Its trackable modules are: "
+            f"{', '.join(names[:40]) + (' ...' if len(names) > 40 else '') if names else '(none)'}")
+    return [n for n in names if n in chosen]  # in the model's module order
+
+
 def _is_trackable(module: nn.Module) -> bool:
     conv1d = _conv1d_type()
     return isinstance(module, (nn.Linear, nn.Conv2d)) or (conv1d is not None and isinstance(module, conv1d))
@@ -128,6 +184,9 @@ def find_tracked_layers(
     Args:
         model: the network.
         patterns: glob patterns over module names (``"transformer.h.*.mlp.*"``); ``None`` keeps all.
+            A named selection, ``"mlp"`` or ``"attention"`` (alone or in the list), stands for those
+            layers in the usual transformers layouts (:data:`NAMED_SELECTIONS`: GPT-2, Llama/Mistral,
+            BERT, GPT-NeoX, OPT), unless a module is literally called that.
         types: module classes to keep (e.g. ``[nn.Linear]``); ``None`` keeps every supported type.
         exclude: glob patterns of module names to drop.
 
@@ -141,6 +200,13 @@ def find_tracked_layers(
         exclude = [exclude]
     type_tuple = tuple(types) if types is not None else None
     named = [(n, m) for n, m in model.named_modules() if n]
+    if patterns is not None:
+        expanded: list[str] = []
+        for p in patterns:
+            # A named selection, unless the model has a trackable module of that very name.
+            literal = any(fnmatch.fnmatchcase(n, p) and _is_trackable(m) for n, m in named)
+            expanded += expand_named_selection(model, p) if p in NAMED_SELECTIONS and not literal else [p]
+        patterns = expanded
     if patterns is not None:
         repeated = sorted({p for p in patterns if list(patterns).count(p) > 1})
         if repeated:

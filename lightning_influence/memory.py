@@ -11,18 +11,25 @@ dominate and the options that would fit, before the first training step.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-
+from typing import Any, Callable, ContextManager, Mapping
 
 import torch
+from torch import nn
 
 from lightning_influence.capture import TrackedLayer
-from lightning_influence.curvature.blocks import SideLayout
+from lightning_influence.curvature import get_strategy
+from lightning_influence.curvature.base import CurvatureStrategy
 from lightning_influence.errors import InfluenceError
 
-__all__ = ["MemoryPlan", "PhaseMemory", "MemoryBudgetError", "plan_memory", "default_budget", "parse_bytes",
-           "format_bytes"]
+log = logging.getLogger(__name__)
+
+__all__ = ["MemoryPlan", "PhaseMemory", "MemoryBudgetError", "plan_memory", "fit_memory_plan", "measure_batch", "first_batch",
+           "default_budget", "resolve_budget", "parse_bytes", "format_bytes"]
 
 
 class MemoryBudgetError(InfluenceError):
@@ -154,94 +161,215 @@ class MemoryPlan:
 
 def _itemsize(dtype: torch.dtype | str) -> int:
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = getattr(torch, dtype.removeprefix("torch."))
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _bytes(shapes: Mapping[str, tuple[int, ...]], itemsize: int) -> int:
+    """Bytes of named tensors of ``shapes``; scalar counts are float64 whatever the dtype of the sums."""
+    return sum(_numel(shape) * itemsize if shape else 8 for shape in shapes.values())
+
+
 def plan_memory(
-    layers: dict[str, TrackedLayer],
-    strategy: str,
+    layers: Mapping[str, TrackedLayer],
+    strategy: str | CurvatureStrategy,
     *,
     batch_size: int,
-    tokens_per_example: int,
+    tokens_per_example: int | Mapping[str, int],
     stats_dtype: torch.dtype | str = torch.float64,
     capture_dtype: torch.dtype | str = torch.float32,
     score_dtype: torch.dtype | str = torch.float32,
-    block_size: int | None = None,
-    block_threshold: int | None = None,
     num_queries: int = 0,
     query_rank: int | None = None,
     device: torch.device | str = "cpu",
     model_parameters: int | None = None,
 ) -> MemoryPlan:
-    """Bytes each phase holds, per device, for ``strategy`` over ``layers`` (nothing is allocated).
+    """Bytes each phase holds on ``device`` for ``strategy`` over ``layers`` (nothing is allocated).
 
-    ``block_threshold``/``block_size``: sides wider than the threshold are kept as blocks of
-    ``block_size`` (docs/method.md, section 6). Eigendecompositions run one layer at a time in
-    float64 on ``device``; the statistics of every layer are held throughout a pass.
+    Every size comes from the strategy object: the sums each pass accumulates
+    (:meth:`~lightning_influence.curvature.base.CurvatureStrategy.statistics`), the tensors its
+    ``finish_pass`` adds (:meth:`~lightning_influence.curvature.base.CurvatureStrategy.factor_shapes`,
+    e.g. K-FAC's eigenbases and eigenvalues) and the tensors scoring keeps (``scoring_tensors``),
+    so a strategy with other shapes (block-diagonal sides, docs/method.md, section 6) is planned
+    by what it declares. A pass holds the factors of earlier passes, its own sums (one copy, in
+    ``stats_dtype``), what it reads from earlier passes in ``capture_dtype`` (the bases) and one
+    batch's working set; the step after a pass that adds tensors (the eigendecomposition) holds
+    the sums, the new tensors and one layer's float64 ``eigh`` at a time.
+
+    ``tokens_per_example``: token positions per example, one number or per layer (a Conv2d's
+    output positions); 0 leaves the batch working set out (batch shape unknown).
     """
+    if isinstance(strategy, str):
+        strategy = get_strategy(strategy)
     st, cd, sd = _itemsize(stats_dtype), _itemsize(capture_dtype), _itemsize(score_dtype)
     dev = str(torch.device(device))
-    tokens = batch_size * tokens_per_example
-    kron = strategy in ("kfac", "ekfac")
 
-    def sides(l: TrackedLayer) -> tuple[SideLayout, SideLayout]:
-        def side(d):
-            blocked = block_size is not None and (block_threshold is None or d > block_threshold)
-            return SideLayout(d, block_size if blocked else None)
-        return side(l.d_out), side(l.d_in)
+    def tokens(name: str) -> int:
+        t = tokens_per_example.get(name, 0) if isinstance(tokens_per_example, Mapping) else tokens_per_example
+        return batch_size * int(t)
 
-    per_layer, covariance, eigen, lam, diag = [], 0, 0, 0, 0
-    biggest_eigh = worst_cov_tokens = worst_lambda = worst_score = 0
-    for l in layers.values():
-        s_side, a_side = sides(l)
-        elems_cov = s_side.matrix_elements() + a_side.matrix_elements()
+    def token_bytes(l: TrackedLayer, itemsize: int) -> int:  # one batch's captured a [B, T, d_in] and s [B, T, d_out]
+        return tokens(l.name) * (l.d_in + l.d_out) * itemsize
+
+    def per_example(l: TrackedLayer, shapes: Mapping[str, tuple[int, ...]], itemsize: int) -> int:
+        # A per-parameter sum (shape d_out x d_in) is a sum over per-example gradients [B, d_out, d_in].
+        return batch_size * l.d_out * l.d_in * itemsize if l.shape in map(tuple, shapes.values()) else 0
+
+    kept: dict[str, dict[str, tuple[int, ...]]] = {name: {} for name in layers}  # what earlier passes left
+    phases: list[PhaseMemory] = []
+    for index, spec in enumerate(strategy.passes):
+        sums = {n: strategy.statistics(spec.name, l) for n, l in layers.items()}
+        earlier = sum(_bytes(kept[n], st) for n in layers)
+        # What the updates read from earlier passes (the bases), moved once into the capture dtype.
+        inputs = sum(_bytes({k: v for k, v in kept[n].items() if k in strategy.scoring_tensors}, cd)
+                     for n in layers) if index else 0
+        if spec.forward_side:  # each layer's tokens are summed as soon as they exist, then dropped
+            working = max((token_bytes(l, cd) + _bytes(sums[n], cd) for n, l in layers.items()), default=0)
+        else:  # every layer's activations wait for the backward; updates run one layer at a time
+            working = sum(tokens(n) * l.d_in * cd for n, l in layers.items()) + max(
+                (tokens(n) * l.d_out * cd + per_example(l, sums[n], cd) + _bytes(sums[n], cd)
+                 for n, l in layers.items()), default=0)
+        phases.append(PhaseMemory(f"{spec.name} pass", dev, {
+            "earlier factors": earlier, "sums": sum(_bytes(s, st) for s in sums.values()),
+            "pass inputs": inputs, "batch working set": working}))
+        added = {n: strategy.factor_shapes(spec.name, l) for n, l in layers.items()}
+        if any(added.values()):
+            # float64 eigh of the largest matrix: its input, eigenvectors and workspace
+            largest = max((_numel(shape[-2:]) for a in added.values() for shape in a.values() if len(shape) >= 2),
+                          default=0)
+            phases.append(PhaseMemory(f"{spec.name} finish", dev, {
+                "earlier factors": earlier, "sums": sum(_bytes(s, st) for s in sums.values()),
+                "new factors": sum(_bytes(a, st) for a in added.values()), "one layer's eigh": 3 * largest * 8}))
+        for n in layers:
+            kept[n].update(sums[n])
+            kept[n].update(added[n])
+
+    per_layer = []
+    score_factors = score_queries = score_working = 0
+    for n, l in layers.items():
         grad = l.d_out * l.d_in
-        stats = 0
-        if kron:
-            covariance += elems_cov * st
-            eigen += elems_cov * st + (s_side.padded + a_side.padded) * st
-            stats += 2 * elems_cov * st + (s_side.padded + a_side.padded) * st
-            block_elems = max(s_side.block, a_side.block) ** 2
-            biggest_eigh = max(biggest_eigh, 3 * block_elems * 8)  # float64 covariance, eigenvectors, workspace
-            worst_cov_tokens = max(worst_cov_tokens, 2 * tokens * (l.d_in + l.d_out) * cd
-                                   + (max(s_side.block, a_side.block) ** 2) * (cd + st))
-        if strategy == "ekfac":
-            lam += grad * st
-            stats += grad * st
-            # rotated tokens and the per-example gradient in the eigenbasis (squared in place)
-            worst_lambda = max(worst_lambda, 2 * tokens * (l.d_in + l.d_out) * cd + batch_size * grad * cd)
-        if strategy == "diagonal":
-            diag += grad * st
-            stats += grad * st
-            worst_lambda = max(worst_lambda, 2 * tokens * (l.d_in + l.d_out) * cd + batch_size * grad * cd)
-        q_bytes = num_queries * (grad if query_rank is None else min(query_rank, l.d_out, l.d_in) * (l.d_out + l.d_in))
-        worst_score = max(worst_score, 2 * tokens * (l.d_in + l.d_out) * sd + batch_size * grad * sd)
-        desc = "dense" if s_side.dense and a_side.dense else ", ".join(
-            f"{n} {x.num_blocks}x{x.block}" for n, x in (("S", s_side), ("A", a_side)) if not x.dense)
-        per_layer.append((LayerMemory(l.name, l.d_out, l.d_in, stats, desc), q_bytes, elems_cov, grad))
-
-    phases = []
-    if kron:
-        phases.append(PhaseMemory("covariance pass", dev, {"covariance sums": covariance,
-                                                           "batch working set": worst_cov_tokens}))
-        phases.append(PhaseMemory("eigendecomposition", dev, {"covariance sums": covariance,
-                                                              "eigenbases": eigen, "one layer's eigh": biggest_eigh}))
-    if strategy == "ekfac":
-        phases.append(PhaseMemory("eigenvalue correction", dev, {
-            "eigenbases (capture dtype)": sum(e for *_, e, _ in per_layer) * cd,
-            "Lambda sums": lam, "batch working set": worst_lambda}))
-    if strategy == "diagonal":
-        phases.append(PhaseMemory("diagonal pass", dev, {"diagonal sums": diag, "batch working set": worst_lambda}))
-    factors_for_scoring = sum((e * sd if kron else 0) + g * sd for _, _, e, g in per_layer) if strategy != "identity" else 0
-    phases.append(PhaseMemory("scoring", dev, {"factors (score dtype)": factors_for_scoring,
-                                               "queries": sum(q for _, q, _, _ in per_layer) * sd,
-                                               "batch working set": worst_score}))
+        # What scoring keeps per layer: the inverse eigenvalues and the bases, in the score dtype.
+        basis = _bytes({k: v for k, v in kept[n].items() if k in strategy.scoring_tensors}, sd)
+        score_factors += (grad * sd if strategy.passes else 0) + basis
+        score_queries += num_queries * (grad if query_rank is None else min(query_rank, l.d_out, l.d_in)
+                                        * (l.d_out + l.d_in)) * sd
+        score_working = max(score_working, 2 * token_bytes(l, sd) + batch_size * grad * sd)
+        sums = {k: v for k, v in kept[n].items()}
+        per_layer.append(LayerMemory(n, l.d_out, l.d_in, _bytes(sums, st), _describe_shapes(l, sums)))
+    phases.append(PhaseMemory("scoring", dev, {"factors (score dtype)": score_factors, "queries": score_queries,
+                                               "batch working set": score_working}))
     return MemoryPlan(
         phases=phases,
-        layers=[p[0] for p in per_layer],
+        layers=per_layer,
         tracked_parameters=sum(l.d_out * l.d_in for l in layers.values()),
         model_parameters=model_parameters,
-        options={"strategy": strategy, "stats_dtype": str(stats_dtype).replace("torch.", ""),
-                 "batch_size": batch_size, "block_size": block_size},
+        options={"strategy": strategy.name, "stats_dtype": str(stats_dtype).replace("torch.", ""),
+                 "batch_size": batch_size, "block_size": getattr(strategy, "block_size", None)},
     )
+
+
+def _describe_shapes(layer: TrackedLayer, shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """``dense``, or the blocked sides of a layer (a 3-d matrix ``[k, b, b]`` is ``k`` blocks of ``b``)."""
+    blocked = [f"{key.split('_')[0]} {shape[0]}x{shape[1]}" for key, shape in shapes.items()
+               if len(shape) == 3 and key.endswith("_sum")]
+    return ", ".join(blocked) if blocked else "dense"
+
+
+# ---------------------------------------------------------------- the batch shape, from one batch
+def measure_batch(model: nn.Module, task: Any, layers: Mapping[str, TrackedLayer], batch: Any,
+                  forward_context: Callable[[], ContextManager] | None = None) -> tuple[int, dict[str, int], Any]:
+    """Run the task's loss on ``batch`` once (no gradient) and count each tracked layer's token positions.
+
+    Returns ``(batch_size, tokens per example by layer, loss)``. A layer's positions are its
+    output's elements per example over ``d_out`` (``[B, T, d_out]``: ``T``; a Conv2d's
+    ``[B, C, H, W]``: ``H*W``). The caller forks the RNG and sets the model's mode.
+    """
+    batch_size = task.batch_size(batch)
+    seen: dict[str, int] = {}
+
+    def hook(name: str, layer: TrackedLayer):
+        def record(module, inputs, output):
+            if torch.is_tensor(output) and batch_size:
+                seen[name] = max(seen.get(name, 0), output.numel() // (batch_size * layer.d_out))
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n, l)) for n, l in layers.items()]
+    try:
+        with torch.no_grad(), (forward_context() if forward_context is not None else nullcontext()):
+            loss = task.train_loss(model, batch, sample=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return batch_size, seen, loss
+
+
+def first_batch(batches: Any) -> Any | None:
+    """One batch of ``batches`` for the plan's batch shape, drawn without touching the passes' iteration.
+
+    A list or tuple gives its first item; a ``DataLoader`` over a map-style dataset gives its first
+    ``batch_size`` examples through its ``collate_fn`` (no sampler, no workers). Anything else (an
+    iterator, an iterable dataset, a custom re-iterable) gives ``None``: drawing from it could cost a
+    pass's worth of setup or be seen by the caller (``max_batches`` promises no extra batch).
+    """
+    if isinstance(batches, (list, tuple)):
+        return batches[0] if batches else None
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if isinstance(batches, DataLoader) and not isinstance(batches.dataset, IterableDataset):
+        try:
+            n = min(batches.batch_size or 1, len(batches.dataset))
+        except TypeError:
+            return None
+        return batches.collate_fn([batches.dataset[i] for i in range(n)]) if n else None
+    return None
+
+
+def fit_memory_plan(model: nn.Module, task: Any, layers: Mapping[str, TrackedLayer],
+                    strategy: str | CurvatureStrategy, batches: Any, *, stats_dtype: torch.dtype,
+                    capture_dtype: torch.dtype, device: torch.device | str) -> MemoryPlan:
+    """The plan of an in-process fit (``fit_factors``): the batch shape from :func:`first_batch`.
+
+    Without a batch (an iterator), the plan leaves the batch working set out.
+    """
+    batch_size, tokens = 0, {}
+    from lightning.fabric.utilities.apply_func import move_data_to_device  # lazy: importing Lightning is slow
+
+    from lightning_influence.capture import model_mode
+
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # a dataset's __getitem__ may draw random numbers
+        batch = first_batch(batches)
+        if batch is not None:
+            with model_mode(model, train=False):
+                batch_size, tokens, _ = measure_batch(model, task, layers, move_data_to_device(batch, device))
+    if batch is None:
+        log.info("memory plan without the batch working set: %s cannot be peeked without drawing a batch",
+                 type(batches).__name__)
+    return plan_memory(layers, strategy, batch_size=batch_size, tokens_per_example=tokens, stats_dtype=stats_dtype,
+                       capture_dtype=capture_dtype, device=device,
+                       model_parameters=sum(p.numel() for p in model.parameters()))
+
+
+def resolve_budget(budget: int | str | None, device: torch.device | str) -> int:
+    """``memory_budget=`` in bytes: as given (``8_000_000_000``, ``"8GiB"``), or :func:`default_budget`."""
+    return default_budget(device) if budget is None else parse_bytes(budget)
+
+
+def check_fit_memory(model: nn.Module, task: Any, factors: Any, batches: Any, options: Any,
+                     device: torch.device | str | None = None) -> MemoryPlan:
+    """``fit_factors``' plan before its first pass: logged as one table, refused over ``options.memory_budget``.
+
+    ``factors``: the :class:`~lightning_influence.factors.InfluenceFactors` about to be fitted;
+    ``options``: the fit's :class:`~lightning_influence.options.FitOptions`. Raises
+    :class:`MemoryBudgetError` naming the largest layers and the options that would fit.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    plan = fit_memory_plan(model, task, factors.layers, factors.curvature, batches, stats_dtype=options.stats_dtype,
+                           capture_dtype=options.capture_dtype, device=device)
+    log.info("%s", plan.table())
+    plan.check(resolve_budget(options.memory_budget, device), where=" (fit_factors)")
+    return plan

@@ -127,6 +127,9 @@ class FitOptions(_Options):
         stats_dtype: dtype the statistics are summed and saved in (float64 default, or float32).
         block_size / block_threshold: K-FAC/EK-FAC sides wider than ``block_threshold`` (8192) are kept
             as diagonal blocks of ``block_size`` (2048; ``None``: always dense), docs/method.md, section 6.
+        memory_budget: the most memory the passes may plan to hold on their device, in bytes or as text
+            (``"8GiB"``); ``None`` (default): what the device has free, less a 10% margin. A fit whose
+            memory plan exceeds it is refused before its first pass.
     """
 
     strategy: str = DEFAULT_STRATEGY
@@ -142,6 +145,7 @@ class FitOptions(_Options):
     stats_dtype: torch.dtype = torch.float64
     block_size: int | None = DEFAULT_BLOCK_SIZE
     block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD
+    memory_budget: int | str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -176,6 +180,13 @@ class FitOptions(_Options):
             check_block_options(self.block_size, self.block_threshold)
         except InfluenceError as err:
             raise OptionsError(str(err)) from None
+        if self.memory_budget is not None:
+            from lightning_influence.memory import parse_bytes
+
+            try:
+                set_("memory_budget", parse_bytes(self.memory_budget))
+            except ValueError as err:
+                raise OptionsError(f"memory_budget: {err}") from None
 
 
 @dataclass(frozen=True)

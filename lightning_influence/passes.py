@@ -25,6 +25,7 @@ from lightning_influence.errors import FactorsError, OptionsError, TaskInputErro
 from lightning_influence.curvature import get_strategy
 from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD
 from lightning_influence.factors import InfluenceFactors
+from lightning_influence.memory import check_fit_memory
 from lightning_influence.options import FitOptions
 from lightning_influence.tasks import Task
 from lightning_influence.capture import LayerCapture, find_tracked_layers
@@ -392,7 +393,8 @@ def fit_factors(
     ``options`` is a :class:`~lightning_influence.options.FitOptions`; single options may be
     given by keyword instead or on top (``strategy=``, ``modules=``, ``module_types=``,
     ``fisher=``, ``damping=``, ``damping_factor=``, ``max_batches=``, ``max_examples=``,
-    ``seed=``, ``capture_dtype=``, ``stats_dtype=``, ``block_size=``, ``block_threshold=``). ``batches`` is iterated once per pass of
+    ``seed=``, ``capture_dtype=``, ``stats_dtype=``, ``block_size=``, ``block_threshold=``,
+    ``memory_budget=``). ``batches`` is iterated once per pass of
     the strategy (twice for ``ekfac``), so pass a re-iterable such as a ``DataLoader``. With
     ``output_dir`` the factors are saved after each phase; passing partially fitted ``factors``
     resumes after their last completed phase. An empty ``batches`` (on every rank) raises before
@@ -400,6 +402,9 @@ def fit_factors(
     ``block_size``/``block_threshold``: K-FAC and EK-FAC keep sides wider than ``block_threshold``
     (default 8192) as diagonal blocks of ``block_size`` (default 2048; ``None``: always dense),
     docs/method.md, section 6.
+
+    Before the first pass, the memory plan (``lightning_influence.memory``) is logged as one table
+    and a plan over ``memory_budget`` raises :class:`~lightning_influence.memory.MemoryBudgetError`.
 
     Partial ``factors`` are resumed only when they were fitted from the same weights, data and
     options (their ``metadata["identity"]``, see :func:`fit_identity`); otherwise the fit starts
@@ -436,6 +441,8 @@ def fit_factors(
                                        block_size=block_size, block_threshold=block_threshold)
         elif saved is None and not factors.is_complete:
             factors.metadata["identity"] = identity
+    if remaining_phases(factors):  # the memory plan, before any pass allocates (memory_budget=)
+        check_fit_memory(model, task, factors, batches, options, device)
     for phase in remaining_phases(factors):
         run_phase(phase, factors, model, task, batches, device=device, dtype=dtype,
                   max_batches=max_batches, max_examples=max_examples, seed=seed, stats_dtype=stats_dtype)

@@ -40,3 +40,23 @@ def test_cuda_bf16_scoring_correlates_with_float32():
     bf16 = InfluenceScorer(model, task, factors, score_dtype=torch.bfloat16).pairwise_scores(queries, train)
     corr = torch.corrcoef(torch.stack([ref.flatten(), bf16.float().flatten()]))[0, 1]
     assert corr > 0.99
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_sharded_strategies_refused_at_setup_on_cuda(strategy, tmp_path):
+    """A real FSDP (or DeepSpeed) trainer on the GPU: the callback refuses at setup, before any training step."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_influence import InfluenceCallback
+
+    from . import lit_models as lm
+    from .test_callback_checks import CountingClassifier
+
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    model = CountingClassifier()
+    cb = InfluenceCallback(task="classification", output_dir=str(tmp_path))
+    trainer = lm.trainer(callbacks=[cb], accelerator="cuda", devices=1, strategy=strategy, max_epochs=1)
+    with pytest.raises(MisconfigurationException, match=r"shards the parameters.*strategy='ddp'"):
+        trainer.fit(model, lm.loader(lm.classification_data(16)))
+    assert model.steps == 0

@@ -1,10 +1,23 @@
-"""The memory plan: exact byte counts for known shapes, refusal naming the layers, blocks that fit."""
+"""The memory plan: exact byte counts for known shapes, sizes asked from the strategy objects, refusal
+naming the layers, the plan's factor bytes equal to a real fit's, the batch shape from one forward."""
+
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
+from lightning_influence import ClassificationTask, fit_factors
 from lightning_influence.capture import TrackedLayer, find_tracked_layers
-from lightning_influence.memory import MemoryBudgetError, format_bytes, parse_bytes, plan_memory
+from lightning_influence.curvature.blocks import SideLayout
+from lightning_influence.curvature.kfac import KFACStrategy
+from lightning_influence.memory import MemoryBudgetError, format_bytes, measure_batch, parse_bytes, plan_memory
+from lightning_influence.options import FitOptions
+from lightning_influence.errors import OptionsError
+
+from . import models
+
+F64 = 8
 
 
 def gpt2_layers():
@@ -12,26 +25,50 @@ def gpt2_layers():
 
     with torch.device("meta"):  # shapes only: no 124M-parameter allocation
         model = GPT2LMHeadModel(GPT2Config())
-    return model, find_tracked_layers(model, ["lm_head", "transformer.h.*.mlp.*"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied head, selected on purpose here
+        return model, find_tracked_layers(model, ["lm_head", "transformer.h.*.mlp.*"])
+
+
+def phase(plan, name):
+    return next(p for p in plan.phases if p.phase == name)
 
 
 def test_head_covariance_bytes_are_what_main_tried_to_allocate():
     model, layers = gpt2_layers()
     plan = plan_memory({"lm_head": layers["lm_head"]}, "ekfac", batch_size=8, tokens_per_example=128)
-    cov = plan.phases[0]
-    # S side 50257^2 + A side 768^2 float64: the 20,206,128,392-byte allocation of the issue, plus the A side.
-    assert cov.parts["covariance sums"] == (50257 ** 2 + 768 ** 2) * 8
+    assert [p.phase for p in plan.phases] == ["covariance pass", "covariance finish", "lambda pass", "scoring"]
+    cov = phase(plan, "covariance pass")
+    # S side 50257^2 + A side 768^2 float64 (the 20,206,128,392-byte allocation of the issue, plus the A side),
+    # and the two float64 token counts.
+    assert cov.parts["sums"] == (50257 ** 2 + 768 ** 2) * F64 + 2 * F64
+    finish = phase(plan, "covariance finish")
+    # eigenbases of both sides and their eigenvalues, and one float64 eigh of the 50257 side (input, vectors, work)
+    assert finish.parts["new factors"] == (50257 ** 2 + 768 ** 2 + 50257 + 768) * F64
+    assert finish.parts["one layer's eigh"] == 3 * 50257 ** 2 * F64
+    assert plan.peak.phase == "covariance finish"
     with pytest.raises(MemoryBudgetError, match=r"lm_head.*50257x768") as err:
         plan.check(parse_bytes("16GiB"))
     assert "modules='mlp'" in str(err.value) and "block_size" in str(err.value)
 
 
-def test_blocks_bring_the_head_under_budget_and_count_exactly():
+class _BlockedKFAC(KFACStrategy):
+    """K-FAC whose sides wider than 8192 are blocks of 2048 (the shapes block-diagonal factors declare)."""
+
+    name = "kfac_blocked_for_the_plan"
+
+    def statistics(self, pass_name, layer):
+        s, a = (SideLayout(d, 2048 if d > 8192 else None) for d in (layer.d_out, layer.d_in))
+        return {"A_sum": a.matrix_shape, "S_sum": s.matrix_shape, "A_count": (), "S_count": ()}
+
+
+def test_plan_takes_its_shapes_from_the_strategy_object():
     _, layers = gpt2_layers()
-    plan = plan_memory({"lm_head": layers["lm_head"]}, "kfac", batch_size=8, tokens_per_example=128,
-                       block_size=2048, block_threshold=8192)
+    plan = plan_memory({"lm_head": layers["lm_head"]}, _BlockedKFAC(), batch_size=8, tokens_per_example=128)
     k = -(-50257 // 2048)
-    assert plan.phases[0].parts["covariance sums"] == (k * 2048 ** 2 + 768 ** 2) * 8
+    assert phase(plan, "covariance pass").parts["sums"] == (k * 2048 ** 2 + 768 ** 2) * F64 + 2 * F64
+    # eigenbases [k, b, b] and eigenvalues [k, b] follow the blocked sums (KFACStrategy.factor_shapes)
+    assert phase(plan, "covariance finish").parts["new factors"] == (k * 2048 ** 2 + 768 ** 2 + k * 2048 + 768) * F64
     assert plan.layers[0].sides == f"S {k}x2048"
     plan.check(parse_bytes("4GiB"))
 
@@ -40,13 +77,33 @@ def test_plan_sums_over_layers_and_reports_tracked_share():
     layers = {"a": TrackedLayer("a", "linear", 3, 5, True), "b": TrackedLayer("b", "linear", 2, 4, False)}
     plan = plan_memory(layers, "ekfac", batch_size=2, tokens_per_example=7, stats_dtype=torch.float32,
                        model_parameters=100)
-    cov = next(p for p in plan.phases if p.phase == "covariance pass")
-    assert cov.parts["covariance sums"] == (9 + 25 + 4 + 16) * 4
-    lam = next(p for p in plan.phases if p.phase == "eigenvalue correction")
-    assert lam.parts["Lambda sums"] == (15 + 8) * 4
+    f32, counts = 4, 4 * F64  # A_count and S_count of two layers
+    cov = phase(plan, "covariance pass")
+    assert cov.parts["sums"] == (25 + 9 + 16 + 4) * f32 + counts
+    lam = phase(plan, "lambda pass")
+    assert lam.parts["sums"] == (15 + 8) * f32 + 2 * F64
+    # the covariance pass's sums, eigenbases and eigenvalues stay; the bases are read again in the capture dtype
+    assert lam.parts["earlier factors"] == 2 * (25 + 9 + 16 + 4) * f32 + (5 + 3 + 4 + 2) * f32 + counts
+    assert lam.parts["pass inputs"] == (25 + 9 + 16 + 4) * f32
+    # every layer's activations (2 x 7 tokens) wait for the backward; then the largest layer's output
+    # gradients, per-example gradients [2, d_out, d_in] and its update
+    tokens = 14
+    assert lam.parts["batch working set"] == tokens * (5 + 4) * f32 + tokens * 3 * f32 + 2 * 15 * f32 + 15 * f32 + F64
     assert plan.tracked_parameters == 23
+    assert plan.factor_file_bytes == lam.parts["earlier factors"] + lam.parts["sums"]
     text = plan.table()
-    assert "23.0% of the model's 100 parameters" in text and "eigenvalue correction" in text
+    assert "23.0% of the model's 100 parameters" in text and "lambda pass" in text
+
+
+def test_plan_factor_bytes_equal_a_real_fit(tmp_path):
+    model = models.mlp(bias=True)
+    data = models.mlp_data(12, seed=1)
+    layers = find_tracked_layers(model)
+    for strategy in ("ekfac", "kfac", "diagonal"):
+        factors = fit_factors(model, ClassificationTask(), models.split_batch(data, 4), strategy=strategy)
+        fitted = sum(t.numel() * t.element_size() for tensors in factors.tensors.values() for t in tensors.values())
+        plan = plan_memory(layers, strategy, batch_size=4, tokens_per_example=1)
+        assert plan.factor_file_bytes == fitted, strategy
 
 
 def test_identity_plans_nothing_but_scoring():
@@ -56,7 +113,22 @@ def test_identity_plans_nothing_but_scoring():
     assert plan.phases[0].parts["queries"] == 4 * 15 * 4
 
 
-def test_parse_and_format_bytes():
+def test_measure_batch_counts_each_layers_token_positions():
+    model = models.tiny_gpt2()
+    batch = models.lm_batch(3, vocab=11, max_len=9, pad_to=9, seed=1)
+    from lightning_influence import CausalLMTask
+
+    layers = find_tracked_layers(model)
+    size, tokens, loss = measure_batch(model, CausalLMTask(), layers, batch)
+    assert size == 3 and set(tokens) == set(layers) and set(tokens.values()) == {9}
+    assert torch.isfinite(loss)
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    size, tokens, _ = measure_batch(conv, ClassificationTask(), find_tracked_layers(conv),
+                                    (torch.randn(5, 1, 6, 6), torch.zeros(5, dtype=torch.long)))
+    assert size == 5 and tokens == {"0": 16, "2": 1}  # a 4x4 output map: 16 patches per example
+
+
+def test_parse_and_format_bytes_and_the_option():
     assert parse_bytes("8GiB") == 8 * 1024 ** 3
     assert parse_bytes("1.5 GB") == 1_500_000_000
     assert parse_bytes(1024) == 1024
@@ -64,3 +136,29 @@ def test_parse_and_format_bytes():
         with pytest.raises(ValueError):
             parse_bytes(bad)
     assert format_bytes(20_206_128_392) == "18.82 GiB"
+    assert FitOptions(memory_budget="2MiB").memory_budget == 2 * 1024 ** 2
+    assert FitOptions().memory_budget is None
+    with pytest.raises(OptionsError, match="memory_budget"):
+        FitOptions(memory_budget="plenty")
+
+
+def test_the_plans_batch_is_drawn_without_iterating_the_passes_data():
+    from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+    from lightning_influence.memory import first_batch
+
+    class NoIteration(Sampler):
+        def __init__(self):
+            pass
+
+        def __iter__(self):
+            raise AssertionError("the plan iterated the loader")
+
+        def __len__(self):
+            return 10
+
+    data = TensorDataset(torch.arange(10.0).reshape(10, 1), torch.zeros(10, dtype=torch.long))
+    x, y = first_batch(DataLoader(data, batch_size=4, sampler=NoIteration()))
+    assert x.shape == (4, 1) and torch.equal(x[:, 0], torch.arange(4.0))
+    assert first_batch([("a",), ("b",)]) == ("a",) and first_batch([]) is None
+    assert first_batch(iter([("a",)])) is None  # an iterator is never drawn from

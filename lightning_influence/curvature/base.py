@@ -176,6 +176,11 @@ class CurvatureStrategy:
         (the default): every rank runs :meth:`finish_pass` itself."""
         return {}
 
+    def factor_shapes(self, pass_name: str, layer: TrackedLayer) -> dict[str, tuple[int, ...]]:
+        """The tensors :meth:`finish_pass` adds for ``layer`` beside the sums (name -> shape, in the dtype of
+        the sums); the memory plan counts them. None by default."""
+        return {}
+
     # ------------------------------------------------------------- curvature
     def eigenvalues(self, layer: TrackedLayer, tensors: LayerTensors) -> torch.Tensor:
         """``[d_out, d_in]`` curvature eigenvalues of a layer in its preconditioning basis."""

@@ -112,6 +112,14 @@ class KFACStrategy(CurvatureStrategy):
             out[f"{side}_eigvecs"] = (layout.matrix_shape, dtype)
         return out
 
+    def factor_shapes(self, pass_name: str, layer: TrackedLayer) -> dict[str, tuple[int, ...]]:
+        if pass_name != COVARIANCE_PASS:
+            return {}
+        # Each side's eigenbasis has its covariance's shape, its eigenvalues that shape less the last axis.
+        sums = self.statistics(COVARIANCE_PASS, layer)
+        return {f"{side}_{kind}": sums[f"{side}_sum"][:-1] if kind == "eigvals" else sums[f"{side}_sum"]
+                for side in ("S", "A") for kind in ("eigvecs", "eigvals")}
+
     # ------------------------------------------------------------- curvature
     @staticmethod
     def stored_layouts(layer: TrackedLayer, tensors: LayerTensors) -> tuple[SideLayout, SideLayout]:

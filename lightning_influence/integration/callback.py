@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_influence.capture import find_tracked_layers, model_mode
+from lightning_influence.memory import MemoryBudgetError, MemoryPlan, measure_batch, plan_memory, resolve_budget
 from lightning_influence.errors import FactorsError, InfluenceError, OptionsError, TrackingError
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.loaders import rebuild_loader
@@ -62,6 +64,46 @@ def _has_no_forward(model: nn.Module) -> bool:
     """Whether ``model`` only has ``nn.Module``'s placeholder forward (a LightningModule wrapper without one)."""
     forward = type(model).forward
     return forward is nn.Module.forward or forward is L.LightningModule.forward
+
+
+# Strategies that shard parameters (and gather them only inside their own forward): the passes' hooks
+# would see flattened or partial weights. Matched by class name so that neither needs to be importable.
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def _refuse_sharded(strategy: Any) -> None:
+    """Raise ``MisconfigurationException`` for FSDP, DeepSpeed or model-parallel strategies, naming what to do."""
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    sharded = next((n for n in _SHARDED_STRATEGIES if n in names), None)
+    if sharded is None:
+        return
+    raise MisconfigurationException(
+        f"InfluenceCallback does not support {type(strategy).__name__} ({sharded.removesuffix('Strategy')} shards "
+        "the parameters, so the statistics passes would see partial weights and their activations inside the "
+        "wrapping). Train with strategy='ddp' (the passes run on every rank and reduce their sums), or train as "
+        "you do without the callback and fit afterwards on one device: load the trained weights and call "
+        "lightning_influence.fit_factors(model, task, train_loader)")
+
+
+def pass_batches(loader: Any, max_batches: int | None, max_examples: int | None) -> int | None:
+    """How many batches a statistics pass over ``loader`` runs: its length, cut by ``max_batches`` and by
+    ``max_examples`` (in whole batches of the loader's ``batch_size``); ``None`` when unknown."""
+    total = length_of(loader)
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    batch_size = getattr(loader, "batch_size", None)
+    if max_examples is not None and isinstance(batch_size, int) and batch_size > 0:
+        needed = -(-max_examples // batch_size)
+        total = needed if total is None else min(total, needed)
+    return total
+
+
+def finish_bar(bar: Any) -> None:
+    """End a pass's bar at the batches it ran (a pass cut short by ``max_examples`` on uneven batches, or
+    a loader whose length was unknown, would otherwise stop short of its total)."""
+    if hasattr(bar, "n") and hasattr(bar, "total") and bar.total != bar.n:
+        bar.total = bar.n
+        bar.refresh()
 
 
 class InfluenceCallback(Callback):
@@ -120,6 +162,15 @@ class InfluenceCallback(Callback):
         index_projection_dim / index_keep / index_preconditioner / index_projection / index_seed /
             index_dtype / index_shard_size: the index's ``IndexOptions`` (``projection_dim``, ``keep``,
             ``preconditioner``, ``projection``, ``seed``, ``dtype``, ``shard_size``).
+        memory_budget: the most memory the influence passes may plan to hold on the training device,
+            in bytes or as text (``"8GiB"``); ``None``: what the device has free at ``setup``, less 10%.
+            The plan (``lightning_influence.memory``) is made at ``setup`` and again with the first
+            batch's shape before the first training step; one over the budget raises then, naming
+            the layers and the options that would fit.
+
+    Sharded strategies (FSDP, DeepSpeed) are refused at ``setup``: the passes read each tracked
+    layer's whole weight and its unsharded activations. Train with DDP, or fit after training on
+    one device with :func:`lightning_influence.fit_factors`.
 
     Before the first training step (``on_train_start``) the task runs once on one training batch
     (forward and loss only, no gradient, weights and RNG untouched) and the query file is read,
@@ -161,6 +212,7 @@ class InfluenceCallback(Callback):
         index_shard_size: int = 4096,
         block_size: int | None = DEFAULT_BLOCK_SIZE,
         block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD,
+        memory_budget: int | str | None = None,
     ):
         super().__init__()
         try:
@@ -168,7 +220,7 @@ class InfluenceCallback(Callback):
                 strategy=strategy, modules=modules, module_types=module_types, fisher=fisher, damping=damping,
                 damping_factor=damping_factor, max_batches=max_batches, max_examples=max_examples, seed=seed,
                 capture_dtype=capture_dtype, stats_dtype=stats_dtype, block_size=block_size,
-                block_threshold=block_threshold)
+                block_threshold=block_threshold, memory_budget=memory_budget)
             self.score_options = ScoreOptions(query_rank=query_rank, query_svd=query_svd, score_dtype=score_dtype,
                                               layers=score_layers, top_k=top_k, tfidf_candidates=tfidf_candidates)
             self.index_options = None
@@ -208,10 +260,12 @@ class InfluenceCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Fail fast: a bad module selection, output dir or fit_on should not surface after hours of training.
+        # Fail fast: a bad module selection, output dir, fit_on or memory plan should not surface after hours
+        # of training.
+        _refuse_sharded(trainer.strategy)
         model = self.network(pl_module)
         try:
-            find_tracked_layers(model, self.fit_options.modules, self.fit_options.module_types)
+            layers = find_tracked_layers(model, self.fit_options.modules, self.fit_options.module_types)
         except TrackingError as err:
             raise MisconfigurationException(str(err)) from None
         if stage == "fit":
@@ -220,6 +274,19 @@ class InfluenceCallback(Callback):
             raise MisconfigurationException(
                 f"InfluenceCallback(index='{self.index}') is the factors' output_dir: both write a manifest.json "
                 "there. Give the index its own directory (e.g. index='influence/index')")
+            if self.fit_on != "manual":
+                # The statistics alone (batch shape not known yet); on_train_start adds the first batch's.
+                # Every rank raises together (each checks its own device's budget), as in on_train_start.
+                error = None
+                try:
+                    self._check_memory(trainer, model, layers, batch_size=0, tokens={}, log_table=False)
+                except MisconfigurationException as err:
+                    error = err
+                if trainer.strategy.reduce_boolean_decision(error is not None, all=False) and error is None:
+                    error = MisconfigurationException("InfluenceCallback's memory plan is over the budget on "
+                                                      "another rank (see its error)")
+                if error is not None:
+                    raise error
         if trainer.is_global_zero:
             try:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +317,10 @@ class InfluenceCallback(Callback):
             return
         error = None
         try:
-            self.check_inputs(trainer, pl_module)
+            batch_size, tokens = self.check_inputs(trainer, pl_module)
+            model = self.network(pl_module)
+            layers = find_tracked_layers(model, self.fit_options.modules, self.fit_options.module_types)
+            self._check_memory(trainer, model, layers, batch_size=batch_size, tokens=tokens)
         except MisconfigurationException as err:
             error = err
         # Every rank raises together: a rank that stopped alone would leave the others in a collective.
@@ -303,11 +373,12 @@ class InfluenceCallback(Callback):
             )
         return model
 
-    def check_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def check_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int, dict[str, int]]:
         """Run the task once on one training batch and read the query file, raising what would fail later.
 
         Forward and loss only, under ``torch.no_grad()`` in eval mode, with the RNG forked: no
-        step, the weights, the modes and the random state are as before.
+        step, the weights, the modes and the random state are as before. Returns the batch's size
+        and each tracked layer's token positions per example (for the memory plan).
         """
         model = self.network(pl_module)
         if self.model_attr is None and _has_no_forward(model):
@@ -324,15 +395,17 @@ class InfluenceCallback(Callback):
             batch = next(iter(rebuild_loader(loader)), None)
         if batch is None:
             if trainer.world_size > 1:
-                return  # this rank's shard is empty (fewer examples than ranks); the others check theirs
+                return 0, {}  # this rank's shard is empty (fewer examples than ranks); the others check theirs
             raise MisconfigurationException(
                 "InfluenceCallback: the training dataloader is empty; the statistics passes need training data")
         batch = trainer.strategy.batch_to_device(batch, device)
         try:
-            with torch.random.fork_rng(devices=fork_devices), model_mode(model, train=False), torch.no_grad():
-                with trainer.precision_plugin.forward_context():
-                    self.task.token_mask(batch)
-                    checked_loss(self.task.train_loss(model, batch, sample=False), 0)
+            layers = find_tracked_layers(model, self.fit_options.modules, self.fit_options.module_types)
+            with torch.random.fork_rng(devices=fork_devices), model_mode(model, train=False):
+                self.task.token_mask(batch)
+                batch_size, tokens, loss = measure_batch(model, self.task, layers, batch,
+                                                         trainer.precision_plugin.forward_context)
+                checked_loss(loss, 0)
         except InfluenceError as err:
             raise MisconfigurationException(f"InfluenceCallback's check on the first training batch: {err}") from None
         except Exception as err:  # noqa: BLE001 (any failure of the user's model or batch, reported with the fix)
@@ -350,6 +423,34 @@ class InfluenceCallback(Callback):
                 load_query_set(self.queries, find_tokenizer(trainer.datamodule, pl_module, self))
             except (ValueError, OSError) as err:
                 raise MisconfigurationException(f"InfluenceCallback(queries={self.queries!r}): {err}") from None
+        return batch_size, tokens
+
+    def memory_plan(self, trainer: L.Trainer, model: nn.Module, layers: dict, batch_size: int = 0,
+                    tokens: dict[str, int] | None = None) -> MemoryPlan:
+        """The memory plan of this callback's passes and scoring on the trainer's device (nothing allocated).
+
+        ``batch_size``/``tokens`` (token positions per example by layer): the batch shape for the
+        working set; 0 / ``None`` leaves it out.
+        """
+        opts = self.fit_options
+        strategy = get_strategy(opts.strategy, block_size=opts.block_size, block_threshold=opts.block_threshold)
+        return plan_memory(layers, strategy, batch_size=batch_size,
+                           tokens_per_example=tokens or {}, stats_dtype=opts.stats_dtype,
+                           capture_dtype=opts.capture_dtype, score_dtype=self.score_options.score_dtype,
+                           query_rank=self.score_options.query_rank, device=trainer.strategy.root_device,
+                           model_parameters=sum(p.numel() for p in model.parameters()))
+
+    def _check_memory(self, trainer: L.Trainer, model: nn.Module, layers: dict, batch_size: int,
+                      tokens: dict[str, int], log_table: bool = True) -> MemoryPlan:
+        plan = self.memory_plan(trainer, model, layers, batch_size, tokens)
+        if log_table:
+            rank_zero_info(f"[lightning-influence] {plan.table()}")
+        try:
+            plan.check(resolve_budget(self.fit_options.memory_budget, trainer.strategy.root_device),
+                       where=" (InfluenceCallback, before the first training step)")
+        except MemoryBudgetError as err:
+            raise MisconfigurationException(str(err)) from None
+        return plan
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule,
             device: torch.device | None = None) -> InfluenceFactors:
@@ -391,11 +492,16 @@ class InfluenceCallback(Callback):
                                        block_size=opts.block_size, block_threshold=opts.block_threshold)
         pass_loader = rebuild_loader(loader)
         device = device if device is not None else trainer.strategy.root_device
-        total = length_of(pass_loader)
-        if total is not None and opts.max_batches is not None:
-            total = min(total, opts.max_batches)
+        total = pass_batches(pass_loader, opts.max_batches, opts.max_examples)
         for phase in remaining_phases(factors):
             feed = self._index_feed(trainer, model, factors, phase, loader, device)
+            started = time.perf_counter()
+            last_batch = [started, 0]  # when the last batch ended, and how many batches ran
+
+            def advance(n, bar=None):
+                bar.update(1)
+                last_batch[:] = [time.perf_counter(), last_batch[1] + 1]
+
             with progress_bar(total, pass_title(factors, phase), trainer.progress_bar_callback is not None) as bar:
                 run_phase(
                     phase, factors, model, self.task, pass_loader if feed is None else feed.batches(), device=device,
@@ -403,11 +509,17 @@ class InfluenceCallback(Callback):
                     stats_dtype=opts.stats_dtype,
                     max_batches=opts.max_batches, max_examples=opts.max_examples, seed=opts.seed,
                     transfer=lambda b: trainer.strategy.batch_to_device(b, device),
-                    progress=lambda n: bar.update(1),
+                    progress=lambda n, bar=bar: advance(n, bar),
                     forward_context=trainer.precision_plugin.forward_context,
                 )
+                finish_bar(bar)
             if feed is not None:
                 self._finish_index(trainer, feed.close())
+            ended = time.perf_counter()
+            # The time after the last batch is the pass's reduction and finish (K-FAC's eigendecompositions).
+            rank_zero_info(f"[lightning-influence] {phase} pass: {last_batch[1]} batches in "
+                           f"{last_batch[0] - started:.1f} s, then {ended - last_batch[0]:.1f} s reducing and "
+                           f"finishing (eigendecompositions)")
             if trainer.is_global_zero:
                 factors.save(self.output_dir)
             trainer.strategy.barrier("influence_phase_saved")
