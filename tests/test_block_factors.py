@@ -146,10 +146,10 @@ def test_defaults_block_only_very_wide_sides_and_agree_with_the_memory_plan():
     f = InfluenceFactors("kfac", {"0": layer}, block_size=16, block_threshold=20)
     shapes = f.curvature.statistics("covariance", layer)
     assert shapes["S_sum"] == (4, 16, 16) and shapes["A_sum"] == (5, 5)
-    plan = plan_memory({"0": layer}, "kfac", batch_size=1, tokens_per_example=1, block_size=16, block_threshold=20)
+    plan = plan_memory({"0": layer}, f.curvature, batch_size=1, tokens_per_example=1)  # asks the strategy object
     assert plan.layers[0].sides == "S 4x16"
-    expected = (4 * 16 * 16 + 5 * 5) * 8  # float64 covariance sums, as planned
-    assert plan.phases[0].parts["covariance sums"] == expected
+    expected = (4 * 16 * 16 + 5 * 5) * 8 + 2 * 8  # float64 covariance sums and their two token counts, as planned
+    assert plan.phases[0].parts["sums"] == expected
 
 
 def test_a_manifest_whose_block_options_do_not_match_its_tensors_is_refused(tmp_path):

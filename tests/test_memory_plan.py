@@ -11,6 +11,7 @@ from lightning_influence import ClassificationTask, fit_factors
 from lightning_influence.capture import TrackedLayer, find_tracked_layers
 from lightning_influence.curvature.blocks import SideLayout
 from lightning_influence.curvature.kfac import KFACStrategy
+from lightning_influence.curvature import get_strategy
 from lightning_influence.memory import MemoryBudgetError, format_bytes, measure_batch, parse_bytes, plan_memory
 from lightning_influence.options import FitOptions
 from lightning_influence.errors import OptionsError
@@ -36,7 +37,9 @@ def phase(plan, name):
 
 def test_head_covariance_bytes_are_what_main_tried_to_allocate():
     model, layers = gpt2_layers()
-    plan = plan_memory({"lm_head": layers["lm_head"]}, "ekfac", batch_size=8, tokens_per_example=128)
+    # Dense sides (block_size=None): what the code before block-diagonal factors allocated.
+    dense = get_strategy("ekfac", block_size=None)
+    plan = plan_memory({"lm_head": layers["lm_head"]}, dense, batch_size=8, tokens_per_example=128)
     assert [p.phase for p in plan.phases] == ["covariance pass", "covariance finish", "lambda pass", "scoring"]
     cov = phase(plan, "covariance pass")
     # S side 50257^2 + A side 768^2 float64 (the 20,206,128,392-byte allocation of the issue, plus the A side),
@@ -162,3 +165,13 @@ def test_the_plans_batch_is_drawn_without_iterating_the_passes_data():
     assert x.shape == (4, 1) and torch.equal(x[:, 0], torch.arange(4.0))
     assert first_batch([("a",), ("b",)]) == ("a",) and first_batch([]) is None
     assert first_batch(iter([("a",)])) is None  # an iterator is never drawn from
+
+
+def test_default_blocks_bring_the_gpt2_head_under_budget():
+    """With the default block options the 50257-wide side is 25 blocks of 2048 (docs/method.md, section 6)."""
+    _, layers = gpt2_layers()
+    plan = plan_memory({"lm_head": layers["lm_head"]}, "ekfac", batch_size=8, tokens_per_example=128)
+    cov = phase(plan, "covariance pass")
+    assert cov.parts["sums"] == (25 * 2048 ** 2 + 768 ** 2) * F64 + 2 * F64
+    assert plan.layers[0].sides == "S 25x2048"
+    plan.check(parse_bytes("8GiB"))
