@@ -837,7 +837,7 @@ def _reading(w, p: dict, sp: dict) -> None:
     if fit:
         w(f"* Factor fitting: the statistics (the strategy's `gradient_update`: gradient covariances, eigenbasis "
           f"rotations and Lambda, in the backward; `activation_update`: activation covariances, in the forward) are "
-          f"{100 * (_share(fit, '(gradient_update)') + _share(fit, '(activation_update)')):.0f}% of our time and "
+          f"{100 * _statistics_share(fit):.0f}% of our time and "
           f"the task's forward {100 * _share(fit, '(train_loss)'):.0f}%. Each layer's statistics are taken as soon "
           "as its tensors exist and its captured tokens dropped right after (as Kronfluence does in its hooks), "
           "and parameters do not require grad during the passes, so autograd keeps no layer input for a weight "
@@ -947,6 +947,17 @@ def _real_size_stage(skip: bool, quick: bool) -> dict | None:
     result = run_real_size(["gpt2", "llama32k"], quick, log=lambda s: print(s, flush=True))
     save_json(name, result)
     return result
+
+
+def _statistics_share(fit) -> float:
+    """The statistics' share of a fit profile: the strategy's updates (or, in profiles taken before the
+    strategies were objects, the passes' ``_layer_update``/``_activation_update``)."""
+    import math
+
+    share = _share(fit, "(gradient_update)") + _share(fit, "(activation_update)")
+    if math.isnan(share):
+        share = _share(fit, "(_layer_update)") + _share(fit, "(_activation_update)")
+    return share
 
 
 def _load(name: str) -> dict | None:
