@@ -118,6 +118,7 @@ class FitOptions(_Options):
         strategy: ``ekfac`` (default), ``kfac``, ``diagonal`` or ``identity``.
         modules: glob pattern(s) of module names to track (``None``: every supported layer).
         module_types: module classes to track (with or instead of ``modules``).
+        exclude: glob pattern(s) of module names to leave out of the selection.
         fisher: ``sampled`` (labels drawn from the model, the paper's default) or ``empirical``.
         damping: absolute damping, or ``None`` for ``damping_factor`` x the mean eigenvalue per layer.
         damping_factor: the heuristic's factor (0.1, the paper's).
@@ -135,6 +136,7 @@ class FitOptions(_Options):
     strategy: str = DEFAULT_STRATEGY
     modules: str | list[str] | None = None
     module_types: tuple[type, ...] | None = None
+    exclude: str | list[str] | None = None
     fisher: str = "sampled"
     damping: float | None = None
     damping_factor: float = DEFAULT_DAMPING_FACTOR
@@ -161,6 +163,8 @@ class FitOptions(_Options):
                                "the paper's default) or 'empirical' (the dataset's labels)")
         modules = _name_list("modules", self.modules)
         set_("modules", modules[0] if isinstance(self.modules, str) else modules)
+        exclude = _name_list("exclude", self.exclude)
+        set_("exclude", exclude[0] if isinstance(self.exclude, str) else exclude)
         if self.module_types is not None:
             types = tuple(self.module_types) if isinstance(self.module_types, (list, tuple)) else (self.module_types,)
             if not all(isinstance(t, type) for t in types):

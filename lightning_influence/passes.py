@@ -392,7 +392,7 @@ def fit_factors(
 
     ``options`` is a :class:`~lightning_influence.options.FitOptions`; single options may be
     given by keyword instead or on top (``strategy=``, ``modules=``, ``module_types=``,
-    ``fisher=``, ``damping=``, ``damping_factor=``, ``max_batches=``, ``max_examples=``,
+    ``exclude=``, ``fisher=``, ``damping=``, ``damping_factor=``, ``max_batches=``, ``max_examples=``,
     ``seed=``, ``capture_dtype=``, ``stats_dtype=``, ``block_size=``, ``block_threshold=``,
     ``memory_budget=``). ``batches`` is iterated once per pass of
     the strategy (twice for ``ekfac``), so pass a re-iterable such as a ``DataLoader``. With
@@ -418,7 +418,7 @@ def fit_factors(
     block_size, block_threshold = options.block_size, options.block_threshold
     check_limits(max_batches, max_examples)
     if factors is None:
-        layers = find_tracked_layers(model, modules, module_types)
+        layers = find_tracked_layers(model, modules, module_types, options.exclude)
         factors = InfluenceFactors(strategy, layers, fisher=fisher, damping=damping, damping_factor=damping_factor,
                                    metadata={"identity": fit_identity(model, batches, layers, strategy, fisher,
                                                                       max_batches, max_examples, seed,

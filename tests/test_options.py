@@ -102,3 +102,15 @@ def test_callback_builds_both_option_objects():
     assert cb.score_options == ScoreOptions(score_dtype=torch.bfloat16, layers=["net.0"], query_rank=4, top_k=3)
     assert cb.fit_options.to_json()["capture_dtype"] == "float64"
     assert FitOptions(module_types=[nn.Linear]).to_json()["module_types"] == ["torch.nn.modules.linear.Linear"]
+
+
+def test_exclude_leaves_layers_out_of_fit_factors_and_the_callback(tmp_path):
+    """`exclude=` (which the tied-weight warning names) reaches the selection everywhere."""
+    model = models.mlp()
+    data = models.mlp_data(8)
+    kept = fit_factors(model, ClassificationTask(), [data], strategy="kfac", fisher="empirical", exclude=["0"])
+    assert list(kept.layers) == ["2"]
+    cb = InfluenceCallback(task="classification", exclude="0", output_dir=str(tmp_path))
+    assert cb.fit_options.exclude == "0"
+    with pytest.raises(OptionsError, match="exclude must be a module name pattern"):
+        FitOptions(exclude=[1])

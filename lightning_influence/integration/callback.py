@@ -119,6 +119,7 @@ class InfluenceCallback(Callback):
         strategy: ``ekfac`` (default), ``kfac``, ``diagonal``, ``identity``, or a name registered with
             ``lightning_influence.curvature.register_strategy``.
         modules: glob patterns of module names to track (``None``: every Linear/Conv1D/Conv2d).
+        exclude: glob patterns of module names to leave out (e.g. a tied head selected by ``modules``).
         fisher: ``sampled`` (labels drawn from the model, the paper's default) or ``empirical``.
         damping: absolute damping, or ``None`` for ``damping_factor`` x the mean eigenvalue of each layer.
         damping_factor: the heuristic's factor (0.1, the paper's).
@@ -182,6 +183,7 @@ class InfluenceCallback(Callback):
         task: Task | str = "classification",
         strategy: str = DEFAULT_STRATEGY,
         modules: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
         fisher: str = "sampled",
         damping: float | None = None,
         damping_factor: float = DEFAULT_DAMPING_FACTOR,
@@ -217,8 +219,8 @@ class InfluenceCallback(Callback):
         super().__init__()
         try:
             self.fit_options = FitOptions(
-                strategy=strategy, modules=modules, module_types=module_types, fisher=fisher, damping=damping,
-                damping_factor=damping_factor, max_batches=max_batches, max_examples=max_examples, seed=seed,
+                strategy=strategy, modules=modules, module_types=module_types, exclude=exclude, fisher=fisher,
+                damping=damping, damping_factor=damping_factor, max_batches=max_batches, max_examples=max_examples, seed=seed,
                 capture_dtype=capture_dtype, stats_dtype=stats_dtype, block_size=block_size,
                 block_threshold=block_threshold, memory_budget=memory_budget)
             self.score_options = ScoreOptions(query_rank=query_rank, query_svd=query_svd, score_dtype=score_dtype,
@@ -265,7 +267,8 @@ class InfluenceCallback(Callback):
         _refuse_sharded(trainer.strategy)
         model = self.network(pl_module)
         try:
-            layers = find_tracked_layers(model, self.fit_options.modules, self.fit_options.module_types)
+            layers = find_tracked_layers(model, self.fit_options.modules, self.fit_options.module_types,
+                                         self.fit_options.exclude)
         except TrackingError as err:
             raise MisconfigurationException(str(err)) from None
         if stage == "fit":
@@ -319,7 +322,8 @@ class InfluenceCallback(Callback):
         try:
             batch_size, tokens = self.check_inputs(trainer, pl_module)
             model = self.network(pl_module)
-            layers = find_tracked_layers(model, self.fit_options.modules, self.fit_options.module_types)
+            layers = find_tracked_layers(model, self.fit_options.modules, self.fit_options.module_types,
+                                         self.fit_options.exclude)
             self._check_memory(trainer, model, layers, batch_size=batch_size, tokens=tokens)
         except MisconfigurationException as err:
             error = err
@@ -400,7 +404,8 @@ class InfluenceCallback(Callback):
                 "InfluenceCallback: the training dataloader is empty; the statistics passes need training data")
         batch = trainer.strategy.batch_to_device(batch, device)
         try:
-            layers = find_tracked_layers(model, self.fit_options.modules, self.fit_options.module_types)
+            layers = find_tracked_layers(model, self.fit_options.modules, self.fit_options.module_types,
+                                         self.fit_options.exclude)
             with torch.random.fork_rng(devices=fork_devices), model_mode(model, train=False):
                 self.task.token_mask(batch)
                 batch_size, tokens, loss = measure_batch(model, self.task, layers, batch,
@@ -477,7 +482,7 @@ class InfluenceCallback(Callback):
         loader = self._training_loader(trainer, pl_module, dataloader)
         self.index_path = None
         try:
-            layers = find_tracked_layers(model, opts.modules, opts.module_types)
+            layers = find_tracked_layers(model, opts.modules, opts.module_types, opts.exclude)
         except TrackingError as err:
             raise MisconfigurationException(str(err)) from None
         identity = fit_identity(model, loader, layers, opts.strategy, opts.fisher, opts.max_batches,
