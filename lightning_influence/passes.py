@@ -26,7 +26,7 @@ from lightning_influence.curvature import get_strategy
 from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.memory import check_fit_memory
-from lightning_influence.options import FitOptions
+from lightning_influence.options import STATS_DTYPES, FitOptions
 from lightning_influence.tasks import Task
 from lightning_influence.capture import LayerCapture, find_tracked_layers
 
@@ -316,13 +316,14 @@ def _limited(batches: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
 
 def check_limits(max_batches: int | None, max_examples: int | None) -> None:
     """A pass capped at zero batches or examples would fit factors from nothing: refuse it up front."""
-    for name, value in (("max_batches", max_batches), ("max_examples", max_examples)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise OptionsError(f"{name} must be a positive integer or None (no cap), got {value!r}")
+    from lightning_influence.options import _positive_int_or_none  # the FitOptions check, for direct run_phase calls
+
+    _positive_int_or_none("max_batches", max_batches)
+    _positive_int_or_none("max_examples", max_examples)
 
 
 def check_stats_dtype(stats_dtype: torch.dtype) -> None:
-    if stats_dtype not in (torch.float64, torch.float32):
+    if stats_dtype not in STATS_DTYPES:
         raise FactorsError(f"stats_dtype must be torch.float64 or torch.float32 (sums over millions of tokens "
                            f"need at least float32), got {stats_dtype!r}")
 
@@ -416,7 +417,6 @@ def fit_factors(
     max_batches, max_examples = options.max_batches, options.max_examples
     dtype, stats_dtype = options.capture_dtype, options.stats_dtype
     block_size, block_threshold = options.block_size, options.block_threshold
-    check_limits(max_batches, max_examples)
     if factors is None:
         layers = find_tracked_layers(model, modules, module_types, options.exclude)
         factors = InfluenceFactors(strategy, layers, fisher=fisher, damping=damping, damping_factor=damping_factor,
