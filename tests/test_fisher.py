@@ -103,3 +103,41 @@ def test_same_seed_bit_identical_other_seed_differs(strategy):
     assert not torch.equal(ta[sampled], tc[sampled])
     if strategy != "diagonal":
         assert torch.equal(ta["A_sum"], tc["A_sum"])  # activations do not depend on the labels
+
+
+def test_sample_labels_draws_from_the_softmax():
+    """The inverse-CDF sampler's frequencies match softmax(logits) within 5 standard errors, per class, for
+    several rows at once; a class of zero probability (a -inf logit) is never drawn."""
+    from lightning_influence.tasks import sample_labels
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 0.0, -1.0, float("-inf"), 0.5],
+                           [-3.0, -3.0, 4.0, 1.0, float("-inf")]])
+    n = 100_000
+    draws = sample_labels(logits.repeat(n, 1)).view(n, 2)
+    p = torch.softmax(logits, -1)
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=5).double() / n
+        se = (p[row] * (1 - p[row]) / n).sqrt().double()
+        assert torch.all((freq - p[row].double()).abs() <= 5 * se + 1e-12), (row, freq, p[row])
+    assert not (draws[:, 0] == 3).any() and not (draws[:, 1] == 4).any()
+    # a wide vocabulary: every draw in range, the mean of the label matches E[label]
+    wide = torch.randn(4, 32000)
+    labels = sample_labels(wide.repeat(2000, 1)).view(2000, 4).double()
+    expected = (torch.softmax(wide, -1).double() * torch.arange(32000.0, dtype=torch.float64)).sum(-1)
+    assert labels.min() >= 0 and labels.max() < 32000
+    assert torch.allclose(labels.mean(0), expected, rtol=0.05)
+
+
+def test_sample_labels_refuses_non_finite_rows():
+    from lightning_influence.errors import TaskInputError
+    from lightning_influence.tasks import sample_labels
+
+    bad = torch.zeros(4, 6)
+    bad[2, 1] = float("nan")
+    with pytest.raises(TaskInputError, match=r"not finite .* positions \[2\]"):
+        sample_labels(bad)
+    bad = torch.zeros(3, 6)
+    bad[1] = float("-inf")  # no label has any probability
+    with pytest.raises(TaskInputError, match=r"positions \[1\]"):
+        sample_labels(bad)
