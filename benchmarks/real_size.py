@@ -176,23 +176,47 @@ def call(workdir: Path, model: str, op: str, quick: bool, log, modules: list[str
 FALLBACK_MODULES = ["mlp", "attention"]
 
 
-def run(models: list[str], quick: bool, log=print) -> dict:
+ALL_OPS = ("epoch", "train", "fit", "topk_full", "topk_r32", "self", "kron_fit", "kron_score")
+
+
+def tracked_names(name: str, quick: bool) -> list[str]:
+    """The layers the defaults track (what the fit records), for peer rows measured without our fit."""
+    from lightning_influence.capture import find_tracked_layers
+
+    return list(find_tracked_layers(build_model(name, quick), None))
+
+
+def run(models: list[str], quick: bool, log=print, ops: tuple[str, ...] = ALL_OPS, previous: dict | None = None) -> dict:
+    """Measure ``ops`` for each model. With ``previous`` (the saved results), rows of other ops are kept from it,
+    each row stamped with the time it was measured (``measured_at``), so the page can say which came from when."""
     set_threads()
     workdir = Path(tempfile.mkdtemp(prefix="bench-real-"))
-    out: dict = {"quick": quick, "models": {}, "loadavg_start": loadavg_now()}
+    out: dict = {"quick": quick, "models": dict((previous or {}).get("models", {})), "loadavg_start": loadavg_now()}
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for name in models:
-        rows = {op: call(workdir, name, op, quick, log) for op in ("epoch", "train", "fit")}
-        if rows["fit"].get("refused"):
+        rows: dict = dict(out["models"].get(name, {})) if previous else {}
+        for op in ("epoch", "train", "fit"):
+            if op in ops:
+                rows[op] = call(workdir, name, op, quick, log)
+                rows[op]["measured_at"] = stamp
+        if "fit" in ops and rows["fit"].get("refused"):
             rows["fit_defaults_refused"] = rows["fit"]
             rows["fit"] = call(workdir, name, "fit", quick, log, modules=FALLBACK_MODULES)
-        (workdir / f"tracked-{name}.json").write_text(json.dumps(list(rows["fit"]["tracked"])))
+        tracked = list(rows["fit"]["tracked"]) if "fit" in rows else tracked_names(name, quick)
+        (workdir / f"tracked-{name}.json").write_text(json.dumps(tracked))
         for op in ("topk_full", "topk_r32", "self", "kron_fit", "kron_score"):
+            if op not in ops:
+                continue
+            if op in ("topk_full", "topk_r32", "self") and "fit" not in ops:
+                raise SystemExit(f"{op} scores the factors this run fits: add 'fit' to --ops")
             try:
                 rows[op] = call(workdir, name, op, quick, log)
             except Exception as err:  # a peer that cannot run this model is a result too
                 rows[op] = {"error": str(err)[-2000:]}
                 log(f"  {name} {op} failed: {str(err)[-300:]}")
-        rows["plan"] = rows["fit"]["plan"]
+            rows[op]["measured_at"] = stamp
+        if "fit" in rows:
+            rows["plan"] = rows["fit"]["plan"]
         out["models"][name] = rows
     out["loadavg_end"] = loadavg_now()
     return out
@@ -209,15 +233,29 @@ def main() -> None:
     w.add_argument("--modules", default=None, help="JSON list of module patterns (default: the defaults)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="both", choices=["gpt2", "llama32k", "both"])
+    parser.add_argument("--ops", default=",".join(ALL_OPS),
+                        help="comma-separated subset of " + ",".join(ALL_OPS) + "; the other rows are kept from the "
+                             "saved results (each row says when it was measured)")
     args = parser.parse_args()
     if args.cmd == "worker":
         print(json.dumps(worker(args)))
         return
     t0 = time.perf_counter()
     models = ["gpt2", "llama32k"] if args.model == "both" else [args.model]
-    result = run(models, args.quick)
+    ops = tuple(o for o in args.ops.split(",") if o)
+    unknown = [o for o in ops if o not in ALL_OPS]
+    if unknown:
+        parser.error(f"unknown --ops {unknown}; choose from {ALL_OPS}")
+    name = "real_size-quick.json" if args.quick else "real_size.json"
+    previous = None
+    if set(ops) != set(ALL_OPS) or args.model != "both":  # a partial run updates the saved results
+        from .common import RESULTS
+
+        path = RESULTS / name
+        previous = json.loads(path.read_text()) if path.exists() else None
+    result = run(models, args.quick, ops=ops, previous=previous)
     result["seconds"] = time.perf_counter() - t0
-    print(json.dumps({"saved": str(save_json("real_size-quick.json" if args.quick else "real_size.json", result))}))
+    print(json.dumps({"saved": str(save_json(name, result))}))
 
 
 if __name__ == "__main__":
