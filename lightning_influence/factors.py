@@ -9,20 +9,24 @@ Every statistic is stored as a sum plus a count, so that it reduces across ranks
 all-reduce and a run can resume after each phase.
 
 Files: one bundle of the persistence layer (``store.py``): ``<dir>/manifest.json`` names the
-tensor file it goes with (``factors-<id>.safetensors``), its checksum, and the factors'
-identity (the weights, data and options they were fitted from); a save writes the new tensor
-file first and then atomically replaces the manifest, so a process killed mid-save leaves the
-previous pair loadable.
+tensor files it goes with (``factors-<id>-<pass>.safetensors``, one per statistics pass: the
+tensors that pass produced), their checksums, and the factors' identity (the weights, data and
+options they were fitted from); a save writes the new tensor files first and then atomically
+replaces the manifest, so a process killed mid-save leaves the previous bundle loadable. A save
+after a later pass writes that pass's file only and keeps the earlier files it saved or loaded,
+so each phase's tensors are written once; and while a later pass runs, the earlier passes'
+tensors that are safely on disk can leave memory (:meth:`InfluenceFactors.offload`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
 
-from lightning_influence.store import BundleFormat, new_tensor_name, read_bundle, write_bundle
+from lightning_influence.store import BundleFormat, new_tensor_name, read_bundle, read_json_or_none, write_bundle
 from lightning_influence.capture import TrackedLayer
 from lightning_influence.curvature import get_strategy, strategy_class
 from lightning_influence.curvature.base import COMPLETE, DEFAULT_DAMPING_FACTOR
@@ -32,9 +36,11 @@ from lightning_influence.errors import FactorsError, OptionsError
 __all__ = ["InfluenceFactors", "FISHER_TYPES", "check_strategy", "check_fisher", "check_damping"]
 
 FISHER_TYPES = ("sampled", "empirical")
+OTHER_GROUP = "other"  # the file of tensors no pass declares (factors built by hand)
 FORMAT_NAME = "lightning-influence-factors"
-FORMAT_VERSION = 3  # 2: the store's bundle layout (files, identity); 3: block-diagonal sides (block_size, ...)
-_MANIFEST_KEYS = ("tensor_file", "strategy", "fisher", "damping", "damping_factor", "phase", "modules",
+# 2: the store's bundle layout (files, identity); 3: block-diagonal sides (block_size, ...); 4: one file per pass
+FORMAT_VERSION = 4
+_MANIFEST_KEYS = ("tensor_files", "strategy", "fisher", "damping", "damping_factor", "phase", "modules",
                   "block_size", "block_threshold")
 FACTORS_FORMAT = BundleFormat(
     FORMAT_NAME, FORMAT_VERSION, FactorsError, "factors", prefix="factors",
@@ -118,6 +124,10 @@ class InfluenceFactors:
         self.phase = self.curvature.check_phase(self.curvature.initial_phase if phase is None else phase)
         self.metadata = dict(metadata or {})
         self._cache: dict = {}
+        # group (pass name) -> (resolved directory, tensor file) this object's tensors of that group were last
+        # saved to or loaded from, unchanged since: a later save into that directory keeps the file.
+        self._files: dict[str, tuple[str, str]] = {}
+        self._offloaded: dict[str, list[tuple[str, str]]] = {}  # group -> (layer, key) left out of memory
 
     # ----------------------------------------------------------------- state
     @property
@@ -130,6 +140,11 @@ class InfluenceFactors:
 
     def set_phase(self, phase: str) -> None:
         self.phase = self.curvature.check_phase(phase)
+        self._cache.clear()
+
+    def pass_changed(self, pass_name: str) -> None:
+        """The tensors of ``pass_name`` were (re)computed: the file they were saved to no longer holds them."""
+        self._files.pop(pass_name, None)
         self._cache.clear()
 
     def require_complete(self) -> None:
@@ -222,23 +237,96 @@ class InfluenceFactors:
             "metadata": metadata,
         }
 
+    def _group_of(self, layer: TrackedLayer, key: str) -> str:
+        """The pass whose file holds ``key`` of ``layer``: the pass that sums it or whose finish adds it."""
+        for spec in self.curvature.passes:
+            if key in self.curvature.statistics(spec.name, layer) or key in self.curvature.factor_shapes(spec.name,
+                                                                                                         layer):
+                return spec.name
+        return OTHER_GROUP
+
+    def _groups(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The tensors in memory, flat (``layer::key``), grouped by the pass that produced them."""
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensors in self.tensors.items():
+            for key, value in tensors.items():
+                groups.setdefault(self._group_of(self.layers[name], key), {})[f"{name}::{key}"] = value
+        return groups
+
+    def _kept_file(self, group: str, directory: Path, listed: dict) -> str | None:
+        """The file of ``group`` this object saved to (or loaded from) ``directory``, if its manifest still lists it."""
+        where = self._files.get(group)
+        if where is None or where[0] != str(directory.resolve()) or where[1] not in listed:
+            return None
+        return where[1] if (directory / where[1]).is_file() else None
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the factors as one bundle into ``directory`` (created if needed).
 
+        One tensor file per pass; the file of a pass that this object already saved into
+        ``directory`` (or loaded from it), unchanged since, is kept rather than written again.
         The bundle's identity is ``metadata["identity"]`` (what the factors were fitted from:
         weights, data, options; see ``passes.fit_identity``). The previous save in the same
         directory stays loadable until the new manifest is in place.
         """
         directory = Path(directory)
-        flat = {
-            f"{name}::{key}": value
-            for name, t in self.tensors.items()
-            for key, value in t.items()
-        }
-        tensor_file = new_tensor_name(FACTORS_FORMAT)
-        write_bundle(FACTORS_FORMAT, directory, {**self.manifest(), "tensor_file": tensor_file},
-                     identity=self.metadata.get("identity"), tensors={tensor_file: flat})
+        current = read_json_or_none(directory / FACTORS_FORMAT.manifest)
+        listed = current.get("files") if isinstance(current, dict) and current.get("format") == FORMAT_NAME else None
+        listed = listed if isinstance(listed, dict) else {}
+        groups = self._groups()
+        names: dict[str, str] = {}
+        new: dict[str, dict[str, torch.Tensor]] = {}
+        for group in dict.fromkeys([*groups, *self._offloaded]):
+            kept = self._kept_file(group, directory, listed)
+            if kept is not None:
+                names[group] = kept
+                continue
+            if group in self._offloaded:  # elsewhere on disk only: read it back to write it here
+                self.restore()
+                return self.save(directory)
+            names[group] = new_tensor_name(FACTORS_FORMAT, role=re.sub(r"[^a-z0-9]", "", group.lower()) or "pass")
+            new[names[group]] = groups[group]
+        write_bundle(FACTORS_FORMAT, directory, {**self.manifest(), "tensor_files": names},
+                     identity=self.metadata.get("identity"), tensors=new,
+                     keep=[f for f in names.values() if f not in new])
+        where = str(directory.resolve())
+        self._files = {group: (where, file) for group, file in names.items()}
         return directory
+
+    # ------------------------------------------------------- memory
+    def offload(self, keep: str | None = None) -> list[str]:
+        """Drop from memory the tensors of every pass (but ``keep``) whose file this object saved or loaded and
+        that is still listed by that directory's manifest; :meth:`restore` reads them back (checksums checked).
+
+        A later pass reads only what it needs from earlier ones (the eigenbases, in its compute dtype), so
+        the earlier sums and float64 bases need not stay in memory meanwhile. Returns the groups dropped.
+        """
+        dropped = []
+        for group, (where, file) in self._files.items():
+            if group == keep or group == OTHER_GROUP or group in self._offloaded:
+                continue
+            directory = Path(where)
+            manifest = read_json_or_none(directory / FACTORS_FORMAT.manifest)
+            if not isinstance(manifest, dict) or file not in (manifest.get("files") or {}):
+                continue
+            keys = [(name, key) for name, tensors in self.tensors.items() for key in tensors
+                    if self._group_of(self.layers[name], key) == group]
+            for name, key in keys:
+                del self.tensors[name][key]
+            self._offloaded[group] = keys
+            dropped.append(group)
+        if dropped:
+            self._cache.clear()
+        return dropped
+
+    def restore(self) -> None:
+        """Read back what :meth:`offload` dropped (nothing to do when nothing was)."""
+        for group in list(self._offloaded):
+            where, file = self._files[group]
+            flat = read_bundle(FACTORS_FORMAT, where).tensors(file)
+            for name, key in self._offloaded.pop(group):
+                self.tensors[name][key] = flat.pop(f"{name}::{key}")
+            del flat
 
     @classmethod
     def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu",
@@ -255,7 +343,12 @@ class InfluenceFactors:
             raise FactorsError(f"{manifest_path} is corrupt (missing entries: {missing}); refit the factors")
         if identity is not None:
             bundle.check_identity(identity, "were fitted from other weights, data or options")
-        flat = bundle.tensors(manifest["tensor_file"], device=map_location)
+        files = manifest["tensor_files"]
+        if not isinstance(files, dict) or not all(isinstance(g, str) for g in files):
+            raise FactorsError(f"{manifest_path} is corrupt (invalid 'tensor_files'); refit the factors")
+        flat: dict[str, torch.Tensor] = {}
+        for file in files.values():
+            flat.update(bundle.tensors(file, device=map_location))
         try:
             layers = {
                 n: TrackedLayer(n, m["kind"], int(m["d_out"]), int(m["d_in"]), bool(m["has_bias"]))
@@ -282,6 +375,8 @@ class InfluenceFactors:
         except OptionsError as err:
             raise FactorsError(f"{manifest_path} is corrupt ({err}); refit the factors") from None
         factors._check_shapes(manifest_path)
+        where = str(Path(directory).resolve())
+        factors._files = {group: (where, file) for group, file in files.items()}
         return factors
 
     def _check_shapes(self, where: Path) -> None:

@@ -187,6 +187,8 @@ def plan_memory(
     query_rank: int | None = None,
     device: torch.device | str = "cpu",
     model_parameters: int | None = None,
+    activations: int = 0,
+    offload: bool = False,
 ) -> MemoryPlan:
     """Bytes each phase holds on ``device`` for ``strategy`` over ``layers`` (nothing is allocated).
 
@@ -202,6 +204,11 @@ def plan_memory(
 
     ``tokens_per_example``: token positions per example, one number or per layer (a Conv2d's
     output positions); 0 leaves the batch working set out (batch shape unknown).
+    ``activations``: the bytes autograd saves for one batch's backward (the model's own activations,
+    :func:`measure_batch`), held by every pass and by scoring beside the influence tensors.
+    ``offload``: the factors of earlier passes are saved and leave memory while a later pass runs
+    (``fit_factors`` with ``output_dir``, the callback); they are read back after its last batch
+    (the phase ``<pass> end``, beside the pass's sums).
     """
     if isinstance(strategy, str):
         strategy = get_strategy(strategy)
@@ -233,9 +240,13 @@ def plan_memory(
             working = sum(tokens(n) * l.d_in * cd for n, l in layers.items()) + max(
                 (tokens(n) * l.d_out * cd + per_example(l, sums[n], cd) + _bytes(sums[n], cd)
                  for n, l in layers.items()), default=0)
+        offloaded = offload and index > 0 and earlier > 0
         phases.append(PhaseMemory(f"{spec.name} pass", dev, {
-            "earlier factors": earlier, "sums": sum(_bytes(s, st) for s in sums.values()),
-            "pass inputs": inputs, "batch working set": working}))
+            "earlier factors": 0 if offloaded else earlier, "sums": sum(_bytes(s, st) for s in sums.values()),
+            "pass inputs": inputs, "model activations": activations, "batch working set": working}))
+        if offloaded:
+            phases.append(PhaseMemory(f"{spec.name} end", dev, {
+                "earlier factors": earlier, "sums": sum(_bytes(s, st) for s in sums.values())}))
         added = {n: strategy.factor_shapes(spec.name, l) for n, l in layers.items()}
         if any(added.values()):
             # float64 eigh of the largest matrix: its input, eigenvectors and workspace
@@ -261,6 +272,7 @@ def plan_memory(
         sums = {k: v for k, v in kept[n].items()}
         per_layer.append(LayerMemory(n, l.d_out, l.d_in, _bytes(sums, st), _describe_shapes(l, sums)))
     phases.append(PhaseMemory("scoring", dev, {"factors (score dtype)": score_factors, "queries": score_queries,
+                                               "model activations": activations,
                                                "batch working set": score_working}))
     return MemoryPlan(
         phases=phases,
@@ -281,12 +293,17 @@ def _describe_shapes(layer: TrackedLayer, shapes: Mapping[str, tuple[int, ...]])
 
 # ---------------------------------------------------------------- the batch shape, from one batch
 def measure_batch(model: nn.Module, task: Any, layers: Mapping[str, TrackedLayer], batch: Any,
-                  forward_context: Callable[[], ContextManager] | None = None) -> tuple[int, dict[str, int], Any]:
-    """Run the task's loss on ``batch`` once (no gradient) and count each tracked layer's token positions.
+                  forward_context: Callable[[], ContextManager] | None = None
+                  ) -> tuple[int, dict[str, int], Any, int]:
+    """Run the task's loss on ``batch`` once (no backward, no step) and count each tracked layer's token positions
+    and the bytes autograd keeps for the backward.
 
-    Returns ``(batch_size, tokens per example by layer, loss)``. A layer's positions are its
-    output's elements per example over ``d_out`` (``[B, T, d_out]``: ``T``; a Conv2d's
-    ``[B, C, H, W]``: ``H*W``). The caller forks the RNG and sets the model's mode.
+    Returns ``(batch_size, tokens per example by layer, loss, activation bytes)``. A layer's positions
+    are its output's elements per example over ``d_out`` (``[B, T, d_out]``: ``T``; a Conv2d's
+    ``[B, C, H, W]``: ``H*W``). The activation bytes are the distinct storages the forward saves for
+    its backward (``torch.autograd.graph.saved_tensors_hooks``), parameters excepted: what every
+    pass holds per batch beside the influence tensors. Under inference mode (no graph can be built)
+    they are 0. The caller forks the RNG and sets the model's mode.
     """
     batch_size = task.batch_size(batch)
     seen: dict[str, int] = {}
@@ -297,14 +314,31 @@ def measure_batch(model: nn.Module, task: Any, layers: Mapping[str, TrackedLayer
                 seen[name] = max(seen.get(name, 0), output.numel() // (batch_size * layer.d_out))
         return record
 
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage (a functional wrapper)
+            return t
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    grad = not torch.is_inference_mode_enabled()
     handles = [model.get_submodule(n).register_forward_hook(hook(n, l)) for n, l in layers.items()]
     try:
-        with torch.no_grad(), (forward_context() if forward_context is not None else nullcontext()):
+        with torch.set_grad_enabled(grad), (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if grad
+                                            else nullcontext()), \
+                (forward_context() if forward_context is not None else nullcontext()):
             loss = task.train_loss(model, batch, sample=False)
     finally:
         for h in handles:
             h.remove()
-    return batch_size, seen, loss
+    if torch.is_tensor(loss):
+        loss = loss.detach()  # the graph (and what it saved) goes now
+    return batch_size, seen, loss, sum(saved.values())
 
 
 def first_batch(batches: Any) -> Any | None:
@@ -330,12 +364,13 @@ def first_batch(batches: Any) -> Any | None:
 
 def fit_memory_plan(model: nn.Module, task: Any, layers: Mapping[str, TrackedLayer],
                     strategy: str | CurvatureStrategy, batches: Any, *, stats_dtype: torch.dtype,
-                    capture_dtype: torch.dtype, device: torch.device | str) -> MemoryPlan:
-    """The plan of an in-process fit (``fit_factors``): the batch shape from :func:`first_batch`.
+                    capture_dtype: torch.dtype, device: torch.device | str, offload: bool = False) -> MemoryPlan:
+    """The plan of an in-process fit (``fit_factors``): the batch shape from :func:`first_batch`
+    (``offload``: see :func:`plan_memory`; ``fit_factors`` offloads when it saves, in one process).
 
     Without a batch (an iterator), the plan leaves the batch working set out.
     """
-    batch_size, tokens = 0, {}
+    batch_size, tokens, activations = 0, {}, 0
     from lightning.fabric.utilities.apply_func import move_data_to_device  # lazy: importing Lightning is slow
 
     from lightning_influence.capture import model_mode
@@ -345,12 +380,13 @@ def fit_memory_plan(model: nn.Module, task: Any, layers: Mapping[str, TrackedLay
         batch = first_batch(batches)
         if batch is not None:
             with model_mode(model, train=False):
-                batch_size, tokens, _ = measure_batch(model, task, layers, move_data_to_device(batch, device))
+                batch_size, tokens, _, activations = measure_batch(model, task, layers,
+                                                                   move_data_to_device(batch, device))
     if batch is None:
         log.info("memory plan without the batch working set: %s cannot be peeked without drawing a batch",
                  type(batches).__name__)
     return plan_memory(layers, strategy, batch_size=batch_size, tokens_per_example=tokens, stats_dtype=stats_dtype,
-                       capture_dtype=capture_dtype, device=device,
+                       capture_dtype=capture_dtype, device=device, activations=activations, offload=offload,
                        model_parameters=sum(p.numel() for p in model.parameters()))
 
 
@@ -360,7 +396,7 @@ def resolve_budget(budget: int | str | None, device: torch.device | str) -> int:
 
 
 def check_fit_memory(model: nn.Module, task: Any, factors: Any, batches: Any, options: Any,
-                     device: torch.device | str | None = None) -> MemoryPlan:
+                     device: torch.device | str | None = None, offload: bool = False) -> MemoryPlan:
     """``fit_factors``' plan before its first pass: logged as one table, refused over ``options.memory_budget``.
 
     ``factors``: the :class:`~lightning_influence.factors.InfluenceFactors` about to be fitted;
@@ -369,7 +405,7 @@ def check_fit_memory(model: nn.Module, task: Any, factors: Any, batches: Any, op
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     plan = fit_memory_plan(model, task, factors.layers, factors.curvature, batches, stats_dtype=options.stats_dtype,
-                           capture_dtype=options.capture_dtype, device=device)
+                           capture_dtype=options.capture_dtype, device=device, offload=offload)
     log.info("%s", plan.table())
     plan.check(resolve_budget(options.memory_budget, device), where=" (fit_factors)")
     return plan

@@ -168,6 +168,11 @@ def run_phase(
         layers = factors.layers
         # What the updates read from earlier passes (eigenbases), in the compute dtype once per pass.
         inputs = {n: strategy.pass_inputs(phase, factors.tensors[n], device, dtype) for n in layers}
+        # What earlier passes left and this one does not read (their sums, the float64 bases it has in `inputs`)
+        # leaves memory while the pass runs, when it is saved on disk; read back after the last batch. One
+        # process only: in a data-parallel run the other ranks saved nothing.
+        if consumer is None and not _distributed():
+            factors.offload(keep=phase)
 
         # The capture zeroes padding per layer and counts the real tokens of the layer it hands over.
         def consume(name, a, s):
@@ -178,24 +183,29 @@ def run_phase(
         def on_forward(name, a):
             stats.update(_prefixed(name, strategy.activation_update(phase, layers[name], a, cap.token_count)))
 
-        with LayerCapture(model, layers, dtype=dtype, on_activation=on_forward if spec.forward_side else None) as cap:
-            for batch_index, batch in enumerate(_limited(batches, max_batches)):
-                if max_examples is not None and seen_examples >= max_examples:
-                    break
-                wanted = consumer is not None and consumer.begin_batch(batch)
-                batch = transfer(batch)
-                cap.next_batch(task.batch_size(batch), task.token_mask(batch))  # the capture masks padding per layer
-                with forward_context() if forward_context is not None else nullcontext():
-                    loss = batch_train_loss(task, model, batch, batch_index, sample)
-                cap.backward(loss, consume)
-                if consumer is not None:
-                    consumer.end_batch()
-                seen_batches += 1
-                n = task.batch_size(batch)
-                seen_examples += n
-                stats.update({_EXAMPLES: torch.tensor(float(n), dtype=torch.float64)})
-                if progress is not None:
-                    progress(n)
+        try:
+            capture = LayerCapture(model, layers, dtype=dtype, on_activation=on_forward if spec.forward_side else None)
+            with capture as cap:
+                for batch_index, batch in enumerate(_limited(batches, max_batches)):
+                    if max_examples is not None and seen_examples >= max_examples:
+                        break
+                    wanted = consumer is not None and consumer.begin_batch(batch)
+                    batch = transfer(batch)
+                    cap.next_batch(task.batch_size(batch), task.token_mask(batch))  # masks padding per layer
+                    with forward_context() if forward_context is not None else nullcontext():
+                        loss = batch_train_loss(task, model, batch, batch_index, sample)
+                    cap.backward(loss, consume)
+                    if consumer is not None:
+                        consumer.end_batch()
+                    seen_batches += 1
+                    n = task.batch_size(batch)
+                    seen_examples += n
+                    stats.update({_EXAMPLES: torch.tensor(float(n), dtype=torch.float64)})
+                    if progress is not None:
+                        progress(n)
+        finally:
+            inputs.clear()  # the pass's copies of the bases
+            factors.restore()
     stats.all_reduce()  # every rank, an empty shard's too: every rank takes the same decision below
     sums = stats.compute()
     if float(sums.pop(_EXAMPLES)) == 0:
@@ -216,6 +226,7 @@ def run_phase(
     for name, layer in layers.items():
         strategy.check_pass(phase, layer, {**factors.tensors[name], **on_device[name]})
     finish_layers(strategy, phase, factors, on_device, device, on_layer_finished)
+    factors.pass_changed(phase)
     factors.set_phase(spec.phase)
     log.info("%s pass done: %d batches, %d examples on this rank", phase, seen_batches, seen_examples)
 
@@ -442,7 +453,8 @@ def fit_factors(
         elif saved is None and not factors.is_complete:
             factors.metadata["identity"] = identity
     if remaining_phases(factors):  # the memory plan, before any pass allocates (memory_budget=)
-        check_fit_memory(model, task, factors, batches, options, device)
+        check_fit_memory(model, task, factors, batches, options, device,
+                         offload=output_dir is not None and not _distributed())
     for phase in remaining_phases(factors):
         run_phase(phase, factors, model, task, batches, device=device, dtype=dtype,
                   max_batches=max_batches, max_examples=max_examples, seed=seed, stats_dtype=stats_dtype)

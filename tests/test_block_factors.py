@@ -107,7 +107,7 @@ def test_block_layout_is_saved_and_changes_identity_and_fingerprint(tmp_path):
     blocked = fit_factors(model, task, batches, strategy="ekfac", block_size=3, block_threshold=None,
                           output_dir=tmp_path / "blocked")
     manifest = json.loads((tmp_path / "blocked" / "manifest.json").read_text())
-    assert (manifest["block_size"], manifest["block_threshold"], manifest["format_version"]) == (3, None, 3)
+    assert (manifest["block_size"], manifest["block_threshold"], manifest["format_version"]) == (3, None, 4)
     assert manifest["identity"]["options"]["block_size"] == 3
     loaded = InfluenceFactors.load(tmp_path / "blocked")
     assert (loaded.block_size, loaded.block_threshold) == (3, None)

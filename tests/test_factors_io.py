@@ -134,7 +134,7 @@ def saved(tmp_path):
     f = fitted("ekfac")
     f.save(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    return tmp_path, tmp_path / manifest["tensor_file"], manifest
+    return tmp_path, tmp_path / manifest["tensor_files"]["lambda"], manifest
 
 
 def test_truncated_tensor_file(saved):
@@ -176,14 +176,15 @@ def test_corrupt_manifest(saved, content):
 
 
 @pytest.mark.parametrize("edit", [
-    {"tensor_file": "../elsewhere.safetensors"},
+    {"tensor_files": {"covariance": "../elsewhere.safetensors"}},
+    {"tensor_files": ["factors-000000000000-lambda.safetensors"]},
     {"files": {"../elsewhere.safetensors": "0" * 64}},
     {"modules": {"0": {"kind": "linear"}}},
     {"modules": ["0", "2"]},
     {"strategy": "newton"},
     {"damping": -1.0},
     {"phase": "halfway"},
-], ids=["escaping-path", "escaping-file-list", "module-entry", "modules-list", "strategy", "damping", "phase"])
+], ids=["escaping-path", "file-list-not-a-dict", "escaping-file-list", "module-entry", "modules-list", "strategy", "damping", "phase"])
 def test_manifest_with_bad_entries(saved, edit):
     directory, _, manifest = saved
     (directory / "manifest.json").write_text(json.dumps({**manifest, **edit}))
@@ -209,9 +210,9 @@ def test_save_replaces_previous_save(tmp_path):
     first.save(tmp_path)
     (old_file,) = tensor_files(tmp_path)
     second.save(tmp_path)
-    (new_file,) = tensor_files(tmp_path)  # the old tensor file is gone, no temporary file left
-    assert new_file != old_file and new_file.endswith(".safetensors")
-    assert json.loads((tmp_path / "manifest.json").read_text())["tensor_file"] == new_file
+    new_files = tensor_files(tmp_path)  # the old tensor file is gone, no temporary file left: one file per pass
+    assert len(new_files) == 2 and old_file not in new_files and all(f.endswith(".safetensors") for f in new_files)
+    assert sorted(json.loads((tmp_path / "manifest.json").read_text())["tensor_files"].values()) == new_files
     assert_identical(second, InfluenceFactors.load(tmp_path))
 
 
@@ -342,3 +343,65 @@ def test_max_batches_draws_no_extra_batch():
     batches = Counting(train_batches())
     fit_factors(models.mlp(), ClassificationTask(), batches, strategy="kfac", max_batches=2)
     assert batches.drawn == 2
+
+
+# ------------------------------------------------- one file per pass, offloading
+def test_each_pass_file_is_written_once(tmp_path, monkeypatch):
+    """An EK-FAC fit with output_dir writes the covariance file once (after its pass) and only the Lambda file
+    after the second pass: two tensor files in all, the first one still the same file at the end."""
+    written = []
+    real = store.write_safetensors
+    monkeypatch.setattr(store, "write_safetensors", lambda path, named, **kw: (written.append(Path(path).name),
+                                                                              real(path, named, **kw))[1])
+    factors = fitted("ekfac", output_dir=str(tmp_path))
+    assert len(written) == 2 and written[0].endswith("-covariance.safetensors.tmp"), written
+    assert written[1].endswith("-lambda.safetensors.tmp")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["tensor_files"]["covariance"] == written[0][:-len(".tmp")]
+    assert tensor_files(tmp_path) == sorted(f[:-len(".tmp")] for f in written)
+    assert_identical(factors, InfluenceFactors.load(tmp_path))
+    # Saving again into the same directory writes nothing new; into another directory, every file.
+    factors.save(tmp_path)
+    assert len(written) == 2
+    factors.save(tmp_path / "copy")
+    assert len(written) == 4
+    assert_identical(factors, InfluenceFactors.load(tmp_path / "copy"))
+
+
+def test_earlier_pass_leaves_memory_during_the_lambda_pass(tmp_path):
+    """While the Lambda pass runs, the covariance pass's sums and float64 bases are not held (they are on disk);
+    afterwards they are back, and the factors equal those of a fit without output_dir, tensor for tensor."""
+    seen = []
+    model, task, batches = models.mlp(), ClassificationTask(), train_batches()
+    eigen = fit_factors(model, task, batches, strategy="ekfac", output_dir=str(tmp_path / "e"))
+    reference = fit_factors(model, task, batches, strategy="ekfac")
+    assert_identical(eigen, reference)
+    # Rerun the Lambda pass by hand from the saved eigen phase, looking into memory between batches.
+    partial = InfluenceFactors.load(tmp_path / "e")
+    partial.tensors = {n: {k: v for k, v in t.items() if not k.startswith("lambda")} for n, t in partial.tensors.items()}
+    partial.set_phase("eigen")
+
+    def look(n):
+        seen.append({name: sorted(t) for name, t in partial.tensors.items()})
+
+    run_phase("lambda", partial, model, task, batches, progress=look)
+    assert seen and all(keys == [] for snapshot in seen for keys in snapshot.values()), seen[0]
+    assert_identical(partial, reference)
+
+
+def test_offloaded_file_corrupted_mid_pass_is_refused(tmp_path):
+    """The earlier pass's file is read back with its checksum: a file changed while the pass ran raises."""
+    model, task, batches = models.mlp(), ClassificationTask(), train_batches()
+    fit_factors(model, task, batches, strategy="ekfac", output_dir=str(tmp_path))
+    partial = InfluenceFactors.load(tmp_path)
+    partial.tensors = {n: {k: v for k, v in t.items() if not k.startswith("lambda")} for n, t in partial.tensors.items()}
+    partial.set_phase("eigen")
+    cov = tmp_path / json.loads((tmp_path / "manifest.json").read_text())["tensor_files"]["covariance"]
+
+    def corrupt(n):
+        data = bytearray(cov.read_bytes())
+        data[-3] ^= 0x10
+        cov.write_bytes(bytes(data))
+
+    with pytest.raises(FactorsError, match="checksum"):
+        run_phase("lambda", partial, model, task, batches[:1], progress=corrupt)

@@ -122,11 +122,12 @@ def test_measure_batch_counts_each_layers_token_positions():
     from lightning_influence import CausalLMTask
 
     layers = find_tracked_layers(model)
-    size, tokens, loss = measure_batch(model, CausalLMTask(), layers, batch)
+    size, tokens, loss, activations = measure_batch(model, CausalLMTask(), layers, batch)
     assert size == 3 and set(tokens) == set(layers) and set(tokens.values()) == {9}
-    assert torch.isfinite(loss)
+    assert torch.isfinite(loss) and not loss.requires_grad
+    assert activations > 0
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
-    size, tokens, _ = measure_batch(conv, ClassificationTask(), find_tracked_layers(conv),
+    size, tokens, _, _ = measure_batch(conv, ClassificationTask(), find_tracked_layers(conv),
                                     (torch.randn(5, 1, 6, 6), torch.zeros(5, dtype=torch.long)))
     assert size == 5 and tokens == {"0": 16, "2": 1}  # a 4x4 output map: 16 patches per example
 
@@ -175,3 +176,32 @@ def test_default_blocks_bring_the_gpt2_head_under_budget():
     assert cov.parts["sums"] == (25 * 2048 ** 2 + 768 ** 2) * F64 + 2 * F64
     assert plan.layers[0].sides == "S 25x2048"
     plan.check(parse_bytes("8GiB"))
+
+
+def test_measure_batch_counts_what_autograd_saves():
+    """The activation bytes are the storages the forward saves for its backward, parameters excepted: for
+    Linear -> tanh -> Linear on [B, 8] float64 inputs: the input x (first Linear), the tanh output (tanh's
+    backward and the second Linear's input), and what cross-entropy keeps (its log-softmax [B, 3])."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    batch = (torch.randn(32, 8, dtype=torch.float64), torch.zeros(32, dtype=torch.long))
+    size, _, _, activations = measure_batch(model, ClassificationTask(), find_tracked_layers(model), batch)
+    f64 = 8
+    expected = 32 * 8 * f64 + 32 * 16 * f64 + 32 * 3 * f64  # x, tanh(h), log-softmax
+    assert expected <= activations <= expected + 32 * 16 * f64 + 32 * 3 * f64 + 32 * 8, activations
+    # the weights themselves (saved by the Linear layers) are not counted
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert activations < expected + weights
+    with torch.inference_mode():
+        assert measure_batch(model, ClassificationTask(), find_tracked_layers(model), batch)[3] == 0
+
+
+def test_offloading_plan_moves_earlier_factors_to_the_end_of_the_pass():
+    layers = {"a": TrackedLayer("a", "linear", 30, 50, True)}
+    kept = plan_memory(layers, "ekfac", batch_size=2, tokens_per_example=7)
+    off = plan_memory(layers, "ekfac", batch_size=2, tokens_per_example=7, offload=True, activations=1000)
+    assert phase(off, "lambda pass").parts["earlier factors"] == 0
+    assert phase(off, "lambda end").parts["earlier factors"] == phase(kept, "lambda pass").parts["earlier factors"] > 0
+    assert phase(off, "lambda pass").parts["model activations"] == 1000
+    assert phase(off, "covariance pass").parts["model activations"] == 1000
+    assert off.factor_file_bytes == kept.factor_file_bytes

@@ -320,11 +320,12 @@ class InfluenceCallback(Callback):
             return
         error = None
         try:
-            batch_size, tokens = self.check_inputs(trainer, pl_module)
+            batch_size, tokens, activations = self.check_inputs(trainer, pl_module)
             model = self.network(pl_module)
             layers = find_tracked_layers(model, self.fit_options.modules, self.fit_options.module_types,
                                          self.fit_options.exclude)
-            self._check_memory(trainer, model, layers, batch_size=batch_size, tokens=tokens)
+            self._check_memory(trainer, model, layers, batch_size=batch_size, tokens=tokens,
+                               activations=activations)
         except MisconfigurationException as err:
             error = err
         # Every rank raises together: a rank that stopped alone would leave the others in a collective.
@@ -377,12 +378,12 @@ class InfluenceCallback(Callback):
             )
         return model
 
-    def check_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int, dict[str, int]]:
+    def check_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int, dict[str, int], int]:
         """Run the task once on one training batch and read the query file, raising what would fail later.
 
-        Forward and loss only, under ``torch.no_grad()`` in eval mode, with the RNG forked: no
-        step, the weights, the modes and the random state are as before. Returns the batch's size
-        and each tracked layer's token positions per example (for the memory plan).
+        Forward and loss only (no backward) in eval mode, with the RNG forked: no step, the weights,
+        the modes and the random state are as before. Returns the batch's size, each tracked layer's
+        token positions per example and the bytes the forward saves for a backward (for the memory plan).
         """
         model = self.network(pl_module)
         if self.model_attr is None and _has_no_forward(model):
@@ -399,7 +400,7 @@ class InfluenceCallback(Callback):
             batch = next(iter(rebuild_loader(loader)), None)
         if batch is None:
             if trainer.world_size > 1:
-                return 0, {}  # this rank's shard is empty (fewer examples than ranks); the others check theirs
+                return 0, {}, 0  # this rank's shard is empty (fewer examples than ranks); the others check theirs
             raise MisconfigurationException(
                 "InfluenceCallback: the training dataloader is empty; the statistics passes need training data")
         batch = trainer.strategy.batch_to_device(batch, device)
@@ -408,8 +409,8 @@ class InfluenceCallback(Callback):
                                          self.fit_options.exclude)
             with torch.random.fork_rng(devices=fork_devices), model_mode(model, train=False):
                 self.task.token_mask(batch)
-                batch_size, tokens, loss = measure_batch(model, self.task, layers, batch,
-                                                         trainer.precision_plugin.forward_context)
+                batch_size, tokens, loss, activations = measure_batch(model, self.task, layers, batch,
+                                                                      trainer.precision_plugin.forward_context)
                 checked_loss(loss, 0)
         except InfluenceError as err:
             raise MisconfigurationException(f"InfluenceCallback's check on the first training batch: {err}") from None
@@ -428,14 +429,17 @@ class InfluenceCallback(Callback):
                 load_query_set(self.queries, find_tokenizer(trainer.datamodule, pl_module, self))
             except (ValueError, OSError) as err:
                 raise MisconfigurationException(f"InfluenceCallback(queries={self.queries!r}): {err}") from None
-        return batch_size, tokens
+        return batch_size, tokens, activations
 
     def memory_plan(self, trainer: L.Trainer, model: nn.Module, layers: dict, batch_size: int = 0,
-                    tokens: dict[str, int] | None = None) -> MemoryPlan:
+                    tokens: dict[str, int] | None = None, activations: int = 0) -> MemoryPlan:
         """The memory plan of this callback's passes and scoring on the trainer's device (nothing allocated).
 
         ``batch_size``/``tokens`` (token positions per example by layer): the batch shape for the
-        working set; 0 / ``None`` leaves it out.
+        working set; 0 / ``None`` leaves it out. ``activations``: the bytes the model's forward saves
+        for one batch's backward (:func:`~lightning_influence.memory.measure_batch`). The callback
+        saves each phase to ``output_dir``, so in one process a later pass runs without the earlier
+        factors in memory (``offload``).
         """
         opts = self.fit_options
         strategy = get_strategy(opts.strategy, block_size=opts.block_size, block_threshold=opts.block_threshold)
@@ -443,11 +447,12 @@ class InfluenceCallback(Callback):
                            tokens_per_example=tokens or {}, stats_dtype=opts.stats_dtype,
                            capture_dtype=opts.capture_dtype, score_dtype=self.score_options.score_dtype,
                            query_rank=self.score_options.query_rank, device=trainer.strategy.root_device,
-                           model_parameters=sum(p.numel() for p in model.parameters()))
+                           model_parameters=sum(p.numel() for p in model.parameters()), activations=activations,
+                           offload=trainer.world_size == 1)
 
     def _check_memory(self, trainer: L.Trainer, model: nn.Module, layers: dict, batch_size: int,
-                      tokens: dict[str, int], log_table: bool = True) -> MemoryPlan:
-        plan = self.memory_plan(trainer, model, layers, batch_size, tokens)
+                      tokens: dict[str, int], log_table: bool = True, activations: int = 0) -> MemoryPlan:
+        plan = self.memory_plan(trainer, model, layers, batch_size, tokens, activations)
         if log_table:
             rank_zero_info(f"[lightning-influence] {plan.table()}")
         try:
