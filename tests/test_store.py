@@ -297,7 +297,8 @@ def test_factors_load_with_identity_checks_before_reading_tensors(tmp_path):
     identity = f.metadata["identity"]
     assert InfluenceFactors.load(tmp_path, identity=identity).metadata["identity"] == identity
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    (tmp_path / manifest["tensor_file"]).write_bytes(b"garbage")  # never read when the identity differs
+    for file in manifest["tensor_files"].values():
+        (tmp_path / file).write_bytes(b"garbage")  # never read when the identity differs
     with pytest.raises(FactorsError, match="options.seed: 0 saved, 1 now") as err:
         InfluenceFactors.load(tmp_path, identity={**identity, "options": {**identity["options"], "seed": 1}})
     assert list(err.value.differences) == ["options.seed"]
