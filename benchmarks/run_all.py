@@ -206,6 +206,9 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
     if (RESULTS / "index-section.md").exists():  # written by benchmarks/index_bench.py
         w((RESULTS / "index-section.md").read_text().rstrip())
         w("")
+    if (RESULTS / "index-lds-section.md").exists():  # written by benchmarks/index_lds.py
+        w((RESULTS / "index-lds-section.md").read_text().rstrip())
+        w("")
     blocks = _load("blocks.json")  # written by benchmarks/blocks.py
     if blocks:
         from .blocks import section as blocks_section
@@ -863,6 +866,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite the page from benchmarks/results/")
     parser.add_argument("--skip-agreement", action="store_true")
     parser.add_argument("--skip-lds", action="store_true")
+    parser.add_argument("--skip-index-lds", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--real-size-only", action="store_true",
                         help="rewrite only section 10 of the page from benchmarks/results/real_size.json")
@@ -888,6 +892,7 @@ def main() -> None:
         machine["loadavg_start"] = loadavg_now()
         agreement = _stage("agreement", args.skip_agreement, args.quick)
         lds = _stage("lds", args.skip_lds, args.quick)
+        _stage("index_lds", args.skip_index_lds, args.quick)  # writes index-lds-section.md too
         speed = _stage("speed", args.skip_speed, args.quick)
         real_size = _real_size_stage(args.skip_real_size, args.quick)
         machine["loadavg_end"] = loadavg_now()
