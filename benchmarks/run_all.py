@@ -155,6 +155,7 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
     w(".bench-venv/bin/python -m benchmarks.run_all [--quick]")
     w(".bench-venv/bin/python -m benchmarks.agreement [--quick]   # writes benchmarks/results/agreement.json")
     w(".bench-venv/bin/python -m benchmarks.lds [--quick]         # writes benchmarks/results/lds.json")
+    w(".bench-venv/bin/python -m benchmarks.index_lds [--quick]   # the index's LDS: results/index_lds.json")
     w(".bench-venv/bin/python -m benchmarks.speed [--quick]       # writes benchmarks/results/speed.json")
     w(".bench-venv/bin/python -m benchmarks.run_all --report-only # this page from the saved JSON")
     w("BENCH_THREADS=2 make bench        # torch threads per process (default 1, see 'Machine')")
