@@ -155,6 +155,7 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
     w(".bench-venv/bin/python -m benchmarks.run_all [--quick]")
     w(".bench-venv/bin/python -m benchmarks.agreement [--quick]   # writes benchmarks/results/agreement.json")
     w(".bench-venv/bin/python -m benchmarks.lds [--quick]         # writes benchmarks/results/lds.json")
+    w(".bench-venv/bin/python -m benchmarks.index_lds [--quick]   # the index's LDS: results/index_lds.json")
     w(".bench-venv/bin/python -m benchmarks.speed [--quick]       # writes benchmarks/results/speed.json")
     w(".bench-venv/bin/python -m benchmarks.run_all --report-only # this page from the saved JSON")
     w("BENCH_THREADS=2 make bench        # torch threads per process (default 1, see 'Machine')")
@@ -205,6 +206,9 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
     _gpu_section(w, _load("speed-cuda.json"))
     if (RESULTS / "index-section.md").exists():  # written by benchmarks/index_bench.py
         w((RESULTS / "index-section.md").read_text().rstrip())
+        w("")
+    if (RESULTS / "index-lds-section.md").exists():  # written by benchmarks/index_lds.py
+        w((RESULTS / "index-lds-section.md").read_text().rstrip())
         w("")
     blocks = _load("blocks.json")  # written by benchmarks/blocks.py
     if blocks:
@@ -863,6 +867,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite the page from benchmarks/results/")
     parser.add_argument("--skip-agreement", action="store_true")
     parser.add_argument("--skip-lds", action="store_true")
+    parser.add_argument("--skip-index-lds", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--real-size-only", action="store_true",
                         help="rewrite only section 10 of the page from benchmarks/results/real_size.json")
@@ -888,6 +893,7 @@ def main() -> None:
         machine["loadavg_start"] = loadavg_now()
         agreement = _stage("agreement", args.skip_agreement, args.quick)
         lds = _stage("lds", args.skip_lds, args.quick)
+        _stage("index_lds", args.skip_index_lds, args.quick)  # writes index-lds-section.md too
         speed = _stage("speed", args.skip_speed, args.quick)
         real_size = _real_size_stage(args.skip_real_size, args.quick)
         machine["loadavg_end"] = loadavg_now()
