@@ -12,9 +12,14 @@ the empirical Fisher, damping 0.1 x mean eigenvalue, float32). Measured:
   exact streaming scoring (query gradients + a pass over the training data), CPU seconds;
 * agreement with the exact scores: Pearson over the whole score matrix, mean per-query Pearson, top-10
   overlap by the index alone, and of the two-stage list (index proposes K=100, exact rescoring);
-* bytes per example against the full gradient (4 bytes per tracked parameter).
+* bytes per example against the full gradient (4 bytes per tracked parameter);
+* Bergson 2.5.1 on the same model (``benchmarks/bergson_side.py`` under ``.bergson-venv``, made by
+  ``benchmarks/setup_bergson.sh``; skipped with the reason without it): its indexes' build cost, bytes, query
+  time and agreement with our exact scores. ``--bergson-only`` measures that alone and adds it to the saved
+  results.
 
     /work/main/.venv/bin/python -m benchmarks.index_bench [--quick]
+    .bench-venv/bin/python -m benchmarks.index_bench --bergson-only
 """
 
 from __future__ import annotations
