@@ -294,12 +294,14 @@ class PeakRSS:
         return out
 
 
-def run_worker(module: str, args: list[str], timeout: float = 1800, env: dict | None = None) -> dict:
-    """Run ``python -m module args`` in a fresh interpreter (``env``: extra variables); it prints one JSON line last."""
+def run_worker(module: str, args: list[str], timeout: float = 1800, env: dict | None = None,
+               python: str | None = None) -> dict:
+    """Run ``python -m module args`` in a fresh interpreter (``env``: extra variables; ``python``: another
+    environment's interpreter, this one by default); it prints one JSON line last."""
     env = dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(THREADS),
                MKL_NUM_THREADS=str(THREADS), BENCH_THREADS=os.environ.get("BENCH_THREADS", str(THREADS)),
                **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([python or sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

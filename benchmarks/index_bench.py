@@ -12,9 +12,14 @@ the empirical Fisher, damping 0.1 x mean eigenvalue, float32). Measured:
   exact streaming scoring (query gradients + a pass over the training data), CPU seconds;
 * agreement with the exact scores: Pearson over the whole score matrix, mean per-query Pearson, top-10
   overlap by the index alone, and of the two-stage list (index proposes K=100, exact rescoring);
-* bytes per example against the full gradient (4 bytes per tracked parameter).
+* bytes per example against the full gradient (4 bytes per tracked parameter);
+* Bergson 2.5.1 on the same model (``benchmarks/bergson_side.py`` under ``.bergson-venv``, made by
+  ``benchmarks/setup_bergson.sh``; skipped with the reason without it): its indexes' build cost, bytes, query
+  time and agreement with our exact scores. ``--bergson-only`` measures that alone and adds it to the saved
+  results.
 
     /work/main/.venv/bin/python -m benchmarks.index_bench [--quick]
+    .bench-venv/bin/python -m benchmarks.index_bench --bergson-only
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS, library_fingerprint, linear_module_names, loader, loadavg_now, markov_sequences, pearson, \
+from .common import RESULTS, ROOT, library_fingerprint, linear_module_names, loader, loadavg_now, markov_sequences, pearson, \
     save_json, set_threads, tiny_llama, train_lm
 
 LM = dict(vocab=512, hidden=128, intermediate=256, layers=2, heads=4, max_len=64)
@@ -99,7 +104,22 @@ def main() -> None:
     parser.add_argument("--few", action="store_true", help="full size, 5 configurations (the default among them)")
     parser.add_argument("--fact-recall", choices=("quick", "full"), default=None,
                         help="only: recall@10 on the demo's fact corpus, added to the saved results")
+    parser.add_argument("--bergson-only", action="store_true",
+                        help="only: Bergson 2.5.1 on the same model (.bergson-venv), added to the saved results")
     args = parser.parse_args()
+    if args.bergson_only:
+        set_threads()
+        name = "index-quick.json" if args.quick else "index.json"
+        out = json.loads((RESULTS / name).read_text()) if (RESULTS / name).exists() else None
+        bergson = bergson_alone(args.quick)
+        print(json.dumps(bergson, indent=1), flush=True)
+        if out is None:
+            print(f"no {name} to add the Bergson results to; printed only")
+            return
+        out["bergson"] = bergson
+        save_json(name, out)
+        (RESULTS / name.replace(".json", "-section.md")).write_text(section(out))
+        return
     if args.fact_recall:
         set_threads()
         name = "index.json"
@@ -246,6 +266,9 @@ def main() -> None:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "options"},
                   flush=True)
         out["configs"] = rows
+        default = next((r for r in rows if "default" in r["config"]), None)
+        out["bergson"] = bergson_second_set(model, mods, scorer, qg, train, query, work, exact, exact_total, epoch.cpu,
+                                            default and default["compress_queries_cpu_s"] + default["score_cpu_s"])
         out["loadavg_end"] = loadavg_now()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -331,6 +354,169 @@ def kronfluence_second_set(model, mods, train, query, work, exact) -> dict | Non
     return {"cpu_s": clock.cpu, "pearson_vs_ours": pearson(-scores.cpu(), exact)}  # ours = -kronfluence's
 
 
+BERGSON_PYTHON = ROOT / ".bergson-venv" / "bin" / "python"
+
+
+def bergson_alone(quick: bool) -> dict:
+    """``--bergson-only``: the main run's model, fit and exact scores again (same seeds, so the same numbers
+    up to timing), our default index's query time, then ``bergson_second_set``; ratios from this one run."""
+    from lightning_influence import CausalLMTask, InfluenceScorer, fit_factors
+    from lightning_influence.index import GradientIndex, IndexOptions, build_index
+
+    from .common import lm_train_loss
+
+    n_train, n_query = (256, 64) if quick else (1024, 256)
+    train = markov_sequences(n_train, vocab=LM["vocab"], seq_len=SEQ_LEN, seed=11, chain_seed=5)
+    query = markov_sequences(n_query, vocab=LM["vocab"], seq_len=SEQ_LEN, prompt_len=16, seed=13, chain_seed=5)
+    model = tiny_llama(**LM)
+    train_lm(model, train, epochs=1, batch_size=BATCH, lr=3e-3)
+    model.eval()
+    mods, task = linear_module_names(model), CausalLMTask()
+    lm_train_loss(model, next(iter(loader(train, BATCH)))).backward()  # warm-up, as main does
+    model.zero_grad(set_to_none=True)
+    with Clock() as epoch:
+        for batch in loader(train, BATCH):
+            model.zero_grad(set_to_none=True)
+            lm_train_loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    factors = fit_factors(model, task, loader(train, BATCH), strategy="ekfac", modules=mods, fisher="empirical",
+                          capture_dtype=torch.float32)
+    scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float32)
+    with Clock() as qgrad:
+        qg = scorer.query_gradients(loader(query, BATCH))
+    with Clock() as stream:
+        exact = torch.cat([scorer.score_batch(qg, b, batch_index=i).sum(0) for i, b in
+                           enumerate(loader(train, BATCH))], dim=1)
+    work = Path(tempfile.mkdtemp(prefix="bench-bergson-"))
+    try:
+        build_index(model, task, factors, loader(train, BATCH), work / "default", IndexOptions())
+        index = GradientIndex.load(work / "default", factors)
+        with Clock() as compress:
+            vectors = index.compress_queries(scorer, loader(query, BATCH))
+        with Clock() as matmul:
+            index.scores(vectors)
+        return bergson_second_set(model, mods, scorer, qg, train, query, work, exact, qgrad.cpu + stream.cpu,
+                                  epoch.cpu, compress.cpu + matmul.cpu)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bergson_second_set(model, mods, scorer, qg, train, query, work, exact, exact_total_cpu_s, epoch_cpu_s,
+                       default_index_query_cpu_s) -> dict:
+    """Bergson 2.5.1 on the same model and data, in its own environment (``benchmarks/bergson_side.py`` under
+    ``.bergson-venv``): build cost, bytes per example, CPU seconds to score the second query set (query
+    gradients included) and agreement with our exact scores, over all our modules and over the modules Bergson
+    tracks (every ``nn.Linear`` but ``lm_head``). Skipped, with the reason, where that environment is missing."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from .common import run_worker
+
+    python = Path(os.environ.get("BERGSON_PYTHON", BERGSON_PYTHON))
+    if not python.exists():
+        reason = f"{python} missing (benchmarks/setup_bergson.sh could not make it)"
+        print("Bergson skipped:", reason, flush=True)
+        return {"skipped": reason}
+    side = work / "bergson"
+    side.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(side / "model")  # safetensors; no pickle
+    tokens = {f"{prefix}_{key}": torch.stack([item[key] for item in ds.items]).contiguous()
+              for prefix, ds in (("train", train), ("query", query))
+              for key in ("input_ids", "labels", "attention_mask")}
+    save_file(tokens, side / "tokens.safetensors")
+    (side / "spec.json").write_text(json.dumps({"modules": mods, "batch": BATCH}))
+    load_start = loadavg_now()
+    try:
+        result = run_worker("benchmarks.bergson_side", [str(side)], timeout=5400, python=str(python))
+    except Exception as exc:  # noqa: BLE001 - the Bergson rows are skipped, the rest of the run is kept
+        reason = f"the Bergson worker failed: {str(exc)[-2000:]}"
+        print("Bergson skipped:", reason, flush=True)
+        return {"skipped": reason}
+    scores = load_file(side / "bergson-scores.safetensors")
+    shutil.rmtree(side, ignore_errors=True)
+
+    # Our exact scores over Bergson's modules alone (one more untimed pass over the training data).
+    tracked = set(result["modules"])  # names under model.base_model
+    names = list(scorer.layers)  # the order of score_batch's first axis
+    same = [i for i, name in enumerate(names) if name.removeprefix("model.") in tracked]
+    exact_same = torch.cat([scorer.score_batch(qg, b, batch_index=i)[same].sum(0) for i, b in
+                            enumerate(loader(train, BATCH))], dim=1)
+    exact_top = torch.topk(exact, K_TOP, dim=1).indices
+    same_top = torch.topk(exact_same, K_TOP, dim=1).indices
+    for row in result["configs"]:
+        s = scores[row["key"]].float()
+        top = torch.topk(s, K_TOP, dim=1).indices
+        row.update(pearson=pearson(s, exact), per_query_pearson=per_query_pearson(s, exact),
+                   top10_overlap=top_overlap(top, exact_top),
+                   pearson_same_modules=pearson(s, exact_same), top10_overlap_same_modules=top_overlap(top, same_top),
+                   time_vs_exact=row["query_cpu_s"] / exact_total_cpu_s,
+                   time_vs_our_default_index=(row["query_cpu_s"] / default_index_query_cpu_s
+                                              if default_index_query_cpu_s else None),
+                   build_epochs=result["indexes"][str(row["projection_dim"])]["build_cpu_s"] / epoch_cpu_s)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    for fit in result["hessians"].values():
+        fit["fit_epochs"] = fit["fit_cpu_s"] / epoch_cpu_s
+    result.update(exact_total_cpu_s=exact_total_cpu_s, epoch_cpu_s=epoch_cpu_s, library=library_fingerprint(),
+                  loadavg_start=load_start, loadavg_end=loadavg_now(),
+                  install="pip install bergson==2.5.1 torch==2.13.0; pip uninstall -y torchvision torchaudio",
+                  our_default_index_query_cpu_s=default_index_query_cpu_s,
+                  same_modules=[names[i] for i in same],
+                  our_full_gradient_bytes=4 * sum(layer.d_out * layer.d_in for layer in scorer.factors.layers.values()),
+                  full_gradient_bytes_same_modules=4 * sum(scorer.factors.layers[names[i]].d_out
+                                                           * scorer.factors.layers[names[i]].d_in for i in same))
+    return result
+
+
+def bergson_lines(b: dict | None, s: dict) -> list[str]:
+    """The section's Bergson paragraph and table (nothing when it was not run, a line when it was skipped)."""
+    if not b:
+        return []
+    if "skipped" in b:
+        return ["", f"Bergson 2.5.1 was not measured in this run: {b['skipped'].splitlines()[0]}"]
+    fits = "; ".join(f"{label}: {f['fit_epochs']:.2f} epochs" for label, f in b["hessians"].items())
+    check = b.get("gradient_check", {})
+    lines = [
+        "", f"Bergson {b['bergson']} on the same model, data and {s['n_query']} queries (`benchmarks/bergson_side.py` "
+        "under `.bergson-venv`, made by `benchmarks/setup_bergson.sh`; `python -m benchmarks.index_bench "
+        "--bergson-only`; one thread, CPU seconds; its indexes built with its `build` worker, scored with its "
+        "`Attributor`, query gradients included as for ours). Its per-example gradient is that of the summed token "
+        f"loss, as ours (a stored row against autograd: relative error {check.get('rel_error_vs_sum_loss', float('nan')):.1e}"
+        "). It tracks every `nn.Linear` but `lm_head` (its hooks sit on `model.base_model`), so Pearson is given "
+        "against our exact scores over all modules and over the same modules. "
+        "**Bergson's preconditioning is not EK-FAC on a compressed index**: its EK-FAC (K-FAC factors with the "
+        "eigenvalue correction, empirical Fisher here, damping 0.1 x mean eigenvalue as ours) applies only to the "
+        "full, unprojected gradient, on the query side; a projected index is either not preconditioned (the README's "
+        "`build --projection_dim 16` + `query --unit_norm`) or preconditioned by the dense per-module Gram of the "
+        "*projected* training gradients (TrackStar's autocorrelation Hessian, one-sided, or its inverse square root "
+        "on both sides with cosine), a different curvature estimate taken after the compression; its other "
+        "normalizer, Adam's second moments, needs an optimizer state this benchmark does not keep. Our index "
+        "instead projects gradients already preconditioned by the EK-FAC factors, so the agreement of Bergson's "
+        "compressed indexes with exact EK-FAC scores is bounded by the preconditioner as well as by the compression. "
+        f"Preconditioner fits (beforehand, not in the query time): {fits}.",
+        "",
+        "| Bergson index | bytes/example | of our full gradient | build (epochs) | query CPU s | vs our exact | "
+        "vs our default index | Pearson | Pearson, same modules | per-query Pearson | top-10 overlap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in b["configs"]:
+        vs_default = f"{r['time_vs_our_default_index']:.2f}x" if r.get("time_vs_our_default_index") else "n/a"
+        lines.append(
+            f"| {r['config']} | {r['bytes_per_example']:,} | {r['bytes_per_example'] / b['our_full_gradient_bytes']:.3f} "
+            f"| {r['build_epochs']:.2f} | {r['query_cpu_s']:.2f} (+{r['load_cpu_s']:.2f} load) "
+            f"| {r['time_vs_exact']:.3f}x | {vs_default} | {r['pearson']:.3f} | {r['pearson_same_modules']:.3f} "
+            f"| {r['per_query_pearson']:.3f} | {r['top10_overlap']:.2f} |")
+    lines += ["", f"Our exact streaming took {b['exact_total_cpu_s']:.1f} s and our default index "
+              f"{b['our_default_index_query_cpu_s']:.2f} s for these queries in the same run. At p=128 the 128 x 128 attention "
+              "projections are not compressed (a 128 x 128 projection of a 128 x 128 gradient), hence 0.58 of the "
+              "full size. Not run: Bergson's "
+              "autocorrelation preconditioner at p=64 and 128, fourteen dense p^2 x p^2 Grams (4,096^2 and "
+              "16,384^2), eigendecomposed at the fit and again at load: at p=64 a trial was stopped still fitting "
+              "after 4.7 CPU minutes at 4.4 GB resident, beyond this benchmark's memory share; at p=128 one Gram is "
+              "1.07 GB in float32."]
+    return lines
+
+
 def section(out: dict) -> str:
     """The docs/benchmarks.md section, from the results."""
     s = out["settings"]
@@ -377,6 +563,7 @@ def section(out: dict) -> str:
                       f"(query gradients, needed by both, excluded), overlap {f['top10_overlap']:.2f}. With "
                       f"{s['n_query']} queries the union of candidates is nearly the whole training set here, so "
                       "rescoring costs a full exact pass (the table's last columns)."]
+    lines += bergson_lines(out.get("bergson"), s)
     lines += ["", "Built inside the eigenvalue-correction pass (`run_phase(..., consumer=)`, what "
               "`InfluenceCallback(index=...)` does; preconditioner on the query side; best of two runs):", "",
               "| index | extra cost on the pass (epochs) | bytes/example | Pearson | top-10 overlap |",
