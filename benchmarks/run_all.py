@@ -157,6 +157,9 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
     w(".bench-venv/bin/python -m benchmarks.lds [--quick]         # writes benchmarks/results/lds.json")
     w(".bench-venv/bin/python -m benchmarks.index_lds [--quick]   # the index's LDS: results/index_lds.json")
     w(".bench-venv/bin/python -m benchmarks.speed [--quick]       # writes benchmarks/results/speed.json")
+    w(".bench-venv/bin/python -m benchmarks.index_bench [--few]   # the gradient index (section 8): results/index.json")
+    w(".bench-venv/bin/python -m benchmarks.index_bench --bergson-only  # Bergson 2.5.1 beside it (needs .bergson-venv)")
+    w(".bench-venv/bin/python -m benchmarks.real_size [--ops ...]  # GPT-2 small and the 32k Llama (section 10)")
     w(".bench-venv/bin/python -m benchmarks.run_all --report-only # this page from the saved JSON")
     w("BENCH_THREADS=2 make bench        # torch threads per process (default 1, see 'Machine')")
     w("bash benchmarks/gpu_check.sh      # on a GPU machine: GPU tests + the speed benchmark on CUDA (section 7)")
@@ -164,7 +167,10 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
     w("")
     w("Kronfluence is installed only in `.bench-venv` (never a dependency of the library), with "
       "`pip install torch==2.13.0 kronfluence==1.0.1 ...` on one command line and `pip uninstall -y torchvision` "
-      "afterwards (Kronfluence declares torchvision but never imports it; see `benchmarks/setup_env.sh`).")
+      "afterwards (Kronfluence declares torchvision but never imports it; see `benchmarks/setup_env.sh`). "
+      "Bergson 2.5.1, for the index comparison, has an environment of its own, `.bergson-venv` "
+      "(`benchmarks/setup_bergson.sh`: `pip install bergson==2.5.1 torch==2.13.0`, then "
+      "`pip uninstall -y torchvision torchaudio`; it imports neither).")
     w("")
     w("## Machine")
     w("")
