@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import sys
 import time
 from pathlib import Path
 
-from .common import DOCS, RESULTS, THREADS, library_fingerprint, machine_info, save_json
+from .common import ROOT, DOCS, RESULTS, THREADS, library_fingerprint, machine_info, save_json
 
 MiB = 2**20
 
@@ -877,6 +878,8 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--real-size-only", action="store_true",
                         help="rewrite only section 10 of the page from benchmarks/results/real_size.json")
+    parser.add_argument("--skip-index", action="store_true",
+                        help="the gradient index beside exact scoring, Kronfluence and Bergson (section 8)")
     parser.add_argument("--skip-real-size", action="store_true",
                         help="GPT-2 small and a 32k Llama with the defaults (30+ minutes on 2 cores)")
     args = parser.parse_args()
@@ -900,6 +903,7 @@ def main() -> None:
         agreement = _stage("agreement", args.skip_agreement, args.quick)
         lds = _stage("lds", args.skip_lds, args.quick)
         _stage("index_lds", args.skip_index_lds, args.quick)  # writes index-lds-section.md too
+        _index_stage(args.skip_index, args.quick)  # writes index.json and index-section.md (Bergson rows included)
         speed = _stage("speed", args.skip_speed, args.quick)
         real_size = _real_size_stage(args.skip_real_size, args.quick)
         machine["loadavg_end"] = loadavg_now()
@@ -913,6 +917,17 @@ def main() -> None:
         plots(speed)
     (DOCS / "benchmarks.md").write_text(report(agreement, speed, machine, wall, lds, real_size))
     print(json.dumps({"written": str(DOCS / "benchmarks.md"), "seconds": time.perf_counter() - t0}))
+
+
+def _index_stage(skip: bool, quick: bool) -> None:
+    """``benchmarks.index_bench`` in its own interpreter (its command line decides the sizes and the Bergson worker)."""
+    if skip:
+        return
+    import subprocess
+
+    print("== index_bench", flush=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.index_bench"] + (["--quick"] if quick else []), check=True,
+                   cwd=str(ROOT))
 
 
 def _stage(name: str, skip: bool, quick: bool) -> dict | None:
