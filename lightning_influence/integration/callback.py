@@ -448,7 +448,7 @@ class InfluenceCallback(Callback):
                            capture_dtype=opts.capture_dtype, score_dtype=self.score_options.score_dtype,
                            query_rank=self.score_options.query_rank, device=trainer.strategy.root_device,
                            model_parameters=sum(p.numel() for p in model.parameters()), activations=activations,
-                           offload=trainer.world_size == 1)
+                           offload=getattr(trainer, "world_size", 1) == 1)
 
     def _check_memory(self, trainer: L.Trainer, model: nn.Module, layers: dict, batch_size: int,
                       tokens: dict[str, int], log_table: bool = True, activations: int = 0) -> MemoryPlan:
