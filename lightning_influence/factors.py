@@ -386,7 +386,7 @@ class InfluenceFactors:
             if not self.phase_done(p.phase):
                 break
             for name, layer in self.layers.items():
-                for key, shape in self.curvature.statistics(p.name, layer).items():
+                for key, shape in self.curvature.kept_shapes(p.name, layer).items():
                     value = self.tensors[name].get(key)
                     if value is None or tuple(value.shape) != tuple(shape):
                         got = "missing" if value is None else tuple(value.shape)

@@ -248,16 +248,19 @@ def plan_memory(
             phases.append(PhaseMemory(f"{spec.name} end", dev, {
                 "earlier factors": earlier, "sums": sum(_bytes(s, st) for s in sums.values())}))
         added = {n: strategy.factor_shapes(spec.name, l) for n, l in layers.items()}
+        # Tensors written into the storage of the sums they replace (K-FAC's eigenbases) take no new memory.
+        replaced = {n: strategy.replaced_sums(spec.name, l) for n, l in layers.items()}
         if any(added.values()):
             # float64 eigh of the largest matrix: its input, eigenvectors and workspace
             largest = max((_numel(shape[-2:]) for a in added.values() for shape in a.values() if len(shape) >= 2),
                           default=0)
             phases.append(PhaseMemory(f"{spec.name} finish", dev, {
                 "earlier factors": earlier, "sums": sum(_bytes(s, st) for s in sums.values()),
-                "new factors": sum(_bytes(a, st) for a in added.values()), "one layer's eigh": 3 * largest * 8}))
-        for n in layers:
-            kept[n].update(sums[n])
-            kept[n].update(added[n])
+                "new factors": sum(_bytes({k: v for k, v in added[n].items() if k not in replaced[n]}, st)
+                                   for n in layers),
+                "one layer's eigh": 3 * largest * 8}))
+        for n, l in layers.items():
+            kept[n].update(strategy.kept_shapes(spec.name, l))
 
     per_layer = []
     score_factors = score_queries = score_working = 0
@@ -286,8 +289,8 @@ def plan_memory(
 
 def _describe_shapes(layer: TrackedLayer, shapes: Mapping[str, tuple[int, ...]]) -> str:
     """``dense``, or the blocked sides of a layer (a 3-d matrix ``[k, b, b]`` is ``k`` blocks of ``b``)."""
-    blocked = [f"{key.split('_')[0]} {shape[0]}x{shape[1]}" for key, shape in shapes.items()
-               if len(shape) == 3 and key.endswith("_sum")]
+    blocked = list(dict.fromkeys(f"{key.split('_')[0]} {shape[0]}x{shape[1]}" for key, shape in shapes.items()
+                                 if len(shape) == 3 and key.endswith(("_sum", "_eigvecs"))))
     return ", ".join(blocked) if blocked else "dense"
 
 

@@ -284,11 +284,17 @@ def finish_layers(strategy: Any, phase: str, factors: InfluenceFactors,
         for name, layer in layers.items():  # the same order on every rank
             if not outputs[name]:
                 continue
+            replaced = strategy.replaced_sums(phase, layer)
             for key, (shape, dtype) in outputs[name].items():
                 if owner[name] == rank:
                     tensor = on_device[name][key].contiguous()
-                else:
-                    tensor = torch.empty(shape, dtype=dtype, device=device)
+                else:  # received into the storage of the sum it replaces (K-FAC's bases), as the owner wrote it
+                    target = on_device[name].pop(replaced[key]) if key in replaced else None
+                    if (target is not None and tuple(target.shape) == tuple(shape) and target.dtype == dtype
+                            and target.is_contiguous()):
+                        tensor = target
+                    else:
+                        tensor = torch.empty(shape, dtype=dtype, device=device)
                 torch.distributed.broadcast(tensor, src=owner[name])
                 on_device[name][key] = tensor
     for name in list(on_device):

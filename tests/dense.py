@@ -154,3 +154,10 @@ def dense_scores(strategy, model, modules, train_loss, measure, train_batch, que
         else:
             total = total - g_query[n] @ solved
     return total
+
+
+def covariance_sum(tensors: dict, side: str) -> torch.Tensor:
+    """K-FAC's covariance sum of one side (``S`` or ``A``) of fitted factors, from the eigenbasis and eigenvalues
+    that replace it: ``count * Q diag(L) Q^T`` (block by block for a blocked side ``[k, b, b]``), in float64."""
+    q, vals = tensors[f"{side}_eigvecs"].double(), tensors[f"{side}_eigvals"].double()
+    return (q * vals.unsqueeze(-2)) @ q.transpose(-1, -2) * float(tensors[f"{side}_count"])

@@ -62,7 +62,7 @@ def test_mlp_blocked_matches_dense_with_off_blocks_zeroed(strategy, block_size):
     factors = check_against_dense(strategy, models.mlp(bias=True), ClassificationTask(), models.mlp_data(16, seed=1),
                                   models.mlp_data(3, seed=2), ce_loss, ce_measure, block_size, None)
     s_side = side_layout(7, block_size, None)
-    assert tuple(factors.tensors["0"]["S_sum"].shape) == (s_side.num_blocks, block_size, block_size)
+    assert tuple(factors.tensors["0"]["S_eigvecs"].shape) == (s_side.num_blocks, block_size, block_size)
     assert tuple(factors.tensors["0"]["S_eigvecs"].shape) == (s_side.num_blocks, block_size, block_size)
 
 
@@ -77,7 +77,7 @@ def test_tiny_gpt2_wide_sides_blocked_others_dense(strategy, max_len):
     queries = models.lm_batch(2, vocab=11, max_len=max_len, seed=3, prompt_len=2)
     factors = check_against_dense(strategy, model, CausalLMTask(), train, queries, lm_loss, lm_measure, 5, 10,
                                   batch_size=3, mask=train["attention_mask"])
-    shapes = {n: (tuple(t["S_sum"].shape), tuple(t["A_sum"].shape)) for n, t in factors.tensors.items()}
+    shapes = {n: (tuple(t["S_eigvecs"].shape), tuple(t["A_eigvecs"].shape)) for n, t in factors.tensors.items()}
     assert shapes["transformer.h.0.attn.c_attn"] == ((5, 5, 5), (9, 9))  # d_out 24 blocked, d_in 8+1 dense
     assert shapes["transformer.h.0.mlp.c_proj"] == ((8, 8), (7, 5, 5))  # d_in 32+1 blocked
 
@@ -122,7 +122,7 @@ def test_block_layout_is_saved_and_changes_identity_and_fingerprint(tmp_path):
     partial.set_phase("eigen")
     with pytest.warns(UserWarning, match="block_size"):
         refit = fit_factors(model, task, batches, strategy="ekfac", block_size=None, factors=partial)
-    assert refit.tensors["0"]["S_sum"].shape == (7, 7)
+    assert refit.tensors["0"]["S_eigvecs"].shape == (7, 7)
 
 
 def test_callback_passes_block_options_and_refuses_bad_ones(tmp_path):
@@ -158,8 +158,8 @@ def test_a_manifest_whose_block_options_do_not_match_its_tensors_is_refused(tmp_
     path = tmp_path / "manifest.json"
     manifest = json.loads(path.read_text())
     path.write_text(json.dumps({**manifest, "block_size": None}))
-    with pytest.raises(FactorsError, match=r"'0::A_sum' is \(2, 3, 3\), the kfac factors with block_size=None.*"
-                                           r"need \(6, 6\); the files are corrupt, refit the factors"):
+    with pytest.raises(FactorsError, match=r"'0::S_eigvecs' is \(3, 3, 3\), the kfac factors with block_size=None.*"
+                                           r"need \(7, 7\); the files are corrupt, refit the factors"):
         InfluenceFactors.load(tmp_path)
     path.write_text(json.dumps({**manifest, "block_size": 0}))
     with pytest.raises(FactorsError, match="corrupt.*block_size must be a positive integer"):

@@ -15,6 +15,7 @@ from lightning_influence.passes import fit_identity
 from lightning_influence.scoring.topk import read_scores
 
 from . import lit_models as lm
+from .dense import covariance_sum
 
 HERE = os.path.dirname(__file__)
 
@@ -52,8 +53,11 @@ def test_ddp_matches_single_process(tmp_path):
                          fisher="empirical")
     ddp = InfluenceFactors.load(tmp_path / "factors")
     for name, tensors in single.tensors.items():
-        for key in ("A_sum", "S_sum", "A_count", "lambda_sum", "lambda_count"):
+        for key in ("A_count", "lambda_sum", "lambda_count"):
             torch.testing.assert_close(ddp.tensors[name][key], tensors[key], rtol=1e-5, atol=1e-8)
+        for side in ("A", "S"):  # the covariances, from the bases each rank received or computed
+            torch.testing.assert_close(covariance_sum(ddp.tensors[name], side), covariance_sum(tensors, side),
+                                       rtol=1e-5, atol=1e-8)
     queries = lm.loader(lm.classification_data(5, seed=7), batch_size=2)
     scorer = InfluenceScorer(model, ClassificationTask(), single)
     expected_layers = scorer.pairwise_scores(queries, lm.loader(data, batch_size=8), per_layer=True)

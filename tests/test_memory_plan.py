@@ -46,8 +46,8 @@ def test_head_covariance_bytes_are_what_main_tried_to_allocate():
     # and the two float64 token counts.
     assert cov.parts["sums"] == (50257 ** 2 + 768 ** 2) * F64 + 2 * F64
     finish = phase(plan, "covariance finish")
-    # eigenbases of both sides and their eigenvalues, and one float64 eigh of the 50257 side (input, vectors, work)
-    assert finish.parts["new factors"] == (50257 ** 2 + 768 ** 2 + 50257 + 768) * F64
+    # the eigenvalues of both sides (the eigenbases are written over the sums), and one float64 eigh of the 50257 side (input, vectors, work)
+    assert finish.parts["new factors"] == (50257 + 768) * F64  # eigenvalues; the bases replace the sums
     assert finish.parts["one layer's eigh"] == 3 * 50257 ** 2 * F64
     assert plan.peak.phase == "covariance finish"
     with pytest.raises(MemoryBudgetError, match=r"lm_head.*50257x768") as err:
@@ -70,8 +70,8 @@ def test_plan_takes_its_shapes_from_the_strategy_object():
     plan = plan_memory({"lm_head": layers["lm_head"]}, _BlockedKFAC(), batch_size=8, tokens_per_example=128)
     k = -(-50257 // 2048)
     assert phase(plan, "covariance pass").parts["sums"] == (k * 2048 ** 2 + 768 ** 2) * F64 + 2 * F64
-    # eigenbases [k, b, b] and eigenvalues [k, b] follow the blocked sums (KFACStrategy.factor_shapes)
-    assert phase(plan, "covariance finish").parts["new factors"] == (k * 2048 ** 2 + 768 ** 2 + k * 2048 + 768) * F64
+    # eigenvalues [k, b] follow the blocked sums (KFACStrategy.factor_shapes); the bases [k, b, b] replace the sums
+    assert phase(plan, "covariance finish").parts["new factors"] == (k * 2048 + 768) * F64
     assert plan.layers[0].sides == f"S {k}x2048"
     plan.check(parse_bytes("4GiB"))
 
@@ -85,8 +85,8 @@ def test_plan_sums_over_layers_and_reports_tracked_share():
     assert cov.parts["sums"] == (25 + 9 + 16 + 4) * f32 + counts
     lam = phase(plan, "lambda pass")
     assert lam.parts["sums"] == (15 + 8) * f32 + 2 * F64
-    # the covariance pass's sums, eigenbases and eigenvalues stay; the bases are read again in the capture dtype
-    assert lam.parts["earlier factors"] == 2 * (25 + 9 + 16 + 4) * f32 + (5 + 3 + 4 + 2) * f32 + counts
+    # the covariance pass's bases (written over its sums), eigenvalues and counts stay; the bases are read again
+    assert lam.parts["earlier factors"] == (25 + 9 + 16 + 4) * f32 + (5 + 3 + 4 + 2) * f32 + counts
     assert lam.parts["pass inputs"] == (25 + 9 + 16 + 4) * f32
     # every layer's activations (2 x 7 tokens) wait for the backward; then the largest layer's output
     # gradients, per-example gradients [2, d_out, d_in] and its update

@@ -84,7 +84,7 @@ def test_one_object_or_keywords_give_the_same_factors():
     # Keywords on top of an object override it: 3 batches of 4 examples, not 2.
     assert float(by_object.tensors["0"]["lambda_count"]) == 8
     assert float(override.tensors["0"]["lambda_count"]) == 12
-    assert by_object.tensors["0"]["A_sum"].dtype == torch.float64
+    assert by_object.tensors["0"]["A_eigvecs"].dtype == torch.float64
 
 
 def test_damping_factor_default_lives_in_one_place(monkeypatch):

@@ -181,6 +181,19 @@ class CurvatureStrategy:
         the sums); the memory plan counts them. None by default."""
         return {}
 
+    def replaced_sums(self, pass_name: str, layer: TrackedLayer) -> dict[str, str]:
+        """Sums that :meth:`finish_pass` replaces by a tensor it adds, written into the sum's own storage
+        (added name -> sum name; same shape and dtype): after the finish the sum is gone, and the memory
+        plan counts the pair once. E.g. K-FAC's eigenbases over its covariance sums. None by default."""
+        return {}
+
+    def kept_shapes(self, pass_name: str, layer: TrackedLayer) -> dict[str, tuple[int, ...]]:
+        """What a layer holds from pass ``pass_name`` once it is finished: its sums but the replaced ones,
+        and what the finish adds."""
+        gone = set(self.replaced_sums(pass_name, layer).values())
+        kept = {k: v for k, v in self.statistics(pass_name, layer).items() if k not in gone}
+        return {**kept, **self.factor_shapes(pass_name, layer)}
+
     # ------------------------------------------------------------- curvature
     def eigenvalues(self, layer: TrackedLayer, tensors: LayerTensors) -> torch.Tensor:
         """``[d_out, d_in]`` curvature eigenvalues of a layer in its preconditioning basis."""

@@ -116,26 +116,35 @@ class SideLayout:
         return xb.transpose(1, 2) @ xb
 
     def eigh(self, total: torch.Tensor, count: torch.Tensor | float,
-             dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+             dtype: torch.dtype = torch.float64, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues and eigenvectors of the mean covariance ``total / count``, block by block,
         computed in float64 and returned in ``dtype``.
 
         Each block is symmetrised, ``(C + C^T) / 2`` with ``C = total / count``, in one new float64
         matrix of its own (a float64 ``total`` is not copied first), so a blocked side never holds
-        more than one block's input and workspace beside its results.
+        more than one block's input and workspace beside its results. With ``out`` (``total``
+        itself, its sums no longer needed), each block's eigenvectors are written into it as soon
+        as that block is decomposed: the side's eigenbasis takes no memory beyond its sums'.
         """
         if self.dense:
             vals, vecs = self._eigh_block(total, count)
+            if out is not None:
+                return vals.to(dtype), out.copy_(vecs)
             return vals.to(dtype), vecs.to(dtype)
         vals = torch.zeros(self.num_blocks, self.block, dtype=dtype, device=total.device)
-        vecs = torch.zeros(self.num_blocks, self.block, self.block, dtype=dtype, device=total.device)
+        vecs = out if out is not None else torch.zeros(self.num_blocks, self.block, self.block, dtype=dtype,
+                                                         device=total.device)
         r = self.dim - (self.num_blocks - 1) * self.block  # real coordinates of the last block
         for k in range(self.num_blocks):
             if k < self.num_blocks - 1 or r == self.block:
-                vals[k], vecs[k] = self._eigh_block(total[k], count)
+                vals[k], block = self._eigh_block(total[k], count)
+                vecs[k] = block
             else:  # the short last block: its real part only, identity on the padding
-                vals[k, :r], vecs[k, :r, :r] = self._eigh_block(total[k, :r, :r], count)
-                vecs[k, r:, r:] = torch.eye(self.block - r, dtype=dtype, device=total.device)
+                vals[k, :r], block = self._eigh_block(total[k, :r, :r], count)
+                vecs[k].zero_()
+                vecs[k, :r, :r] = block
+                vecs[k, r:, r:] = torch.eye(self.block - r, dtype=vecs.dtype, device=total.device)
+            del block
         return vals, vecs
 
     @staticmethod

@@ -36,17 +36,17 @@ def rotation_in_token_space(tokens: int, d_out: int, d_in: int, block_out: int, 
 
 
 def _eigh(side: SideLayout, total: torch.Tensor, count: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``side.eigh`` (in float64, results in the sums' dtype) on the device the sums are on; on the CPU,
-    saying so, where that device cannot."""
-    try:
-        return side.eigh(total, count, dtype=total.dtype)
+    """``side.eigh`` (in float64, results in the sums' dtype) on the device the sums are on, the eigenvectors
+    written over the sums ``total`` (which they replace); on the CPU, saying so, where that device cannot."""
+    if total.device.type == "cpu":  # block by block into the sums: no second copy of the side
+        return side.eigh(total, count, dtype=total.dtype, out=total)
+    try:  # the sums stay intact until every block is done, for the CPU fallback below
+        vals, vecs = side.eigh(total, count, dtype=total.dtype)
     except (RuntimeError, NotImplementedError, TypeError) as err:
-        if total.device.type == "cpu":
-            raise
         log.warning("float64 eigendecomposition of layer '%s' failed on %s (%s); doing it on the CPU",
                     layer, total.device, str(err).splitlines()[0] if str(err) else type(err).__name__)
         vals, vecs = side.eigh(total.cpu(), count.cpu() if isinstance(count, torch.Tensor) else count, total.dtype)
-        return vals.to(total.device), vecs.to(total.device)
+    return vals.to(total.device), total.copy_(vecs)
 
 
 def to_eigenbasis(grads: torch.Tensor, qs: torch.Tensor, qa: torch.Tensor, s_side: SideLayout,
@@ -95,12 +95,17 @@ class KFACStrategy(CurvatureStrategy):
     def finish_pass(self, pass_name: str, layer: TrackedLayer, tensors: LayerTensors) -> None:
         self.check_pass(pass_name, layer, tensors)
         # Eigendecompose the mean covariances in float64 (they are ill-conditioned), block by block for a
-        # blocked side, on the device the sums are on; keep the results in the dtype of the sums.
+        # blocked side, on the device the sums are on; the eigenvectors, in the dtype of the sums, take the
+        # sums' place and storage: Q diag(L) Q^T gives the covariance back, so keeping both would hold the
+        # same information twice (docs/method.md, section 2).
         for side, layout in zip(("S", "A"), self.layouts(layer)):
-            total = tensors[f"{side}_sum"]
+            total = tensors.pop(f"{side}_sum")
             vals, vecs = _eigh(layout, total, tensors[f"{side}_count"], layer.name)
             tensors[f"{side}_eigvals"] = vals.to(total.dtype)
-            tensors[f"{side}_eigvecs"] = vecs.to(total.dtype).contiguous()  # eigh is column-major; files row-major
+            tensors[f"{side}_eigvecs"] = vecs  # row-major: written into the (row-major) sums
+
+    def replaced_sums(self, pass_name: str, layer: TrackedLayer) -> dict[str, str]:
+        return {"S_eigvecs": "S_sum", "A_eigvecs": "A_sum"} if pass_name == COVARIANCE_PASS else {}
 
     def finish_outputs(self, pass_name, layer, tensors):
         if pass_name != COVARIANCE_PASS:
