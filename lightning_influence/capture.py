@@ -55,7 +55,7 @@ from torch import nn
 from lightning_influence.errors import TaskInputError, TrackingError
 
 __all__ = ["TrackedLayer", "LayerCapture", "find_tracked_layers", "NAMED_SELECTIONS", "expand_named_selection", "layer_weight_matrix", "set_token_layout",
-           "TOKEN_LAYOUTS", "per_example_gradients", "model_mode"]
+           "TOKEN_LAYOUTS", "per_example_gradients", "squared_per_example_sum", "per_example_chunk", "model_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -742,6 +742,32 @@ class LayerCapture:
 def per_example_gradients(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """``DW_b = sum_t s_bt a_bt^T`` for every example: ``[B, d_out, d_in]``."""
     return grads.transpose(1, 2) @ acts
+
+
+# Per-example gradients are formed this many elements at a time where only a sum over the examples is
+# kept: 64 MiB in float32, so a 32000 x 512 head never holds a batch of them at once (8 would be 0.5 GiB).
+PER_EXAMPLE_CHUNK_ELEMENTS = 1 << 24
+
+
+def per_example_chunk(batch: int, d_out: int, d_in: int) -> int:
+    """How many examples' ``[d_out, d_in]`` gradients :func:`squared_per_example_sum` forms at once."""
+    return max(1, min(batch, PER_EXAMPLE_CHUNK_ELEMENTS // max(1, d_out * d_in)))
+
+
+def squared_per_example_sum(acts: torch.Tensor, grads: torch.Tensor, transform=None) -> torch.Tensor:
+    """``sum_b transform(DW_b)^2`` (elementwise), forming the per-example gradients ``DW_b`` a few examples
+    at a time (:func:`per_example_chunk`): the same numbers as ``transform(per_example_gradients(a, s))
+    .square().sum(0)`` without the ``[B, d_out, d_in]`` tensor."""
+    step = per_example_chunk(acts.shape[0], grads.shape[-1], acts.shape[-1])
+    total = None
+    for start in range(0, acts.shape[0], step):
+        dw = per_example_gradients(acts[start:start + step], grads[start:start + step])
+        if transform is not None:
+            dw = transform(dw)
+        part = dw.square_().sum(0)
+        total = part if total is None else total.add_(part)
+        del dw
+    return total
 
 
 @contextmanager

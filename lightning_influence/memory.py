@@ -21,7 +21,7 @@ from typing import Any, Callable, ContextManager, Mapping
 import torch
 from torch import nn
 
-from lightning_influence.capture import TrackedLayer
+from lightning_influence.capture import TrackedLayer, per_example_chunk
 from lightning_influence.curvature import get_strategy
 from lightning_influence.curvature.base import CurvatureStrategy
 from lightning_influence.errors import InfluenceError
@@ -223,8 +223,12 @@ def plan_memory(
         return tokens(l.name) * (l.d_in + l.d_out) * itemsize
 
     def per_example(l: TrackedLayer, shapes: Mapping[str, tuple[int, ...]], itemsize: int) -> int:
-        # A per-parameter sum (shape d_out x d_in) is a sum over per-example gradients [B, d_out, d_in].
-        return batch_size * l.d_out * l.d_in * itemsize if l.shape in map(tuple, shapes.values()) else 0
+        # A per-parameter sum (shape d_out x d_in) is a sum over per-example gradients, formed a few examples at
+        # a time (capture.squared_per_example_sum), plus the batch's rotated tokens (EK-FAC rotates them first).
+        if l.shape not in map(tuple, shapes.values()):
+            return 0
+        return (per_example_chunk(batch_size, l.d_out, l.d_in) * l.d_out * l.d_in + tokens(l.name) * (l.d_out + l.d_in)
+                ) * itemsize
 
     kept: dict[str, dict[str, tuple[int, ...]]] = {name: {} for name in layers}  # what earlier passes left
     phases: list[PhaseMemory] = []

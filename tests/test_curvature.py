@@ -249,3 +249,21 @@ def test_new_strategy_through_the_callback(scalar, tmp_path, monkeypatch):
     assert InfluenceFactors.load(tmp_path).strategy == "scalar"
     with pytest.raises(MisconfigurationException, match="unknown strategy 'scalr'.*ekfac, scalar"):
         InfluenceCallback(strategy="scalr")
+
+
+def test_squared_per_example_sum_in_chunks_equals_the_whole_batch(monkeypatch):
+    """Forming per-example gradients a few at a time (as EK-FAC's Lambda and the diagonal Fisher do) gives the
+    same sums as the whole [B, d_out, d_in] batch, with and without a transform, for chunks of 1, 2 and 3."""
+    import lightning_influence.capture as capture
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, 6, generator=g, dtype=torch.float64)
+    s = torch.randn(5, 4, 3, generator=g, dtype=torch.float64)
+    q = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))[0]
+    whole = torch.einsum("bto,bti->boi", s, a)
+    for chunk in (1, 2, 3):
+        monkeypatch.setattr(capture, "PER_EXAMPLE_CHUNK_ELEMENTS", chunk * 18)
+        assert capture.per_example_chunk(5, 3, 6) == chunk
+        torch.testing.assert_close(capture.squared_per_example_sum(a, s), whole.square().sum(0), rtol=1e-12, atol=0)
+        torch.testing.assert_close(capture.squared_per_example_sum(a, s, lambda dw: q.T @ dw),
+                                   (q.T @ whole).square().sum(0), rtol=1e-12, atol=1e-14)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_influence.capture import TrackedLayer, per_example_gradients
+from lightning_influence.capture import TrackedLayer, squared_per_example_sum
 from lightning_influence.curvature.base import COMPLETE, CurvatureStrategy, LayerTensors, StatisticsPass
 
 __all__ = ["DiagonalStrategy"]
@@ -24,8 +24,7 @@ class DiagonalStrategy(CurvatureStrategy):
         return {"diag_sum": layer.shape, "diag_count": ()}
 
     def gradient_update(self, pass_name, layer, a, s, count, inputs) -> LayerTensors:
-        dw = per_example_gradients(a, s)
-        return {"diag_sum": dw.square_().sum(0), "diag_count": torch.tensor(float(a.shape[0]), dtype=torch.float64)}
+        return {"diag_sum": squared_per_example_sum(a, s), "diag_count": torch.tensor(float(a.shape[0]), dtype=torch.float64)}
 
     def eigenvalues(self, layer: TrackedLayer, tensors: LayerTensors) -> torch.Tensor:
         return tensors["diag_sum"] / tensors["diag_count"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_influence.capture import TrackedLayer, per_example_gradients
+from lightning_influence.capture import TrackedLayer, squared_per_example_sum
 from lightning_influence.curvature.base import COMPLETE, LayerTensors, StatisticsPass
 from lightning_influence.curvature.blocks import SideLayout
 from lightning_influence.curvature.kfac import COVARIANCE_PASS, KFACStrategy, rotation_in_token_space, to_eigenbasis
@@ -54,10 +54,10 @@ class EKFACStrategy(KFACStrategy):
             a_rotated, s_rotated = a_side.rotate(a, qa), s_side.rotate(s, qs)
             if consumer is not None:  # docs/method.md, section 7
                 consumer.add_rotated_tokens(layer.name, a_rotated, s_rotated)
-            rotated = per_example_gradients(a_rotated, s_rotated)
+            squares = squared_per_example_sum(a_rotated, s_rotated)
         else:  # sequences longer than the layer is wide: rotate the per-example gradient
-            rotated = to_eigenbasis(per_example_gradients(a, s), qs, qa, s_side, a_side)
-        return {"lambda_sum": rotated.square_().sum(0),
+            squares = squared_per_example_sum(a, s, lambda dw: to_eigenbasis(dw, qs, qa, s_side, a_side))
+        return {"lambda_sum": squares,
                 "lambda_count": torch.tensor(float(a.shape[0]), dtype=torch.float64)}
 
     def finish_pass(self, pass_name: str, layer: TrackedLayer, tensors: LayerTensors) -> None:
