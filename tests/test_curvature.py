@@ -267,3 +267,22 @@ def test_squared_per_example_sum_in_chunks_equals_the_whole_batch(monkeypatch):
         torch.testing.assert_close(capture.squared_per_example_sum(a, s), whole.square().sum(0), rtol=1e-12, atol=0)
         torch.testing.assert_close(capture.squared_per_example_sum(a, s, lambda dw: q.T @ dw),
                                    (q.T @ whole).square().sum(0), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("strategy", ["kfac", "ekfac", "diagonal"])
+def test_fits_and_self_influence_do_not_depend_on_the_per_example_chunk(monkeypatch, strategy):
+    """One example at a time (the chunk a wide head gets) gives the factors and self-influence of whole batches."""
+    import lightning_influence.capture as capture
+    from lightning_influence import ClassificationTask, InfluenceScorer, fit_factors
+
+    model, task = models.mlp(), ClassificationTask()
+    batches = models.split_batch(models.mlp_data(12, seed=1), 4)
+    whole = fit_factors(model, task, batches, strategy=strategy, fisher="empirical")
+    whole_self = InfluenceScorer(model, task, whole).self_scores(batches)
+    monkeypatch.setattr(capture, "PER_EXAMPLE_CHUNK_ELEMENTS", 1)
+    one = fit_factors(model, task, batches, strategy=strategy, fisher="empirical")
+    for name in whole.tensors:
+        for key, value in whole.tensors[name].items():
+            torch.testing.assert_close(one.tensors[name][key], value, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(InfluenceScorer(model, task, one).self_scores(batches), whole_self, rtol=1e-10,
+                               atol=0)

@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from lightning_influence.capture import TrackedLayer, per_example_gradients
+from lightning_influence.capture import TrackedLayer, per_example_chunk, per_example_gradients
 from lightning_influence.curvature.base import COMPLETE, CurvatureStrategy, LayerTensors, StatisticsPass
 from lightning_influence.curvature.blocks import SideLayout, side_layout
 from lightning_influence.errors import TaskInputError
@@ -171,8 +171,8 @@ class KFACStrategy(CurvatureStrategy):
 
     def inverse_quadratic(self, prepared: LayerTensors, grads: torch.Tensor) -> torch.Tensor:
         # Q_S and Q_A are orthogonal: V^T (G + lambda I)^-1 V = sum (Q_S^T V Q_A)^2 / (eigenvalues + lambda).
-        rotated = self.to_eigenbasis(prepared, grads)
-        return (rotated * rotated * prepared["inv"]).flatten(1).sum(1)
+        rotated = self.to_eigenbasis(prepared, grads)  # a new tensor: squared and weighted in place
+        return rotated.square_().mul_(prepared["inv"]).flatten(1).sum(1)
 
     def precondition_tokens(self, prepared: LayerTensors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if not self._tokens_first(prepared, a):
@@ -182,8 +182,12 @@ class KFACStrategy(CurvatureStrategy):
     def inverse_quadratic_tokens(self, prepared: LayerTensors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if not self._tokens_first(prepared, a):
             return super().inverse_quadratic_tokens(prepared, a, s)
-        rotated = self.tokens_to_eigenbasis(prepared, a, s)
-        return (rotated * rotated * prepared["inv"]).flatten(1).sum(1)
+        # The rotated per-example gradients, a few examples at a time (a wide head's [B, d_out, d_in] is GiBs).
+        s_side, a_side = self._sides(prepared)
+        a_rot, s_rot = a_side.rotate(a, prepared["A_eigvecs"]), s_side.rotate(s, prepared["S_eigvecs"])
+        step = per_example_chunk(a.shape[0], s_rot.shape[-1], a_rot.shape[-1])
+        return torch.cat([per_example_gradients(a_rot[i:i + step], s_rot[i:i + step]).square_().mul_(prepared["inv"])
+                          .flatten(1).sum(1) for i in range(0, a.shape[0], step)])
 
     def dense_matrix(self, layer: TrackedLayer, tensors: LayerTensors) -> torch.Tensor:
         s_side, a_side = self.stored_layouts(layer, tensors)
