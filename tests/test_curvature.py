@@ -286,3 +286,20 @@ def test_fits_and_self_influence_do_not_depend_on_the_per_example_chunk(monkeypa
             torch.testing.assert_close(one.tensors[name][key], value, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(InfluenceScorer(model, task, one).self_scores(batches), whole_self, rtol=1e-10,
                                atol=0)
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_query_gradients_do_not_depend_on_the_per_example_chunk(monkeypatch, rank):
+    """Preconditioning (and the low-rank factorisation of) the queries one at a time, as a wide head gets them,
+    gives the scores of whole query batches, at full rank and at rank 2 (K-FAC's token-space rotation)."""
+    import lightning_influence.capture as capture
+    from lightning_influence import CausalLMTask, InfluenceScorer, fit_factors
+
+    model, task = models.tiny_gpt2(), CausalLMTask()
+    train = models.split_batch(models.lm_batch(6, vocab=11, max_len=5, seed=1), 3)
+    queries = [models.lm_batch(3, vocab=11, max_len=5, seed=2, prompt_len=2)]
+    factors = fit_factors(model, task, train, strategy="ekfac", fisher="empirical")
+    whole = InfluenceScorer(model, task, factors, query_rank=rank, query_svd="exact").pairwise_scores(queries, train)
+    monkeypatch.setattr(capture, "PER_EXAMPLE_CHUNK_ELEMENTS", 1)
+    one = InfluenceScorer(model, task, factors, query_rank=rank, query_svd="exact").pairwise_scores(queries, train)
+    torch.testing.assert_close(one, whole, rtol=1e-6, atol=1e-6 * float(whole.abs().max()))

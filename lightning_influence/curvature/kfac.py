@@ -177,7 +177,17 @@ class KFACStrategy(CurvatureStrategy):
     def precondition_tokens(self, prepared: LayerTensors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if not self._tokens_first(prepared, a):
             return super().precondition_tokens(prepared, a, s)
-        return self.from_eigenbasis(prepared, self.tokens_to_eigenbasis(prepared, a, s) * prepared["inv"])
+        # A chunk of examples at a time: the rotations back hold a few copies of what they rotate.
+        s_side, a_side = self._sides(prepared)
+        a_rot, s_rot = a_side.rotate(a, prepared["A_eigvecs"]), s_side.rotate(s, prepared["S_eigvecs"])
+        step = per_example_chunk(a.shape[0], s_rot.shape[-1], a_rot.shape[-1])
+        if step >= a.shape[0]:
+            return self.from_eigenbasis(prepared, per_example_gradients(a_rot, s_rot).mul_(prepared["inv"]))
+        out = torch.empty(a.shape[0], s_side.dim, a_side.dim, dtype=a_rot.dtype, device=a_rot.device)
+        for i in range(0, a.shape[0], step):
+            out[i:i + step] = self.from_eigenbasis(
+                prepared, per_example_gradients(a_rot[i:i + step], s_rot[i:i + step]).mul_(prepared["inv"]))
+        return out
 
     def inverse_quadratic_tokens(self, prepared: LayerTensors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if not self._tokens_first(prepared, a):

@@ -24,7 +24,7 @@ from torch import nn
 from lightning_influence.errors import FactorsError, TaskInputError
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.tasks import checked_loss, Task
-from lightning_influence.capture import (model_mode, per_example_gradients, LayerCapture, TrackedLayer,
+from lightning_influence.capture import (model_mode, per_example_chunk, per_example_gradients, LayerCapture, TrackedLayer,
                                          find_tracked_layers)
 from lightning_influence.errors import InfluenceError, ScoringError
 from lightning_influence.scoring.queries import QUERY_SVD_METHODS, QueryGradients, low_rank_factorize
@@ -180,10 +180,18 @@ class InfluenceScorer:
         counts: list[int] = []
 
         def consume(name, a, s):
-            p = self.factors.precondition_tokens(name, a, s)  # rotates the tokens first where that is cheaper
-            if self.query_rank is not None:
-                # Factorise per batch and layer: the full-rank gradients of all queries never coexist.
-                p = low_rank_factorize(p, min(self.query_rank, *p.shape[1:]), self.query_svd)
+            if self.query_rank is None:
+                p = self.factors.precondition_tokens(name, a, s)  # rotates the tokens first where that is cheaper
+            else:
+                # Factorise per layer and a few queries at a time: the full-rank gradients of a batch of queries
+                # never coexist (a 32000 x 512 head's are 65 MB a query).
+                step = per_example_chunk(a.shape[0], s.shape[-1], a.shape[-1])
+                parts = []
+                for i in range(0, a.shape[0], step):
+                    p = self.factors.precondition_tokens(name, a[i:i + step], s[i:i + step])
+                    parts.append(low_rank_factorize(p, min(self.query_rank, *p.shape[1:]), self.query_svd))
+                    del p
+                p = tuple(torch.cat([part[k] for part in parts]) for k in range(3)) if len(parts) > 1 else parts[0]
             full[name].append(p)
             if len(counts) < len(full[name]):
                 counts.append(a.shape[0])
