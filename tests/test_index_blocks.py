@@ -153,6 +153,14 @@ def test_block_rotation_is_not_transposed_and_never_densifies():
                                    atol=1e-12)
         if kept is not None:
             assert sum(m.numel() for _, _, m in basis.pieces) <= 3 * len(kept) and basis.vecs is None
+        # Rotation and projection folded into one [8, p] matrix (taken where it is cheaper) or one after the other.
+        for p in (1, 2, 5):
+            proj = torch.randn(want.shape[-1], p, generator=g, dtype=torch.float64)
+            torch.testing.assert_close(basis.rotate_project(x, proj), want @ proj, rtol=1e-12, atol=1e-12)
+    dense_basis = SideBasis(layout.dense_matrix(vecs), SideLayout(8), torch.tensor([1, 2, 6]))
+    proj = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(dense_basis.rotate_project(x, proj), explicit[..., [1, 2, 6]] @ proj, rtol=1e-12,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("options", [dict(projection_dim=None, keep=None), dict(projection_dim=3, keep=4)],

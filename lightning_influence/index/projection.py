@@ -208,6 +208,7 @@ class SideBasis:
         self.vecs: torch.Tensor | None = None  # blocked, all kept: the blocks, rotated through the layout
         self.matrix: torch.Tensor | None = None  # dense: Q[:, kept]
         self.pieces: list[tuple[int, int, torch.Tensor]] | None = None  # blocked, truncated: (lo, hi, Q_k[:hi-lo, l])
+        self._folded: tuple[torch.Tensor, torch.Tensor] | None = None  # (P, Q[:, kept] P), see rotate_project
         if layout.dense:
             self.matrix = vecs if kept is None else vecs.index_select(1, kept.to(vecs.device))
         elif kept is None:
@@ -226,8 +227,43 @@ class SideBasis:
     def width(self) -> int:
         return self.layout.dim if self.kept is None else len(self.kept)
 
+    def rotation_cost(self) -> int:
+        """Multiply-adds of :meth:`rotate` per vector."""
+        if self.matrix is not None:
+            return self.matrix.shape[0] * self.matrix.shape[1]
+        if self.pieces is None:
+            return self.layout.dim * self.layout.block
+        return sum(m.shape[0] * m.shape[1] for _, _, m in self.pieces)
+
+    def rotate_project(self, x: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
+        """``(Q^T x)[kept] P`` along the last axis of ``x``: with no weight between the rotation and the
+        projection (``proj`` ``[kept, p]``), one ``d x p`` matrix ``Q[:, kept] P`` (built once, kept) does both
+        where that is cheaper than rotating first (``d p < rotation + kept p`` per vector)."""
+        if proj is None:
+            return self.rotate(x)
+        if self.layout.dim * proj.shape[1] >= self.rotation_cost() + proj.shape[0] * proj.shape[1]:
+            return self.rotate(x) @ proj
+        if self._folded is None or self._folded[0] is not proj:
+            self._folded = (proj, self._fold(proj))
+        return x @ self._folded[1]
+
+    def _fold(self, proj: torch.Tensor) -> torch.Tensor:
+        """``Q[:, kept] P`` ``[d, p]``, block by block on a blocked side (the dense ``Q`` is never formed)."""
+        if self.matrix is not None:
+            return self.matrix @ proj
+        if self.pieces is None:  # Q P = (P^T Q^T)^T: the rows of P^T taken back from eigenbasis coordinates
+            return self.layout.unrotate(proj.transpose(0, 1), self.vecs).transpose(0, 1).contiguous()
+        out = proj.new_zeros(self.layout.dim, proj.shape[1])
+        start = 0  # kept coordinates ascend, and so do the pieces' blocks: P's rows follow them in order
+        for lo, hi, m in self.pieces:
+            out[lo:hi] = m @ proj[start:start + m.shape[1]]
+            start += m.shape[1]
+        return out
+
     def rotate(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
         """``(Q^T x)[kept]`` along ``axis`` of ``x`` (that axis ``dim`` long)."""
+        if self.matrix is not None and axis in (-2, x.dim() - 2):
+            return self.matrix.transpose(0, 1) @ x  # rows of a matrix: one matmul, no transposed copies
         moved = axis not in (-1, x.dim() - 1)
         if moved:
             x = x.movedim(axis, -1)
@@ -316,6 +352,11 @@ class LayerCompression:
     def _project(self, r: torch.Tensor) -> torch.Tensor:
         ps = self._on("proj_s", r.device, r.dtype)
         pa = self._on("proj_a", r.device, r.dtype)
+        if ps is not None and pa is not None:
+            # Both orders cost d_s d_a p on the first side; the second costs p_s p_a times what the first left.
+            if pa.shape[0] <= ps.shape[0]:
+                return ((ps.transpose(0, 1) @ r) @ pa).flatten(1)
+            return (ps.transpose(0, 1) @ (r @ pa)).flatten(1)
         if ps is not None:
             r = ps.transpose(0, 1) @ r
         if pa is not None:
@@ -347,11 +388,9 @@ class LayerCompression:
         ``eigvecs``: the layer's basis (K-FAC/EK-FAC) in the compute dtype and device, from
         :meth:`Compression.eigvecs` or as the stored ``(Q_A, Q_S)``; ``None`` for the parameter basis."""
         basis = self.basis(eigvecs)
-        if basis is not None:  # rotate onto the kept directions only
-            return self._from_kept_tokens(basis.a.rotate(a), basis.s.rotate(s), "index_weight")
-        if self.rows is not None or self.cols is not None:
+        if basis is None and (self.rows is not None or self.cols is not None):
             raise AssertionError("truncation needs an eigenbasis")
-        return self._from_kept_tokens(a, s, "index_weight")
+        return self._from_raw_tokens(a, s, basis, "index_weight")
 
     def from_rotated_tokens(self, a_rotated: torch.Tensor, s_rotated: torch.Tensor) -> torch.Tensor:
         """Index vectors ``[B, width]`` from tokens already rotated into the eigenbasis (``a Q_A``, ``s Q_S``,
@@ -361,6 +400,18 @@ class LayerCompression:
         if self.rows is not None:
             s_rotated = s_rotated.index_select(-1, self.rows.to(s_rotated.device))
         return self._from_kept_tokens(a_rotated, s_rotated, "index_weight")
+
+    def _from_raw_tokens(self, a: torch.Tensor, s: torch.Tensor, basis: "LayerBasis | None",
+                         weight: str) -> torch.Tensor:
+        """Vectors from tokens in the parameter basis: rotated onto the kept directions (``basis``), then as
+        :meth:`_from_kept_tokens`; with no weight on this side, rotation and projection in one matmul per side."""
+        if basis is None:
+            return self._from_kept_tokens(a, s, weight)
+        if getattr(self, weight) is None:
+            s = basis.s.rotate_project(s, self._on("proj_s", s.device, s.dtype))
+            a = basis.a.rotate_project(a, self._on("proj_a", a.device, a.dtype))
+            return (s.transpose(1, 2) @ a).flatten(1)
+        return self._from_kept_tokens(basis.a.rotate(a), basis.s.rotate(s), weight)
 
     def _from_kept_tokens(self, a: torch.Tensor, s: torch.Tensor, weight: str) -> torch.Tensor:
         if getattr(self, weight) is None:
@@ -374,17 +425,14 @@ class LayerCompression:
                 a = a @ pa
             return (s.transpose(1, 2) @ a).flatten(1)
         r = s.transpose(1, 2) @ a
-        return self._project(r * self._on(weight, r.device, r.dtype))
+        return self._project(r.mul_(self._on(weight, r.device, r.dtype)))  # r is this call's own: in place
 
     # ----------------------------------------------------------------- query side
     def query_from_tokens(self, a: torch.Tensor, s: torch.Tensor,
                           eigvecs: "LayerBasis | tuple[torch.Tensor, torch.Tensor] | None") -> torch.Tensor:
         """Query vectors ``[Q, width]`` straight from the queries' measurement tokens (no preconditioning
         step: the query side's share of the preconditioner is applied in the eigenbasis), negated."""
-        basis = self.basis(eigvecs)
-        if basis is not None:
-            a, s = basis.a.rotate(a), basis.s.rotate(s)
-        return -self._from_kept_tokens(a, s, "raw_query_weight")
+        return -self._from_raw_tokens(a, s, self.basis(eigvecs), "raw_query_weight")
 
     def from_preconditioned(self, p: torch.Tensor,
                             eigvecs: "LayerBasis | tuple[torch.Tensor, torch.Tensor] | None") -> torch.Tensor:
