@@ -229,3 +229,33 @@ def test_module_and_callback_build_indexes_over_blocked_factors(tmp_path):
     assert_scores_close(module.pairwise_scores(queries, built), exact)
     comp = Compression.from_factors(cb.factors, IndexOptions(projection_dim=None))
     assert comp.width == sum(layer.d_out * layer.d_in for layer in cb.factors.layers.values())
+
+
+@pytest.mark.parametrize("placement", ["index", "sqrt", "query"])
+def test_weighted_tokens_in_row_chunks_equal_the_whole(tmp_path, case, monkeypatch, placement):
+    """A layer too wide for WEIGHTED_CHUNK_BYTES forms its weighted, projected vectors a block of output rows at a
+    time (flat memory on a 50257-wide head): the same index and query vectors as in one piece, exact when wide."""
+    import lightning_influence.index.projection as projection
+
+    model, train, queries = case
+    factors = fitted("ekfac", model, train)
+    scorer = InfluenceScorer(model, TASK, factors, score_dtype=torch.float64)
+    exact = scorer.pairwise_scores([queries], models.split_batch(train, 4))
+    for name, options in (("wide", IndexOptions(projection_dim=None, preconditioner=placement)),
+                          ("projected", IndexOptions(projection_dim=2, keep=5, preconditioner=placement))):
+        whole = build_index(model, TASK, factors, models.split_batch(train, 4), tmp_path / f"{name}-whole", options,
+                            dtype=torch.float64)
+        whole = GradientIndex.load(whole, factors)
+        whole_queries = whole.compress_queries(scorer, [queries])
+        with monkeypatch.context() as m:
+            m.setattr(projection, "WEIGHTED_CHUNK_BYTES", 4 * 8 * 8 * 2)  # 2 rows of a batch of 4 (float64, d_in 8)
+            chunked = build_index(model, TASK, factors, models.split_batch(train, 4), tmp_path / f"{name}-chunked",
+                                  options, dtype=torch.float64)
+            chunked = GradientIndex.load(chunked, factors)
+            chunked_queries = chunked.compress_queries(scorer, [queries])
+        eye = torch.eye(whole.width, dtype=torch.float64)
+        torch.testing.assert_close(chunked.scores(eye, dtype=torch.float64), whole.scores(eye, dtype=torch.float64),
+                                   rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(chunked_queries, whole_queries, rtol=1e-10, atol=1e-12)
+        if name == "wide":
+            assert_scores_close(chunked.scores(chunked_queries, dtype=torch.float64), exact)

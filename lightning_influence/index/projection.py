@@ -55,6 +55,9 @@ __all__ = ["IndexOptions", "LayerCompression", "Compression", "SideBasis", "Laye
 # alpha: the power of w = 1/(Lambda + lambda) that the index side carries.
 PLACEMENTS = {"index": 1.0, "sqrt": 0.5, "query": 0.0}
 PROJECTIONS = ("gaussian", "orthogonal")
+# Where a side carries a weight, the per-example rotated gradients R are formed (tokens cannot be projected first);
+# at most this many bytes of them at once (a block of output rows at a time beyond it).
+WEIGHTED_CHUNK_BYTES = 64 << 20
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -424,8 +427,26 @@ class LayerCompression:
             if pa is not None:
                 a = a @ pa
             return (s.transpose(1, 2) @ a).flatten(1)
-        r = s.transpose(1, 2) @ a
-        return self._project(r.mul_(self._on(weight, r.device, r.dtype)))  # r is this call's own: in place
+        w = self._on(weight, a.device, a.dtype)
+        rows = max(1, WEIGHTED_CHUNK_BYTES // (a.shape[0] * a.shape[-1] * a.element_size()))
+        if rows >= s.shape[-1]:
+            r = s.transpose(1, 2) @ a
+            return self._project(r.mul_(w))  # r is this call's own: weighted in place
+        # A wide layer (a 50257-wide head: 154 MB per example in float32) forms R = S^T A a block of output rows
+        # at a time, weighted and projected before the next, so memory stays flat whatever the layer's width.
+        ps = self._on("proj_s", a.device, a.dtype)
+        pa = self._on("proj_a", a.device, a.dtype)
+        total, parts = None, []
+        for lo in range(0, s.shape[-1], rows):
+            r = s[..., lo:lo + rows].transpose(1, 2) @ a  # [B, rows, d_in]
+            r.mul_(w[lo:lo + rows])
+            if ps is None:
+                parts.append(r if pa is None else r @ pa)
+                continue
+            piece = ps[lo:lo + rows].transpose(0, 1) @ r  # [B, p_S, d_in]
+            total = piece if total is None else total.add_(piece)
+        out = torch.cat(parts, dim=1) if ps is None else (total if pa is None else total @ pa)
+        return out.flatten(1)
 
     # ----------------------------------------------------------------- query side
     def query_from_tokens(self, a: torch.Tensor, s: torch.Tensor,
