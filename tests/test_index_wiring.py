@@ -271,14 +271,3 @@ def test_callback_index_under_ddp_equals_single_process(tmp_path):
     torch.testing.assert_close(module.pairwise_scores(queries, ddp), module.pairwise_scores(queries, one),
                                rtol=1e-5, atol=1e-6)
 
-
-def test_index_refuses_block_diagonal_factors(tmp_path):
-    """The index rotates with dense eigenbases: blocked sides are refused, never rotated with the wrong basis."""
-    model = models.mlp()
-    loader = DataLoader(TensorDataset(*models.mlp_data(16, seed=1)), batch_size=4)
-    factors = fit_factors(model, ClassificationTask(), loader, strategy="ekfac", fisher="empirical",
-                          capture_dtype=torch.float64, block_size=2, block_threshold=2)
-    assert any(t["A_eigvecs"].dim() == 3 for t in factors.tensors.values())  # really blocked
-    module = InfluenceModule(model, ClassificationTask(), factors, score_dtype="float64", show_progress=False)
-    with pytest.raises((OptionsError, MisconfigurationException), match="block-diagonal factors.*block_size=None"):
-        module.build_index(loader, tmp_path / "index", projection_dim=None, preconditioner="sqrt")

@@ -28,7 +28,7 @@ from lightning_influence.factors import InfluenceFactors
 from lightning_influence.store import (ensure_writable_dir, new_tensor_name, read_bundle,
                                        weights_fingerprint, write_bundle)
 from lightning_influence.tasks import Task
-from lightning_influence.index.projection import Compression, IndexOptions
+from lightning_influence.index.projection import Compression, IndexOptions, block_layouts
 from lightning_influence.index.store import (INDEX_FORMAT, compression_fingerprint, digests_fingerprint,
                                              example_digests, factors_identity, rank_format)
 
@@ -47,6 +47,7 @@ def index_identity(factors: InfluenceFactors, model: nn.Module, compression: Com
         "compression": compression_fingerprint(compression_tensors),
         "options": options.compression_json(),
         "strategy": factors.strategy,
+        "blocks": block_layouts(factors),  # per layer [S block, A block], None for a dense side
         "layers": {n: list(c.out_shape) for n, c in compression.layers.items()},
         "width": compression.width,
     }

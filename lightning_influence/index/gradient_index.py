@@ -23,7 +23,7 @@ from lightning_influence.factors import InfluenceFactors
 from lightning_influence.scoring.queries import QueryGradients
 from lightning_influence.store import read_bundle, weights_fingerprint
 from lightning_influence.tasks import batch_size_of
-from lightning_influence.index.projection import Compression, IndexOptions
+from lightning_influence.index.projection import Compression, IndexOptions, block_layouts
 from lightning_influence.index.store import (INDEX_FORMAT, digests_fingerprint, example_digests, factors_identity,
                                              rank_format)
 
@@ -67,6 +67,7 @@ class GradientIndex:
         bundle = read_bundle(INDEX_FORMAT, directory)
         manifest, identity = bundle.manifest, bundle.identity
         factors.require_complete()
+        _check_block_layouts(directory, identity, factors)
         if factors_identity(factors, identity.get("options", {}).get("preconditioner", "index")) != \
                 identity.get("factors"):
             raise GradientIndexError(
@@ -369,6 +370,28 @@ def _merge_top(values, indices, scores: torch.Tensor, examples: torch.Tensor, k:
     scores, rows = scores.gather(1, by_index), rows.gather(1, by_index)
     best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     return scores.gather(1, best), rows.gather(1, best)
+
+
+def _check_block_layouts(directory: Path, identity: dict, factors: InfluenceFactors) -> None:
+    """Refuse factors whose sides are split into other blocks than the index's (docs/method.md, section 6),
+    naming the layer and both layouts: the eigenbasis coordinates of the index are those of its blocks."""
+    built = identity.get("blocks")
+    if built is None:  # an index written before layouts were recorded: the factors' identity still decides
+        return
+    theirs = block_layouts(factors)
+
+    def say(blocks):
+        return " and ".join(f"{side} {'dense' if b is None else f'in blocks of {b}'}"
+                            for side, b in zip(("output side", "input side"), blocks))
+
+    for name in sorted(set(built) | set(theirs)):
+        ours, other = built.get(name), theirs.get(name)
+        if ours != other and ours is not None and other is not None:
+            raise GradientIndexError(
+                f"the index in '{directory}' was built from factors with layer '{name}' kept {say(ours)}, but these "
+                f"factors keep it {say(other)}; open it with the factors it was built from (fitted with the same "
+                "block_size and block_threshold), or rebuild it (build_index) with these"
+            )
 
 
 def _read_shard(shard: dict) -> dict[str, torch.Tensor]:

@@ -22,6 +22,13 @@ Per layer, the compression of a gradient is
 
 Projections are drawn from a ``torch.Generator`` seeded per layer (never the global RNG), so a
 build inside the EK-FAC pass, a build afterwards, and every rank draw the same matrices.
+
+A side kept as diagonal blocks (docs/method.md, section 6) has a block-diagonal eigenbasis
+``Q = diag(Q_1, ..., Q_k)``: its eigenbasis coordinates are the blocks' coordinates one after the
+other (:meth:`SideLayout.eigenvalues` order), so truncation ranks directions over the whole side,
+across blocks, and a rotation onto the kept directions multiplies each block's slice of the
+coordinates by that block's kept eigenvectors only (:class:`SideBasis`): the dense ``d x d``
+eigenbasis is never formed.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lightning_influence.curvature.base import DEFAULT_DAMPING_FACTOR
+from lightning_influence.curvature.blocks import SideLayout
 from lightning_influence.curvature.ekfac import EKFACStrategy
 from lightning_influence.curvature.identity import IdentityStrategy
 from lightning_influence.curvature.kfac import KFACStrategy
@@ -41,11 +49,15 @@ from lightning_influence.factors import InfluenceFactors
 from lightning_influence.capture import TrackedLayer
 from lightning_influence.scoring.queries import QueryGradients
 
-__all__ = ["IndexOptions", "LayerCompression", "Compression", "PLACEMENTS", "STORAGE_DTYPES"]
+__all__ = ["IndexOptions", "LayerCompression", "Compression", "SideBasis", "LayerBasis", "block_layouts", "PLACEMENTS",
+           "STORAGE_DTYPES"]
 
 # alpha: the power of w = 1/(Lambda + lambda) that the index side carries.
 PLACEMENTS = {"index": 1.0, "sqrt": 0.5, "query": 0.0}
 PROJECTIONS = ("gaussian", "orthogonal")
+# Where a side carries a weight, the per-example rotated gradients R are formed (tokens cannot be projected first);
+# at most this many bytes of them at once (a block of output rows at a time beyond it).
+WEIGHTED_CHUNK_BYTES = 64 << 20
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -162,8 +174,122 @@ def _kfac_estimate(factors: InfluenceFactors, name: str) -> tuple[torch.Tensor, 
     written inside the eigenvalue-correction pass and one built after the fit keep the same
     coordinates, whatever damping the factors are later used with."""
     t = factors.tensors[name]
-    lam = torch.outer(t["S_eigvals"].to(torch.float64).clamp_min(0), t["A_eigvals"].to(torch.float64).clamp_min(0))
+    s_side, a_side = KFACStrategy.stored_layouts(factors.layers[name], t)
+    # In eigenbasis-coordinate order: a blocked side's eigenvalues block after block, padding dropped.
+    lam = torch.outer(s_side.eigenvalues(t["S_eigvals"]).to(torch.float64).clamp_min(0),
+                      a_side.eigenvalues(t["A_eigvals"]).to(torch.float64).clamp_min(0))
     return lam, DEFAULT_DAMPING_FACTOR * float(lam.mean())
+
+
+def block_layouts(factors: InfluenceFactors) -> dict[str, list[int | None]]:
+    """Per layer with an eigenbasis, ``[S block, A block]`` (``None``: a dense side): saved in an index's
+    identity, so that one built on blocked factors is refused against dense ones with a message that says so."""
+    if not has_eigenbasis(factors):
+        return {}
+    out = {}
+    for name, layer in factors.layers.items():
+        t = factors.tensors[name]
+        if "A_eigvecs" not in t:
+            continue
+        sides = KFACStrategy.stored_layouts(layer, t)
+        out[name] = [None if side.dense else side.block for side in sides]
+    return out
+
+
+class SideBasis:
+    """The rotation of one side onto its kept eigenbasis directions: ``x -> (Q^T x)[kept]`` along an axis.
+
+    ``vecs`` is the side's stored eigenbasis (``[d, d]`` dense, ``[k, b, b]`` blocked) and ``kept`` the
+    kept coordinates (ascending; ``None``: all). Dense: one matmul with ``Q[:, kept]``. Blocked: each block
+    holding kept coordinates multiplies its slice of ``x`` by its own kept eigenvectors (``b x m_k``), so a
+    rotation costs ``b`` multiply-adds per kept direction instead of ``d``, and nothing dense is formed.
+    """
+
+    def __init__(self, vecs: torch.Tensor, layout: SideLayout, kept: torch.Tensor | None = None):
+        self.layout = layout
+        self.kept = kept
+        self.vecs: torch.Tensor | None = None  # blocked, all kept: the blocks, rotated through the layout
+        self.matrix: torch.Tensor | None = None  # dense: Q[:, kept]
+        self.pieces: list[tuple[int, int, torch.Tensor]] | None = None  # blocked, truncated: (lo, hi, Q_k[:hi-lo, l])
+        self._folded: tuple[torch.Tensor, torch.Tensor] | None = None  # (P, Q[:, kept] P), see rotate_project
+        if layout.dense:
+            self.matrix = vecs if kept is None else vecs.index_select(1, kept.to(vecs.device))
+        elif kept is None:
+            self.vecs = vecs
+        else:
+            kept = kept.to("cpu")
+            b = layout.block
+            self.pieces = []
+            for block in torch.unique(kept // b).tolist():
+                local = kept[kept // b == block] - block * b
+                lo, hi = block * b, min((block + 1) * b, layout.dim)
+                # Rows past `hi - lo` are the last block's padding: zero in every real eigenvector.
+                self.pieces.append((lo, hi, vecs[block, : hi - lo].index_select(1, local.to(vecs.device))))
+
+    @property
+    def width(self) -> int:
+        return self.layout.dim if self.kept is None else len(self.kept)
+
+    def rotation_cost(self) -> int:
+        """Multiply-adds of :meth:`rotate` per vector."""
+        if self.matrix is not None:
+            return self.matrix.shape[0] * self.matrix.shape[1]
+        if self.pieces is None:
+            return self.layout.dim * self.layout.block
+        return sum(m.shape[0] * m.shape[1] for _, _, m in self.pieces)
+
+    def rotate_project(self, x: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
+        """``(Q^T x)[kept] P`` along the last axis of ``x``: with no weight between the rotation and the
+        projection (``proj`` ``[kept, p]``), one ``d x p`` matrix ``Q[:, kept] P`` (built once, kept) does both
+        where that is cheaper than rotating first (``d p < rotation + kept p`` per vector)."""
+        if proj is None:
+            return self.rotate(x)
+        if self.layout.dim * proj.shape[1] >= self.rotation_cost() + proj.shape[0] * proj.shape[1]:
+            return self.rotate(x) @ proj
+        if self._folded is None or self._folded[0] is not proj:
+            self._folded = (proj, self._fold(proj))
+        return x @ self._folded[1]
+
+    def _fold(self, proj: torch.Tensor) -> torch.Tensor:
+        """``Q[:, kept] P`` ``[d, p]``, block by block on a blocked side (the dense ``Q`` is never formed)."""
+        if self.matrix is not None:
+            return self.matrix @ proj
+        if self.pieces is None:  # Q P = (P^T Q^T)^T: the rows of P^T taken back from eigenbasis coordinates
+            return self.layout.unrotate(proj.transpose(0, 1), self.vecs).transpose(0, 1).contiguous()
+        out = proj.new_zeros(self.layout.dim, proj.shape[1])
+        start = 0  # kept coordinates ascend, and so do the pieces' blocks: P's rows follow them in order
+        for lo, hi, m in self.pieces:
+            out[lo:hi] = m @ proj[start:start + m.shape[1]]
+            start += m.shape[1]
+        return out
+
+    def rotate(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
+        """``(Q^T x)[kept]`` along ``axis`` of ``x`` (that axis ``dim`` long)."""
+        if self.matrix is not None and axis in (-2, x.dim() - 2):
+            return self.matrix.transpose(0, 1) @ x  # rows of a matrix: one matmul, no transposed copies
+        moved = axis not in (-1, x.dim() - 1)
+        if moved:
+            x = x.movedim(axis, -1)
+        if self.matrix is not None:
+            y = x @ self.matrix
+        elif self.pieces is None:
+            y = self.layout.rotate(x, self.vecs)
+        else:
+            y = torch.cat([x[..., lo:hi] @ m for lo, hi, m in self.pieces], dim=-1)
+        return y.movedim(-1, axis) if moved else y
+
+
+class LayerBasis:
+    """A layer's two :class:`SideBasis`: ``a`` (input side, kept columns) and ``s`` (output side, kept rows)."""
+
+    def __init__(self, a: SideBasis, s: SideBasis):
+        self.a, self.s = a, s
+
+    @classmethod
+    def of(cls, qa: torch.Tensor, qs: torch.Tensor, d_in: int, d_out: int, cols: torch.Tensor | None,
+           rows: torch.Tensor | None) -> "LayerBasis":
+        """From a layer's stored eigenbases (dense or blocked, read from their shapes) and kept coordinates."""
+        return cls(SideBasis(qa, SideLayout.of(qa, d_in), cols), SideBasis(qs, SideLayout.of(qs, d_out), rows))
 
 
 class LayerCompression:
@@ -229,6 +355,11 @@ class LayerCompression:
     def _project(self, r: torch.Tensor) -> torch.Tensor:
         ps = self._on("proj_s", r.device, r.dtype)
         pa = self._on("proj_a", r.device, r.dtype)
+        if ps is not None and pa is not None:
+            # Both orders cost d_s d_a p on the first side; the second costs p_s p_a times what the first left.
+            if pa.shape[0] <= ps.shape[0]:
+                return ((ps.transpose(0, 1) @ r) @ pa).flatten(1)
+            return (ps.transpose(0, 1) @ (r @ pa)).flatten(1)
         if ps is not None:
             r = ps.transpose(0, 1) @ r
         if pa is not None:
@@ -245,21 +376,24 @@ class LayerCompression:
             r = r * w
         return self._project(r)
 
-    def from_tokens(self, a: torch.Tensor, s: torch.Tensor, eigvecs: tuple[torch.Tensor, torch.Tensor] | None
-                    ) -> torch.Tensor:
+    def basis(self, eigvecs: "LayerBasis | tuple[torch.Tensor, torch.Tensor] | None") -> "LayerBasis | None":
+        """``eigvecs`` as a :class:`LayerBasis` onto this layer's kept directions: a ``LayerBasis``
+        (:meth:`Compression.eigvecs`) as it is, or the stored eigenbases ``(Q_A, Q_S)`` (dense or blocked)."""
+        if eigvecs is None or isinstance(eigvecs, LayerBasis):
+            return eigvecs
+        qa, qs = eigvecs
+        return LayerBasis.of(qa, qs, self.layer.d_in, self.layer.d_out, self.cols, self.rows)
+
+    def from_tokens(self, a: torch.Tensor, s: torch.Tensor,
+                    eigvecs: "LayerBasis | tuple[torch.Tensor, torch.Tensor] | None") -> torch.Tensor:
         """Index vectors ``[B, width]`` from a layer's captured tokens ``a`` ``[B, T, d_in]``, ``s`` ``[B, T, d_out]``.
 
-        ``eigvecs`` is ``(Q_A, Q_S)`` in the compute dtype and device (K-FAC/EK-FAC), else ``None``."""
-        if eigvecs is not None:
-            qa, qs = eigvecs
-            if self.cols is not None:  # rotate onto the kept directions only
-                qa = qa.index_select(1, self.cols.to(qa.device))
-            if self.rows is not None:
-                qs = qs.index_select(1, self.rows.to(qs.device))
-            return self._from_kept_tokens(a @ qa, s @ qs, "index_weight")
-        if self.rows is not None or self.cols is not None:
+        ``eigvecs``: the layer's basis (K-FAC/EK-FAC) in the compute dtype and device, from
+        :meth:`Compression.eigvecs` or as the stored ``(Q_A, Q_S)``; ``None`` for the parameter basis."""
+        basis = self.basis(eigvecs)
+        if basis is None and (self.rows is not None or self.cols is not None):
             raise AssertionError("truncation needs an eigenbasis")
-        return self._from_kept_tokens(a, s, "index_weight")
+        return self._from_raw_tokens(a, s, basis, "index_weight")
 
     def from_rotated_tokens(self, a_rotated: torch.Tensor, s_rotated: torch.Tensor) -> torch.Tensor:
         """Index vectors ``[B, width]`` from tokens already rotated into the eigenbasis (``a Q_A``, ``s Q_S``,
@@ -269,6 +403,18 @@ class LayerCompression:
         if self.rows is not None:
             s_rotated = s_rotated.index_select(-1, self.rows.to(s_rotated.device))
         return self._from_kept_tokens(a_rotated, s_rotated, "index_weight")
+
+    def _from_raw_tokens(self, a: torch.Tensor, s: torch.Tensor, basis: "LayerBasis | None",
+                         weight: str) -> torch.Tensor:
+        """Vectors from tokens in the parameter basis: rotated onto the kept directions (``basis``), then as
+        :meth:`_from_kept_tokens`; with no weight on this side, rotation and projection in one matmul per side."""
+        if basis is None:
+            return self._from_kept_tokens(a, s, weight)
+        if getattr(self, weight) is None:
+            s = basis.s.rotate_project(s, self._on("proj_s", s.device, s.dtype))
+            a = basis.a.rotate_project(a, self._on("proj_a", a.device, a.dtype))
+            return (s.transpose(1, 2) @ a).flatten(1)
+        return self._from_kept_tokens(basis.a.rotate(a), basis.s.rotate(s), weight)
 
     def _from_kept_tokens(self, a: torch.Tensor, s: torch.Tensor, weight: str) -> torch.Tensor:
         if getattr(self, weight) is None:
@@ -281,30 +427,43 @@ class LayerCompression:
             if pa is not None:
                 a = a @ pa
             return (s.transpose(1, 2) @ a).flatten(1)
-        r = s.transpose(1, 2) @ a
-        return self._project(r * self._on(weight, r.device, r.dtype))
+        w = self._on(weight, a.device, a.dtype)
+        rows = max(1, WEIGHTED_CHUNK_BYTES // (a.shape[0] * a.shape[-1] * a.element_size()))
+        if rows >= s.shape[-1]:
+            r = s.transpose(1, 2) @ a
+            return self._project(r.mul_(w))  # r is this call's own: weighted in place
+        # A wide layer (a 50257-wide head: 154 MB per example in float32) forms R = S^T A a block of output rows
+        # at a time, weighted and projected before the next, so memory stays flat whatever the layer's width.
+        ps = self._on("proj_s", a.device, a.dtype)
+        pa = self._on("proj_a", a.device, a.dtype)
+        total, parts = None, []
+        for lo in range(0, s.shape[-1], rows):
+            r = s[..., lo:lo + rows].transpose(1, 2) @ a  # [B, rows, d_in]
+            r.mul_(w[lo:lo + rows])
+            if ps is None:
+                parts.append(r if pa is None else r @ pa)
+                continue
+            piece = ps[lo:lo + rows].transpose(0, 1) @ r  # [B, p_S, d_in]
+            total = piece if total is None else total.add_(piece)
+        out = torch.cat(parts, dim=1) if ps is None else (total if pa is None else total @ pa)
+        return out.flatten(1)
 
     # ----------------------------------------------------------------- query side
-    def query_from_tokens(self, a: torch.Tensor, s: torch.Tensor, eigvecs: tuple[torch.Tensor, torch.Tensor] | None
-                          ) -> torch.Tensor:
+    def query_from_tokens(self, a: torch.Tensor, s: torch.Tensor,
+                          eigvecs: "LayerBasis | tuple[torch.Tensor, torch.Tensor] | None") -> torch.Tensor:
         """Query vectors ``[Q, width]`` straight from the queries' measurement tokens (no preconditioning
         step: the query side's share of the preconditioner is applied in the eigenbasis), negated."""
-        if eigvecs is not None:
-            qa, qs = eigvecs
-            if self.cols is not None:
-                qa = qa.index_select(1, self.cols.to(qa.device))
-            if self.rows is not None:
-                qs = qs.index_select(1, self.rows.to(qs.device))
-            a, s = a @ qa, s @ qs
-        return -self._from_kept_tokens(a, s, "raw_query_weight")
+        return -self._from_raw_tokens(a, s, self.basis(eigvecs), "raw_query_weight")
 
-    def from_preconditioned(self, p: torch.Tensor, eigvecs: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def from_preconditioned(self, p: torch.Tensor,
+                            eigvecs: "LayerBasis | tuple[torch.Tensor, torch.Tensor] | None") -> torch.Tensor:
         """Query vectors ``[Q, width]`` from preconditioned query gradients ``P_q`` ``[Q, d_out, d_in]``,
         negated so that ``query_vector . index_vector`` is the score (docs/method.md, section 1)."""
-        if eigvecs is not None:
-            qa, qs = eigvecs
-            p = qs.transpose(0, 1) @ p @ qa
-        r = self._truncate(p)
+        basis = self.basis(eigvecs)
+        if basis is not None:  # (Q_S^T P_q Q_A)[rows, cols], rotated onto the kept directions only
+            r = basis.a.rotate(basis.s.rotate(p, axis=-2), axis=-1)
+        else:
+            r = self._truncate(p)
         w = self._on("query_weight", r.device, r.dtype)
         if w is not None:
             r = r * w
@@ -339,15 +498,6 @@ class Compression:
             raise OptionsError(
                 f"IndexOptions.keep truncates in the K-FAC/EK-FAC eigenbasis; {factors.strategy} factors have none. "
                 "Use keep=None (projection only) or fit kfac/ekfac factors"
-            )
-        blocked = [n for n, t in factors.tensors.items()
-                   if any(t[k].dim() == 3 for k in ("A_eigvecs", "S_eigvecs") if k in t)]
-        if blocked:
-            # The index rotates with dense eigenbases; block-diagonal sides (docs/method.md, section 6) are not
-            # wired into its projections yet: refuse rather than rotate with the wrong basis.
-            raise OptionsError(
-                f"the gradient index does not support block-diagonal factors yet (layers {blocked[:5]} have sides "
-                "kept as blocks); fit the factors with block_size=None for an index, or score those layers exactly"
             )
         layers = {}
         for name, layer in factors.layers.items():
@@ -386,11 +536,15 @@ class Compression:
                                             raw_query_weight)
         return cls(layers, options)
 
-    def eigvecs(self, factors: InfluenceFactors, name: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not self.layers[name].eigen:
+    def eigvecs(self, factors: InfluenceFactors, name: str, device, dtype) -> LayerBasis | None:
+        """The rotation of layer ``name`` onto its kept eigenbasis directions, in ``dtype`` on ``device``
+        (``None`` for factors without an eigenbasis). Dense or block-diagonal sides alike."""
+        comp = self.layers[name]
+        if not comp.eigen:
             return None
         t = factors.tensors[name]
-        return t["A_eigvecs"].to(device=device, dtype=dtype), t["S_eigvecs"].to(device=device, dtype=dtype)
+        return LayerBasis.of(t["A_eigvecs"].to(device=device, dtype=dtype), t["S_eigvecs"].to(device=device, dtype=dtype),
+                             comp.layer.d_in, comp.layer.d_out, comp.cols, comp.rows)
 
     def query_vectors(self, queries: QueryGradients, factors: InfluenceFactors,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
