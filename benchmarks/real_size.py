@@ -133,10 +133,26 @@ def worker(args) -> dict:
                           "phases": {p.phase: p.total for p in plan.phases}}
         result["modules"] = modules
         result["tracked"] = {name: [l.d_out, l.d_in] for name, l in layers.items()}
+        # CPU seconds of each pass's finishing step (K-FAC's eigendecompositions): a cost that does not grow
+        # with the data, reported apart from the passes.
+        import lightning_influence.passes as passes_module
+
+        finish_cpu: list[float] = []
+        untimed = passes_module.finish_layers
+
+        def timed_finish(*a, **k):
+            start = time.process_time()
+            try:
+                return untimed(*a, **k)
+            finally:
+                finish_cpu.append(time.process_time() - start)
+
+        passes_module.finish_layers = timed_finish
         try:
             with PeakRSS() as m, mixed():
                 fit_factors(model, task, loader(train, BATCH), modules=modules,
                             output_dir=str(workdir / f"factors-{args.model}"))
+            result["finish_cpu_seconds"] = finish_cpu
         except MemoryBudgetError as err:  # refused before the first pass: a result too
             result["refused"] = str(err).split(" Plan:")[0]
     elif args.op in ("topk_full", "topk_r32", "self"):

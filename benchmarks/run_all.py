@@ -256,12 +256,19 @@ def _real_size_section(w, rs: dict) -> None:
       "'+RSS' is the peak resident memory above the process's memory before the operation (model and data loaded).")
     w("")
     w("The memory plan (`lightning_influence.memory`, logged by `fit_factors` and the callback before the first "
-      "pass) counts what the influence passes add: each pass's sums (one copy, in float64), the factors of earlier "
-      "passes, the eigenbases read again in the capture dtype, one layer's float64 eigendecomposition, one batch's "
-      "captured tokens and per-example gradients. It does not count the model's own activations and autograd "
-      "graph during the passes, which the measured +RSS includes. It plans one copy of the sums: a branch whose "
-      "passes still keep torchmetrics' deep-copied state defaults and clone the sums at `compute()` holds the "
-      "covariance sums two to three times (issue 12, point 4).")
+      "pass) counts what the influence passes add: each pass's sums (one copy, in float64), the eigenbases (written "
+      "over the covariance sums they replace), the bases read again in the capture dtype, one layer's float64 "
+      "eigendecomposition, one batch's captured and rotated tokens and per-example gradients (formed 64 MiB at a "
+      "time), and the model's own activations, measured on the first batch as the bytes autograd saves for the "
+      "backward. A fit that saves its phases (`output_dir`, the callback) holds the earlier factors on disk, not in "
+      "memory, while the Lambda pass runs (the phase `lambda end` reads them back). What it cannot count is the "
+      "allocator's: memory freed by one batch's temporaries but kept by the C allocator for the next, and the "
+      "temporaries of the model's own backward.")
+    w("")
+    w("Rows are stamped with when they were measured (`measured_at` in the JSON): a partial rerun "
+      "(`real_size --ops ...`) keeps the other rows. 'Fit, 512 sequences' is the same fit on eight times the "
+      "data: the eigendecompositions cost the same whatever the data (their CPU seconds are given apart), so "
+      "their share shrinks as the data grows, as it does in a real fit over thousands of sequences.")
     w("")
     if rs.get("partial"):
         w("**Partial run**: the operations marked 'failed: not finished' did not end before the session's deadline; "
@@ -297,7 +304,9 @@ def _real_size_section(w, rs: dict) -> None:
         names = {"epoch": "plain forward+backward epoch", "train": "training epoch (AdamW): training alone",
                  "fit": "fit EK-FAC factors", "topk_full": "top-k, 16 queries, full rank",
                  "topk_r32": "top-k, 16 queries, rank 32", "self": "self-influence of the 64 sequences",
-                 "kron_fit": "Kronfluence: fit EK-FAC factors", "kron_score": "Kronfluence: pairwise, 16 queries"}
+                 "kron_fit": "Kronfluence: fit EK-FAC factors", "kron_score": "Kronfluence: pairwise, 16 queries",
+                 "epoch_large": "plain forward+backward epoch, 512 sequences",
+                 "fit_large": "fit EK-FAC factors, 512 sequences"}
         for op, title in names.items():
             r = rows.get(op, {})
             if "error" in r:
@@ -305,14 +314,30 @@ def _real_size_section(w, rs: dict) -> None:
                 continue
             if "seconds" not in r:
                 continue
-            ep = f"{r['cpu_seconds'] / epoch:.2f}" if epoch else ""
+            yardstick = rows.get("epoch_large", {}).get("cpu_seconds") if op.endswith("_large") else epoch
+            ep = f"{r['cpu_seconds'] / yardstick:.2f}" if yardstick else ""
             w(f"| {title} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {ep} | {r['peak_rss'] / 2**20:.0f} "
               f"| {r['increment_rss'] / 2**20:.0f} |")
         w("")
+        for op, n in (("fit", _first_row(rs, "n", 64)), ("fit_large", 512)):
+            r = rows.get(op, {})
+            yardstick = rows.get("epoch_large" if op == "fit_large" else "epoch", {}).get("cpu_seconds")
+            if r.get("finish_cpu_seconds") and yardstick:
+                finish = sum(r["finish_cpu_seconds"])
+                w(f"Fit on {n} sequences: {r['cpu_seconds']:.1f} CPU s = {r['cpu_seconds'] / yardstick:.2f} plain "
+                  f"epochs, of which the eigendecompositions (the covariance pass's finish, independent of the data) "
+                  f"{finish:.1f} s = {finish / yardstick:.2f} epochs and the two passes "
+                  f"{(r['cpu_seconds'] - finish) / yardstick:.2f} epochs.")
+                w("")
         checks = []
         if epoch and "cpu_seconds" in fit:
             v = fit["cpu_seconds"] / epoch
             checks.append((f"fit at most {t['fit_epochs']} plain epochs", f"{v:.2f}", v <= t["fit_epochs"]))
+        large, large_epoch = rows.get("fit_large", {}), rows.get("epoch_large", {}).get("cpu_seconds")
+        if large_epoch and "cpu_seconds" in large:
+            v = large["cpu_seconds"] / large_epoch
+            checks.append((f"fit at most {t['fit_epochs']} plain epochs, 512 sequences", f"{v:.2f}",
+                           v <= t["fit_epochs"]))
         train = rows.get("train", {})
         if "peak_rss" in fit and "peak_rss" in train:
             v = fit["peak_rss"] / train["peak_rss"]
