@@ -92,7 +92,7 @@ class InfluenceFactors:
         block_size / block_threshold: Kronecker sides (K-FAC, EK-FAC) wider than ``block_threshold`` are kept
             as diagonal blocks of ``block_size`` (docs/method.md, section 6); ``block_size=None`` keeps every
             side dense, ``block_threshold=None`` blocks every side wider than ``block_size``. Defaults: blocks
-            of 2048 for sides wider than 8192 (a 50257-wide head fits; GPT-2's and Llama's MLPs stay dense).
+            of 1024 for sides wider than 8192 (a 50257-wide head fits; GPT-2's and Llama's MLPs stay dense).
 
     Attributes:
         strategy: the strategy's name.

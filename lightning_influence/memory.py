@@ -104,7 +104,7 @@ class LayerMemory:
     d_out: int
     d_in: int
     statistics: int  # bytes of the layer's saved factors
-    sides: str  # "dense" or e.g. "S 25x2048"
+    sides: str  # "dense" or e.g. "S 50x1024"
 
 
 @dataclass

@@ -127,7 +127,7 @@ class FitOptions(_Options):
         capture_dtype: dtype activations and output gradients are captured in (float32 or float64).
         stats_dtype: dtype the statistics are summed and saved in (float64 default, or float32).
         block_size / block_threshold: K-FAC/EK-FAC sides wider than ``block_threshold`` (8192) are kept
-            as diagonal blocks of ``block_size`` (2048; ``None``: always dense), docs/method.md, section 6.
+            as diagonal blocks of ``block_size`` (1024; ``None``: always dense), docs/method.md, section 6.
         memory_budget: the most memory the passes may plan to hold on their device, in bytes or as text
             (``"8GiB"``); ``None`` (default): what the device has free, less a 10% margin. A fit whose
             memory plan exceeds it is refused before its first pass.

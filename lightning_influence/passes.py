@@ -418,7 +418,7 @@ def fit_factors(
     resumes after their last completed phase. An empty ``batches`` (on every rank) raises before
     any factors are marked complete.
     ``block_size``/``block_threshold``: K-FAC and EK-FAC keep sides wider than ``block_threshold``
-    (default 8192) as diagonal blocks of ``block_size`` (default 2048; ``None``: always dense),
+    (default 8192) as diagonal blocks of ``block_size`` (default 1024; ``None``: always dense),
     docs/method.md, section 6.
 
     Before the first pass, the memory plan (``lightning_influence.memory``) is logged as one table

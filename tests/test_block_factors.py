@@ -137,11 +137,11 @@ def test_callback_passes_block_options_and_refuses_bad_ones(tmp_path):
 
 
 def test_defaults_block_only_very_wide_sides_and_agree_with_the_memory_plan():
-    assert (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD) == (2048, 8192)
+    assert (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD) == (1024, 8192)
     assert side_layout(768, DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD).dense
     assert side_layout(8192, DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD).dense
     head = side_layout(50257, DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD)
-    assert (head.num_blocks, head.block) == (25, 2048)
+    assert (head.num_blocks, head.block) == (50, 1024)
     layer = find_tracked_layers(torch.nn.Sequential(torch.nn.Linear(4, 50)))["0"]
     f = InfluenceFactors("kfac", {"0": layer}, block_size=16, block_threshold=20)
     shapes = f.curvature.statistics("covariance", layer)

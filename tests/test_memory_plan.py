@@ -171,12 +171,12 @@ def test_the_plans_batch_is_drawn_without_iterating_the_passes_data():
 
 
 def test_default_blocks_bring_the_gpt2_head_under_budget():
-    """With the default block options the 50257-wide side is 25 blocks of 2048 (docs/method.md, section 6)."""
+    """With the default block options the 50257-wide side is 50 blocks of 1024 (docs/method.md, section 6)."""
     _, layers = gpt2_layers()
     plan = plan_memory({"lm_head": layers["lm_head"]}, "ekfac", batch_size=8, tokens_per_example=128)
     cov = phase(plan, "covariance pass")
-    assert cov.parts["sums"] == (25 * 2048 ** 2 + 768 ** 2) * F64 + 2 * F64
-    assert plan.layers[0].sides == "S 25x2048"
+    assert cov.parts["sums"] == (50 * 1024 ** 2 + 768 ** 2) * F64 + 2 * F64
+    assert plan.layers[0].sides == "S 50x1024"
     plan.check(parse_bytes("8GiB"))
 
 

@@ -24,11 +24,14 @@ from lightning_influence.errors import OptionsError
 
 __all__ = ["SideLayout", "side_layout", "check_block_options", "DEFAULT_BLOCK_SIZE", "DEFAULT_BLOCK_THRESHOLD"]
 
-# Sides wider than 8192 are kept as blocks of 2048: every side of GPT-2 (768, 3072) and Llama-7B's
-# attention (4096) stays dense, while a 50257-wide head or a 14336-wide MLP side costs d * 2048
-# numbers (838 MB in float64 for 50257) instead of d^2 (20 GB); a 2048-block eigendecomposition
-# takes about a second on one core. The memory plan (memory.py) takes the same two options.
-DEFAULT_BLOCK_SIZE = 2048
+# Sides wider than 8192 are kept as blocks of 1024: every side of GPT-2 (768, 3072) and Llama-7B's
+# attention (4096) stays dense, while a 50257-wide head or a 14336-wide MLP side costs d * 1024
+# numbers (419 MB in float64 for 50257) instead of d^2 (20 GB). Measured on an 8192-wide head
+# against dense factors (docs/benchmarks.md, section 9): score Pearson 0.9974 with blocks of 2048,
+# 0.9960 with 1024, 0.9941 with 512, while the fit took 11.0, 3.8 and 1.9 s: per token, a block
+# costs b multiply-adds per output coordinate in each pass, against d_in in the layer's forward.
+# The memory plan (memory.py) takes the same two options.
+DEFAULT_BLOCK_SIZE = 1024
 DEFAULT_BLOCK_THRESHOLD = 8192
 
 

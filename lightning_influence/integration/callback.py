@@ -150,7 +150,7 @@ class InfluenceCallback(Callback):
         score_layers: report influence through these tracked layers only (e.g. the MLP layers).
         score_dtype: scoring compute dtype: ``float32``, ``float64``, ``bfloat16`` or ``float16``.
         block_size / block_threshold: K-FAC/EK-FAC sides wider than ``block_threshold`` (default 8192) are
-            kept as diagonal blocks of ``block_size`` (default 2048; ``None``: dense), docs/method.md, section 6.
+            kept as diagonal blocks of ``block_size`` (default 1024; ``None``: dense), docs/method.md, section 6.
         index: a directory for a gradient index of the training data (``docs/index.md``): each
             example's compressed, preconditioned gradient, to score new queries later without a pass
             over the training data (``GradientIndex.load(index, factors)``). With ``strategy="ekfac"``,
