@@ -25,7 +25,7 @@ from lightning_influence.errors import FactorsError, OptionsError, TaskInputErro
 from lightning_influence.curvature import get_strategy
 from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD
 from lightning_influence.factors import InfluenceFactors
-from lightning_influence.memory import check_fit_memory
+from lightning_influence.memory import check_fit_memory, release_freed_memory
 from lightning_influence.options import STATS_DTYPES, FitOptions
 from lightning_influence.tasks import Task
 from lightning_influence.capture import LayerCapture, find_tracked_layers
@@ -205,6 +205,7 @@ def run_phase(
                         progress(n)
         finally:
             inputs.clear()  # the pass's copies of the bases
+            release_freed_memory()  # the batches' freed memory, before the earlier factors come back
             factors.restore()
     stats.all_reduce()  # every rank, an empty shard's too: every rank takes the same decision below
     sums = stats.compute()
@@ -226,6 +227,7 @@ def run_phase(
     for name, layer in layers.items():
         strategy.check_pass(phase, layer, {**factors.tensors[name], **on_device[name]})
     finish_layers(strategy, phase, factors, on_device, device, on_layer_finished)
+    release_freed_memory()  # the eigendecompositions' workspaces, before the next pass
     factors.pass_changed(phase)
     factors.set_phase(spec.phase)
     log.info("%s pass done: %d batches, %d examples on this rank", phase, seen_batches, seen_examples)

@@ -1,6 +1,7 @@
 """The memory plan: exact byte counts for known shapes, sizes asked from the strategy objects, refusal
 naming the layers, the plan's factor bytes equal to a real fit's, the batch shape from one forward."""
 
+import os
 import warnings
 
 import pytest
@@ -207,3 +208,23 @@ def test_offloading_plan_moves_earlier_factors_to_the_end_of_the_pass():
     assert phase(off, "lambda pass").parts["model activations"] == 1000
     assert phase(off, "covariance pass").parts["model activations"] == 1000
     assert off.factor_file_bytes == kept.factor_file_bytes
+
+
+def test_release_freed_memory_returns_heap_memory_on_glibc():
+    """On Linux with glibc the freed heap of many mid-sized tensors goes back to the system (RSS drops by most of
+    it); elsewhere the call is a no-op returning False."""
+    import platform
+
+    from lightning_influence.memory import release_freed_memory
+
+    if platform.system() != "Linux":
+        assert release_freed_memory() is False
+        return
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # noqa: E731
+    keep = [torch.ones(1)]
+    chunks = [torch.ones(16 * 1024) for _ in range(8000)]  # 64 KiB each, 500 MiB: below glibc's mmap threshold
+    keep.append(torch.ones(16))  # allocated above them: the heap cannot shrink from its top alone
+    del chunks
+    before = rss()
+    assert release_freed_memory() is True
+    assert before - rss() > 200 * 2 ** 20
