@@ -264,6 +264,8 @@ def main() -> None:
     parser.add_argument("--ops", default=",".join(ALL_OPS),
                         help="comma-separated subset of " + ",".join(ALL_OPS) + "; the other rows are kept from the "
                              "saved results (each row says when it was measured)")
+    parser.add_argument("--out", default=None, help="results file name under benchmarks/results (default "
+                        "real_size.json); a partial run starts from its rows")
     args = parser.parse_args()
     if args.cmd == "worker":
         print(json.dumps(worker(args)))
@@ -274,7 +276,7 @@ def main() -> None:
     unknown = [o for o in ops if o not in ALL_OPS]
     if unknown:
         parser.error(f"unknown --ops {unknown}; choose from {ALL_OPS}")
-    name = "real_size-quick.json" if args.quick else "real_size.json"
+    name = args.out or ("real_size-quick.json" if args.quick else "real_size.json")
     previous = None
     if set(ops) != set(ALL_OPS) or args.model != "both":  # a partial run updates the saved results
         from .common import RESULTS
