@@ -156,10 +156,15 @@ class KFACStrategy(CurvatureStrategy):
         return a_side.unrotate(s_side.unrotate(rotated, qs, axis=-2), qa, axis=-1)
 
     @classmethod
-    def tokens_to_eigenbasis(cls, prepared: LayerTensors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """``Q_S^T DW Q_A = sum_t (Q_S^T s_t)(Q_A^T a_t)^T`` per example, rotating the tokens first."""
+    def tokens_to_eigenbasis(cls, prepared: LayerTensors, a: torch.Tensor, s: torch.Tensor):
+        """``(start, Q_S^T DW Q_A)`` for the examples from ``start`` on, a chunk of them at a time
+        (:func:`~lightning_influence.capture.per_example_chunk`: a wide head's ``[B, d_out, d_in]`` is GiBs):
+        ``Q_S^T DW Q_A = sum_t (Q_S^T s_t)(Q_A^T a_t)^T``, the tokens rotated once for the whole batch."""
         s_side, a_side = cls._sides(prepared)
-        return per_example_gradients(a_side.rotate(a, prepared["A_eigvecs"]), s_side.rotate(s, prepared["S_eigvecs"]))
+        a_rot, s_rot = a_side.rotate(a, prepared["A_eigvecs"]), s_side.rotate(s, prepared["S_eigvecs"])
+        step = per_example_chunk(a.shape[0], s_rot.shape[-1], a_rot.shape[-1])
+        for i in range(0, a.shape[0], step):
+            yield i, per_example_gradients(a_rot[i:i + step], s_rot[i:i + step])
 
     @classmethod
     def _tokens_first(cls, prepared: LayerTensors, a: torch.Tensor) -> bool:
@@ -178,26 +183,21 @@ class KFACStrategy(CurvatureStrategy):
         if not self._tokens_first(prepared, a):
             return super().precondition_tokens(prepared, a, s)
         # A chunk of examples at a time: the rotations back hold a few copies of what they rotate.
-        s_side, a_side = self._sides(prepared)
-        a_rot, s_rot = a_side.rotate(a, prepared["A_eigvecs"]), s_side.rotate(s, prepared["S_eigvecs"])
-        step = per_example_chunk(a.shape[0], s_rot.shape[-1], a_rot.shape[-1])
-        if step >= a.shape[0]:
-            return self.from_eigenbasis(prepared, per_example_gradients(a_rot, s_rot).mul_(prepared["inv"]))
-        out = torch.empty(a.shape[0], s_side.dim, a_side.dim, dtype=a_rot.dtype, device=a_rot.device)
-        for i in range(0, a.shape[0], step):
-            out[i:i + step] = self.from_eigenbasis(
-                prepared, per_example_gradients(a_rot[i:i + step], s_rot[i:i + step]).mul_(prepared["inv"]))
+        out = None
+        for i, rotated in self.tokens_to_eigenbasis(prepared, a, s):
+            back = self.from_eigenbasis(prepared, rotated.mul_(prepared["inv"]))
+            if i == 0 and back.shape[0] == a.shape[0]:
+                return back  # the whole batch in one chunk
+            if out is None:
+                out = torch.empty(a.shape[0], *back.shape[1:], dtype=back.dtype, device=back.device)
+            out[i:i + back.shape[0]] = back
         return out
 
     def inverse_quadratic_tokens(self, prepared: LayerTensors, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if not self._tokens_first(prepared, a):
             return super().inverse_quadratic_tokens(prepared, a, s)
-        # The rotated per-example gradients, a few examples at a time (a wide head's [B, d_out, d_in] is GiBs).
-        s_side, a_side = self._sides(prepared)
-        a_rot, s_rot = a_side.rotate(a, prepared["A_eigvecs"]), s_side.rotate(s, prepared["S_eigvecs"])
-        step = per_example_chunk(a.shape[0], s_rot.shape[-1], a_rot.shape[-1])
-        return torch.cat([per_example_gradients(a_rot[i:i + step], s_rot[i:i + step]).square_().mul_(prepared["inv"])
-                          .flatten(1).sum(1) for i in range(0, a.shape[0], step)])
+        return torch.cat([rotated.square_().mul_(prepared["inv"]).flatten(1).sum(1)
+                          for _, rotated in self.tokens_to_eigenbasis(prepared, a, s)])
 
     def dense_matrix(self, layer: TrackedLayer, tensors: LayerTensors) -> torch.Tensor:
         s_side, a_side = self.stored_layouts(layer, tensors)
