@@ -41,12 +41,11 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from .common import set_threads
+from .common import Clock, set_threads
 
 # (label, projection_dim, unit_norm, preconditioner): the configurations scored, grouped by index. Not the
 # autocorrelation preconditioner at p=64 or 128: fourteen dense (p^2 x p^2) Grams, eigendecomposed at the fit and
@@ -63,18 +62,6 @@ CONFIGS = [
     ("p=128, no preconditioner", 128, False, None),
     ("p=128, cosine, no preconditioner", 128, True, None),
 ]
-
-
-class Clock:
-    """CPU seconds (this process, all threads) and wall seconds of a block."""
-
-    def __enter__(self):
-        self.c0, self.w0 = time.process_time(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.cpu = time.process_time() - self.c0
-        self.wall = time.perf_counter() - self.w0
 
 
 def dataset(tokens: dict, prefix: str):

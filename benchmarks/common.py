@@ -250,6 +250,18 @@ def _status() -> dict[str, int]:
     return {k: int(re.search(k + r":\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
 
 
+class Clock:
+    """CPU seconds (this process, all threads) and wall seconds of a block."""
+
+    def __enter__(self):
+        self.c0, self.w0 = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.cpu = time.process_time() - self.c0
+        self.wall = time.perf_counter() - self.w0
+
+
 class PeakRSS:
     """Wall time, CPU time (user+sys, all threads) and peak resident memory of a block, in this process.
 

@@ -28,12 +28,11 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from .common import RESULTS, ROOT, library_fingerprint, linear_module_names, loader, loadavg_now, markov_sequences, pearson, \
+from .common import RESULTS, Clock, ROOT, library_fingerprint, linear_module_names, loader, loadavg_now, markov_sequences, pearson, \
     save_json, set_threads, tiny_llama, train_lm
 
 LM = dict(vocab=512, hidden=128, intermediate=256, layers=2, heads=4, max_len=64)
@@ -58,16 +57,36 @@ CONFIGS = [
 ]
 
 
-class Clock:
-    """CPU seconds (this process, all threads) and wall seconds of a block."""
+def trained_model(n_train: int, n_query: int):
+    """The benchmark's data, its Llama trained one epoch, the tracked modules, and the yardstick: CPU and wall
+    seconds of one plain forward+backward epoch (after a warm-up batch, as speed.py does)."""
+    from lightning_influence import CausalLMTask
 
-    def __enter__(self):
-        self.c0, self.w0 = time.process_time(), time.perf_counter()
-        return self
+    from .common import lm_train_loss
 
-    def __exit__(self, *exc):
-        self.cpu = time.process_time() - self.c0
-        self.wall = time.perf_counter() - self.w0
+    train = markov_sequences(n_train, vocab=LM["vocab"], seq_len=SEQ_LEN, seed=11, chain_seed=5)
+    query = markov_sequences(n_query, vocab=LM["vocab"], seq_len=SEQ_LEN, prompt_len=16, seed=13, chain_seed=5)
+    model = tiny_llama(**LM)
+    train_lm(model, train, epochs=1, batch_size=BATCH, lr=3e-3)
+    model.eval()
+    lm_train_loss(model, next(iter(loader(train, BATCH)))).backward()
+    model.zero_grad(set_to_none=True)
+    with Clock() as epoch:
+        for batch in loader(train, BATCH):
+            model.zero_grad(set_to_none=True)
+            lm_train_loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    return train, query, model, linear_module_names(model), CausalLMTask(), epoch
+
+
+def exact_second_set(scorer, train, query):
+    """Exact streaming scores of the query set: (query gradients, scores [Q, N], their clock, the stream's clock)."""
+    with Clock() as qgrad:
+        qg = scorer.query_gradients(loader(query, BATCH))
+    with Clock() as stream:
+        exact = torch.cat([scorer.score_batch(qg, b, batch_index=i).sum(0) for i, b in
+                           enumerate(loader(train, BATCH))], dim=1)
+    return qg, exact, qgrad, stream
 
 
 def top_overlap(approx_idx: torch.Tensor, exact_idx: torch.Tensor) -> float:
@@ -131,7 +150,7 @@ def main() -> None:
         (RESULTS / "index-section.md").write_text(section(out))
         return
     set_threads()
-    from lightning_influence import CausalLMTask, InfluenceFactors, InfluenceScorer, fit_factors
+    from lightning_influence import InfluenceFactors, InfluenceScorer, fit_factors
     from lightning_influence.index import GradientIndex, IndexOptions, build_index
 
     n_train, n_query = (256, 64) if args.quick else (1024, 256)
@@ -141,22 +160,7 @@ def main() -> None:
                               "threads": torch.get_num_threads(), "k": K_TOP, "rescore": list(RESCORES)},
                  "library": library_fingerprint(), "loadavg_start": loadavg_now()}
     try:
-        train = markov_sequences(n_train, vocab=LM["vocab"], seq_len=SEQ_LEN, seed=11, chain_seed=5)
-        query = markov_sequences(n_query, vocab=LM["vocab"], seq_len=SEQ_LEN, prompt_len=16, seed=13, chain_seed=5)
-        model = tiny_llama(**LM)
-        train_lm(model, train, epochs=1, batch_size=BATCH, lr=3e-3)
-        model.eval()
-        mods = linear_module_names(model)
-        task = CausalLMTask()
-        from .common import lm_train_loss
-
-        lm_train_loss(model, next(iter(loader(train, BATCH)))).backward()  # warm-up, as speed.py does
-        model.zero_grad(set_to_none=True)
-        with Clock() as epoch:
-            for batch in loader(train, BATCH):
-                model.zero_grad(set_to_none=True)
-                lm_train_loss(model, batch).backward()
-        model.zero_grad(set_to_none=True)
+        train, query, model, mods, task, epoch = trained_model(n_train, n_query)
         out["epoch_cpu_s"], out["epoch_wall_s"] = epoch.cpu, epoch.wall
         with Clock() as fit:
             factors = fit_factors(model, task, loader(train, BATCH), strategy="ekfac", modules=mods,
@@ -189,11 +193,7 @@ def main() -> None:
 
         # Exact streaming for the second query set (query gradients timed apart: both paths need them).
         scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float32)
-        with Clock() as qgrad:
-            qg = scorer.query_gradients(loader(query, BATCH))
-        with Clock() as stream:
-            exact = torch.cat([scorer.score_batch(qg, b, batch_index=i).sum(0) for i, b in
-                               enumerate(loader(train, BATCH))], dim=1)
+        qg, exact, qgrad, stream = exact_second_set(scorer, train, query)
         out["query_gradients_cpu_s"] = qgrad.cpu
         out["exact_stream_cpu_s"] = stream.cpu
         exact_total = qgrad.cpu + stream.cpu
@@ -360,33 +360,15 @@ BERGSON_PYTHON = ROOT / ".bergson-venv" / "bin" / "python"
 def bergson_alone(quick: bool) -> dict:
     """``--bergson-only``: the main run's model, fit and exact scores again (same seeds, so the same numbers
     up to timing), our default index's query time, then ``bergson_second_set``; ratios from this one run."""
-    from lightning_influence import CausalLMTask, InfluenceScorer, fit_factors
+    from lightning_influence import InfluenceScorer, fit_factors
     from lightning_influence.index import GradientIndex, IndexOptions, build_index
 
-    from .common import lm_train_loss
-
     n_train, n_query = (256, 64) if quick else (1024, 256)
-    train = markov_sequences(n_train, vocab=LM["vocab"], seq_len=SEQ_LEN, seed=11, chain_seed=5)
-    query = markov_sequences(n_query, vocab=LM["vocab"], seq_len=SEQ_LEN, prompt_len=16, seed=13, chain_seed=5)
-    model = tiny_llama(**LM)
-    train_lm(model, train, epochs=1, batch_size=BATCH, lr=3e-3)
-    model.eval()
-    mods, task = linear_module_names(model), CausalLMTask()
-    lm_train_loss(model, next(iter(loader(train, BATCH)))).backward()  # warm-up, as main does
-    model.zero_grad(set_to_none=True)
-    with Clock() as epoch:
-        for batch in loader(train, BATCH):
-            model.zero_grad(set_to_none=True)
-            lm_train_loss(model, batch).backward()
-    model.zero_grad(set_to_none=True)
+    train, query, model, mods, task, epoch = trained_model(n_train, n_query)
     factors = fit_factors(model, task, loader(train, BATCH), strategy="ekfac", modules=mods, fisher="empirical",
                           capture_dtype=torch.float32)
     scorer = InfluenceScorer(model, task, factors, score_dtype=torch.float32)
-    with Clock() as qgrad:
-        qg = scorer.query_gradients(loader(query, BATCH))
-    with Clock() as stream:
-        exact = torch.cat([scorer.score_batch(qg, b, batch_index=i).sum(0) for i, b in
-                           enumerate(loader(train, BATCH))], dim=1)
+    qg, exact, qgrad, stream = exact_second_set(scorer, train, query)
     work = Path(tempfile.mkdtemp(prefix="bench-bergson-"))
     try:
         build_index(model, task, factors, loader(train, BATCH), work / "default", IndexOptions())
