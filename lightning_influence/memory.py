@@ -11,6 +11,7 @@ dominate and the options that would fit, before the first training step.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -304,6 +305,7 @@ def release_freed_memory() -> bool:
     freed for reuse, so without this the memory of the passes' batches stays resident through the
     eigendecompositions and the next pass (on GPT-2 small, gigabytes the plan rightly does not count)."""
     global _LIBC
+    gc.collect()  # what only a reference cycle still holds is freed first
     if _LIBC is None:
         import ctypes
         import ctypes.util
@@ -358,7 +360,9 @@ def measure_batch(model: nn.Module, task: Any, layers: Mapping[str, TrackedLayer
             return t
         if storage.data_ptr() not in parameters:
             saved[storage.data_ptr()] = storage.nbytes()
-        return t
+        # Not `t` itself: a saved output handed back as it is holds its own grad_fn, a cycle through the graph
+        # that Python's collector cannot see, and the whole forward's activations would never be freed.
+        return t.detach()
 
     grad = not torch.is_inference_mode_enabled()
     handles = [model.get_submodule(n).register_forward_hook(hook(n, l)) for n, l in layers.items()]

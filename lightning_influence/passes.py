@@ -51,17 +51,25 @@ class SumStatistics:
     float64 statistics both are one buffer). :meth:`all_reduce` sums the buffers over the
     process group in place: one collective per buffer and no copy, where a gather of every
     rank's state would hold world-size times the statistics.
+
+    ``flat=False`` (a single process, nothing to reduce) gives every sum a storage of its own
+    instead, so that what is written over a sum (K-FAC's bases) leaves memory with its own last
+    reference, layer by layer: a view keeps the whole of a flat buffer alive.
     """
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float64,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", flat: bool = True):
+        self.buffers: list[torch.Tensor] = []
+        self.views: dict[str, torch.Tensor] = {}
+        if not flat:
+            for key, shape in shapes.items():
+                self.views[key] = torch.zeros(shape, dtype=dtype if len(shape) else torch.float64, device=device)
+            return
         sizes = {key: math.prod(shape) for key, shape in shapes.items()}
         matrices = [k for k, shape in shapes.items() if len(shape)]
         counts = [k for k, shape in shapes.items() if not len(shape)]
         groups = [(matrices + counts, dtype)] if dtype == torch.float64 else [(matrices, dtype),
                                                                               (counts, torch.float64)]
-        self.buffers: list[torch.Tensor] = []
-        self.views: dict[str, torch.Tensor] = {}
         for keys, buffer_dtype in groups:
             if not keys:
                 continue
@@ -79,6 +87,8 @@ class SumStatistics:
     def all_reduce(self) -> None:
         """Sum every rank's buffers in place (nothing to do outside an initialised process group)."""
         if _distributed():
+            if not self.buffers and self.views:
+                raise RuntimeError("SumStatistics(flat=False) has no buffer to reduce; make it with flat=True")
             for buffer in self.buffers:
                 torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
 
@@ -151,7 +161,7 @@ def run_phase(
         from lightning.fabric.utilities.apply_func import move_data_to_device  # lazy: importing Lightning is slow
         transfer = lambda b: move_data_to_device(b, device)  # noqa: E731
     shapes = _pass_shapes(factors, phase)
-    stats = SumStatistics(shapes, dtype=stats_dtype, device=device)
+    stats = SumStatistics(shapes, dtype=stats_dtype, device=device, flat=_distributed())
     sample = factors.fisher == "sampled"
     seen_batches = seen_examples = 0
     # Sampled labels come from a fixed seed so that a rerun gives identical factors.
@@ -166,13 +176,15 @@ def run_phase(
         # forward-side pass, everything else in the backward) and its captured tokens dropped right after,
         # so a batch never holds every layer's activations and gradients at once.
         layers = factors.layers
-        # What the updates read from earlier passes (eigenbases), in the compute dtype once per pass.
-        inputs = {n: strategy.pass_inputs(phase, factors.tensors[n], device, dtype) for n in layers}
-        # What earlier passes left and this one does not read (their sums, the float64 bases it has in `inputs`)
-        # leaves memory while the pass runs, when it is saved on disk; read back after the last batch. One
-        # process only: in a data-parallel run the other ranks saved nothing.
+        # What earlier passes left and this one does not read (their sums, the float64 bases it reads in its
+        # compute dtype) leaves memory while the pass runs, when it is saved on disk; read back after the last
+        # batch. One process only: in a data-parallel run the other ranks saved nothing.
+        earlier = {n: dict(factors.tensors[n]) for n in layers}
         if consumer is None and not _distributed():
             factors.offload(keep=phase)
+        # What the updates read from earlier passes (eigenbases), in the compute dtype once per pass; each
+        # layer's earlier tensors go as soon as its inputs exist (their own storages: see SumStatistics).
+        inputs = {n: strategy.pass_inputs(phase, earlier.pop(n), device, dtype) for n in layers}
 
         # The capture zeroes padding per layer and counts the real tokens of the layer it hands over.
         def consume(name, a, s):
@@ -183,6 +195,7 @@ def run_phase(
         def on_forward(name, a):
             stats.update(_prefixed(name, strategy.activation_update(phase, layers[name], a, cap.token_count)))
 
+        capture = None
         try:
             capture = LayerCapture(model, layers, dtype=dtype, on_activation=on_forward if spec.forward_side else None)
             with capture as cap:
@@ -204,6 +217,10 @@ def run_phase(
                     if progress is not None:
                         progress(n)
         finally:
+            # `on_forward` closes over `cap`, which holds `on_forward`: a cycle that would keep `stats` (and with
+            # it the bases written into its buffer, offloaded or not) until Python's collector happens to run.
+            if capture is not None:
+                capture.on_activation = None
             inputs.clear()  # the pass's copies of the bases
             release_freed_memory()  # the batches' freed memory, before the earlier factors come back
             factors.restore()

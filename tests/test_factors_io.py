@@ -405,3 +405,28 @@ def test_offloaded_file_corrupted_mid_pass_is_refused(tmp_path):
 
     with pytest.raises(FactorsError, match="checksum"):
         run_phase("lambda", partial, model, task, batches[:1], progress=corrupt)
+
+
+def test_earlier_bases_are_freed_not_only_unlisted_during_the_lambda_pass(tmp_path, monkeypatch):
+    """The covariance pass's bases leave memory during the Lambda pass, not just the factors' dict: nothing
+    else holds them (the pass's sums, a cycle through the capture's callbacks) and Python's collector is not
+    what frees them."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(gc, "collect", lambda *a: 0)  # freed by their last reference, not by a collection
+    gc.disable()
+    try:
+        model, task, batches = models.mlp(), ClassificationTask(), train_batches()
+        factors = InfluenceFactors("ekfac", find_tracked_layers(model))
+        run_phase("covariance", factors, model, task, batches)
+        factors.save(tmp_path)
+        bases = [weakref.ref(v) for t in factors.tensors.values() for k, v in t.items() if k.endswith("eigvecs")]
+        assert bases
+        alive = []
+        run_phase("lambda", factors, model, task, batches, progress=lambda n: alive.append(sum(
+            r() is not None for r in bases)))
+    finally:
+        gc.enable()
+    assert alive and set(alive) == {0}, alive
+    assert all("A_eigvecs" in t for t in factors.tensors.values())  # read back after the pass

@@ -199,6 +199,20 @@ def test_measure_batch_counts_what_autograd_saves():
         assert measure_batch(model, ClassificationTask(), find_tracked_layers(model), batch)[3] == 0
 
 
+def test_measure_batch_frees_its_forward():
+    """The measured forward's activations are freed on return: a saved output handed back as it is by the
+    counting hook would hold its own graph in a cycle Python's collector cannot see (on GPT-2 small, 1.3 GB
+    held through the whole fit). The tanh output is such a saved output."""
+    import weakref
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    kept = []
+    model[1].register_forward_hook(lambda m, i, out: kept.append(weakref.ref(out)))
+    batch = (torch.randn(32, 8), torch.zeros(32, dtype=torch.long))
+    measure_batch(model, ClassificationTask(), find_tracked_layers(model), batch)
+    assert kept and kept[0]() is None
+
+
 def test_offloading_plan_moves_earlier_factors_to_the_end_of_the_pass():
     layers = {"a": TrackedLayer("a", "linear", 30, 50, True)}
     kept = plan_memory(layers, "ekfac", batch_size=2, tokens_per_example=7)

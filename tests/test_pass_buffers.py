@@ -1,5 +1,6 @@
-"""The statistics of a pass live in one flat buffer (views per sum, no copies), the finishing step is
-dealt over ranks by layer and logged when slow, and tensor files are written tensor by tensor."""
+"""The statistics of a pass live in one flat buffer under data parallelism (views per sum, no copies) and in a
+storage per sum in one process; the finishing step is dealt over ranks by layer and logged when slow, and tensor
+files are written tensor by tensor."""
 
 import logging
 
@@ -33,13 +34,33 @@ def test_sums_are_views_of_one_buffer_per_dtype(dtype, buffers):
     assert float(stats.compute()["n"]) == 4.0
 
 
-def test_fitted_sums_are_not_copied_out_of_the_buffer():
+def test_fitted_sums_are_not_copied_out_of_their_storage(monkeypatch):
+    made = []
+    real = SumStatistics.__init__
+
+    def recording(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(SumStatistics, "__init__", recording)
     factors = fit_factors(models.mlp(), ClassificationTask(), models.split_batch(models.mlp_data(8), 4),
                           strategy="kfac", fisher="empirical", block_size=None)
     t = factors.tensors
-    ptrs = {t[n][k].untyped_storage().data_ptr() for n in t for k in ("A_eigvecs", "S_eigvecs", "A_count")}
-    assert len(ptrs) == 1  # every layer's sums share the pass's one buffer, the bases written over them
+    # One process: a storage per sum, so that each leaves memory on its own (a view would pin a flat buffer).
+    assert not made[0].buffers
+    sums = {v.untyped_storage().data_ptr() for v in made[0].views.values()}
+    assert len(sums) == len(made[0].views)
+    # The bases are written over the covariance sums, not copied out of them.
+    for n in t:
+        for k in ("A_eigvecs", "S_eigvecs", "A_count"):
+            assert t[n][k].untyped_storage().data_ptr() in sums
     assert all("A_sum" not in t[n] and "S_sum" not in t[n] for n in t)
+
+
+def test_sums_of_one_process_have_no_flat_buffer():
+    stats = SumStatistics({"a": (3, 3), "n": ()}, flat=False)
+    assert not stats.buffers and stats.views["n"].dtype == torch.float64
+    stats.all_reduce()  # no process group: nothing to do, even without a buffer
 
 
 def test_layers_are_dealt_out_by_cost():
