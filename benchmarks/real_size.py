@@ -158,10 +158,11 @@ def worker(args) -> dict:
     elif args.op in ("topk_full", "topk_r32", "self"):
         from lightning_influence import InfluenceFactors, InfluenceModule
 
-        factors = InfluenceFactors.load(workdir / f"factors-{args.model}")
-        module = InfluenceModule(model, task=task, factors=factors, show_progress=False,
-                                 query_rank=32 if args.op == "topk_r32" else None)
+        # Loading the factors is part of the measured block, as it is of Kronfluence's scoring.
         with PeakRSS() as m, mixed():
+            factors = InfluenceFactors.load(workdir / f"factors-{args.model}")
+            module = InfluenceModule(model, task=task, factors=factors, show_progress=False,
+                                     query_rank=32 if args.op == "topk_r32" else None)
             if args.op == "self":
                 module.self_scores(loader(train, BATCH))
             else:

@@ -253,7 +253,9 @@ def _real_size_section(w, rs: dict) -> None:
       f"(load average {' / '.join(map(str, rs.get('loadavg_start', [])))} at the start, "
       f"{' / '.join(map(str, rs.get('loadavg_end', [])))} at the end: the VM is shared). "
       "'Plain epochs' is CPU time over the CPU time of one forward+backward epoch over the same data; "
-      "'+RSS' is the peak resident memory above the process's memory before the operation (model and data loaded).")
+      "'+RSS' is the peak resident memory above the process's memory before the operation (model and data loaded; "
+      "the scoring rows load the factors inside the measured block, as Kronfluence's scoring loads its own: ours "
+      "read again in float32, the scoring dtype, so the float64 file is never held beside them).")
     w("")
     w("The memory plan (`lightning_influence.memory`, logged by `fit_factors` and the callback before the first "
       "pass) counts what the influence passes add: each pass's sums (one copy, in float64), the eigenbases (written "

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_influence.store import BundleFormat, new_tensor_name, read_bundle, read_json_or_none, write_bundle
+from lightning_influence.store import (BundleFormat, TensorDigest, new_tensor_name, read_bundle, read_json_or_none,
+                                       write_bundle)
 from lightning_influence.capture import TrackedLayer
 from lightning_influence.curvature import get_strategy, strategy_class
 from lightning_influence.curvature.base import COMPLETE, DEFAULT_DAMPING_FACTOR
@@ -128,6 +129,10 @@ class InfluenceFactors:
         # saved to or loaded from, unchanged since: a later save into that directory keeps the file.
         self._files: dict[str, tuple[str, str]] = {}
         self._offloaded: dict[str, list[tuple[str, str]]] = {}  # group -> (layer, key) left out of memory
+        # Known at a load in another dtype, from the tensors as fitted: their digest (valid while this object
+        # holds the very tensors it was made with) and each layer's damping (valid for the same damping options).
+        self._digest: tuple[str, dict] | None = None
+        self._fitted_damping: tuple[tuple, dict[str, float]] | None = None
 
     # ----------------------------------------------------------------- state
     @property
@@ -160,8 +165,30 @@ class InfluenceFactors:
         return self.curvature.eigenvalues(self.layers[name], self.tensors[name])
 
     def damping_for(self, name: str) -> float:
-        """The damping lambda used for a layer (absolute, or the heuristic; 0 for ``identity``)."""
+        """The damping lambda used for a layer (absolute, or the heuristic; 0 for ``identity``).
+
+        Factors loaded in another dtype (``load(dtype=)``) use the value of the tensors as fitted."""
+        known = self._fitted_damping
+        if known is not None and known[0] == (self.damping, self.damping_factor) and name in known[1]:
+            return known[1][name]
         return self.curvature.damping(self.layers[name], self.tensors[name], self.damping, self.damping_factor)
+
+    def tensor_digest(self) -> str:
+        """sha256 of every tensor (name, dtype, shape, bytes; layers in order, keys sorted), as fitted.
+
+        Part of :func:`~lightning_influence.store.factors_fingerprint`. For factors loaded in another
+        dtype it is the digest of the tensors as saved, taken while reading them, so that the
+        fingerprint does not depend on the dtype they were loaded in."""
+        if self._digest is not None and self._digest[1] == self._tensor_ids():
+            return self._digest[0]
+        digest = TensorDigest()
+        for name in self.layers:
+            for key in sorted(self.tensors.get(name, {})):
+                digest.add(f"{name}::{key}", self.tensors[name][key])
+        return digest.hexdigest()
+
+    def _tensor_ids(self) -> dict:
+        return {(n, k): (id(v), v.dtype, tuple(v.shape)) for n, t in self.tensors.items() for k, v in t.items()}
 
     def _prepared(self, name: str, device: torch.device, dtype: torch.dtype):
         key = (name, str(device), dtype)
@@ -330,11 +357,16 @@ class InfluenceFactors:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu",
-             identity: dict | None = None) -> "InfluenceFactors":
+             identity: dict | None = None, dtype: torch.dtype | None = None,
+             damping: tuple[float | None, float] | None = None) -> "InfluenceFactors":
         """Load factors saved by :meth:`save`, verifying the format, version and checksum.
 
         With ``identity``, the saved identity must equal it (checked before any tensor is read);
         otherwise a :class:`FactorsError` whose ``differences`` name what differs is raised.
+        With ``dtype`` (e.g. the scoring dtype), the statistics come in that dtype, read one
+        tensor at a time: the float64 file is never held in memory (counts keep their dtype).
+        Such factors precondition with the damping and fingerprint of the tensors as saved.
+        ``damping`` (``(damping, damping_factor)``) replaces the saved damping options.
         """
         bundle = read_bundle(FACTORS_FORMAT, directory)
         manifest, manifest_path = bundle.manifest, bundle.manifest_path
@@ -347,8 +379,13 @@ class InfluenceFactors:
         if not isinstance(files, dict) or not all(isinstance(g, str) for g in files):
             raise FactorsError(f"{manifest_path} is corrupt (invalid 'tensor_files'); refit the factors")
         flat: dict[str, torch.Tensor] = {}
+        readers = {}
         for file in files.values():
-            flat.update(bundle.tensors(file, device=map_location))
+            if dtype is None:
+                flat.update(bundle.tensors(file, device=map_location))
+            else:
+                reader = bundle.reader(file)
+                readers.update({key: reader for key in reader.keys()})
         try:
             layers = {
                 n: TrackedLayer(n, m["kind"], int(m["d_out"]), int(m["d_in"]), bool(m["has_bias"]))
@@ -357,27 +394,75 @@ class InfluenceFactors:
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise FactorsError(f"{manifest_path} is corrupt (module entry: {err!r}); refit the factors") from None
         tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
-        for key, value in flat.items():
+        for key, value in [*flat.items(), *((k, None) for k in readers)]:
             name, _, stat = key.rpartition("::")
             if name not in tensors:
-                raise FactorsError(f"{manifest['tensor_file']} holds tensors of module '{name}' absent from the "
+                raise FactorsError(f"{manifest_path} holds tensors of module '{name}' absent from the "
                                    "manifest; refit the factors")
             tensors[name][stat] = value
         metadata = dict(manifest.get("metadata") or {})
         if bundle.identity:
             metadata["identity"] = bundle.identity
+        damping_options = (manifest["damping"], manifest["damping_factor"]) if damping is None else damping
         try:
             factors = cls(
-                manifest["strategy"], layers, fisher=manifest["fisher"], damping=manifest["damping"],
-                damping_factor=manifest["damping_factor"], tensors=tensors, phase=manifest["phase"],
+                manifest["strategy"], layers, fisher=manifest["fisher"], damping=damping_options[0],
+                damping_factor=damping_options[1], tensors={} if readers else tensors, phase=manifest["phase"],
                 metadata=metadata, block_size=manifest["block_size"], block_threshold=manifest["block_threshold"],
             )
         except OptionsError as err:
             raise FactorsError(f"{manifest_path} is corrupt ({err}); refit the factors") from None
+        if readers:
+            factors._read_in_dtype(tensors, readers, dtype, map_location)
         factors._check_shapes(manifest_path)
         where = str(Path(directory).resolve())
         factors._files = {group: (where, file) for group, file in files.items()}
         return factors
+
+    def _read_in_dtype(self, keys: dict[str, dict], readers: dict, dtype: torch.dtype,
+                       device: str | torch.device) -> None:
+        """Fill the tensors layer by layer from ``readers``, converted to ``dtype``; the digest and the damping
+        are taken from each layer's tensors as saved, before they are converted and let go."""
+        digest = TensorDigest()
+        dampings: dict[str, float] = {}
+        for name in self.layers:
+            saved = {key: readers[f"{name}::{key}"].read(f"{name}::{key}") for key in sorted(keys.get(name, {}))}
+            for key, value in saved.items():
+                digest.add(f"{name}::{key}", value)
+            self.tensors[name] = saved
+            if self.is_complete:
+                dampings[name] = self.damping_for(name)
+            self.tensors[name] = {key: (value.to(device=device, dtype=dtype) if value.is_floating_point() and value.dim()
+                                        else value.to(device)) for key, value in saved.items()}
+            del saved
+        self._digest = (digest.hexdigest(), self._tensor_ids())
+        self._fitted_damping = ((self.damping, self.damping_factor), dampings)
+
+    def in_dtype(self, dtype: torch.dtype) -> "InfluenceFactors":
+        """These factors with their statistics in ``dtype``, read from the files they were saved to or loaded
+        from (the float64 tensors already in memory are not read, so a lazily loaded file stays on disk).
+
+        ``self`` where the statistics already are in ``dtype``, or where a pass's tensors are in memory only;
+        the result preconditions with the same damping and has the same fingerprint."""
+        floats = [v for t in self.tensors.values() for v in t.values() if v.is_floating_point() and v.dim()]
+        if all(v.dtype == dtype for v in floats) or self._offloaded:
+            return self
+        groups = set(self._groups())
+        places = {self._files[g][0] for g in groups if g in self._files}
+        if not groups or not groups <= set(self._files) or len(places) != 1:
+            return self
+        where = Path(places.pop())
+        manifest = read_json_or_none(where / FACTORS_FORMAT.manifest)
+        listed = manifest.get("tensor_files") if isinstance(manifest, dict) else None
+        if listed != {g: self._files[g][1] for g in groups}:
+            return self  # the directory holds other factors now
+        device = floats[0].device if floats else "cpu"
+        loaded = InfluenceFactors.load(where, map_location=device, dtype=dtype,
+                                       damping=(self.damping, self.damping_factor))
+        if loaded.phase != self.phase or list(loaded.layers) != list(self.layers):
+            return self
+        loaded.metadata = dict(self.metadata)
+        return loaded
 
     def _check_shapes(self, where: Path) -> None:
         """Every saved sum has the shape its strategy and block layout declare (a manifest that does not go

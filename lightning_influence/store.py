@@ -49,7 +49,8 @@ __all__ = [
     "BundleFormat", "Bundle", "write_bundle", "read_bundle", "remove_stale_files", "new_tensor_name",
     "identity_differences", "describe_differences",
     "weights_fingerprint", "factors_fingerprint", "data_fingerprint", "texts_fingerprint", "tensors_fingerprint",
-    "atomic_write_json", "sha256_file", "write_safetensors", "read_json_or_none", "ensure_writable_dir",
+    "atomic_write_json", "sha256_file", "write_safetensors", "SafetensorsReader", "read_json_or_none",
+    "ensure_writable_dir", "TensorDigest",
 ]
 
 # Manifest keys the store owns; a format's own fields may not use them.
@@ -203,6 +204,42 @@ def write_safetensors(path: str | os.PathLike, named: Mapping[str, torch.Tensor]
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
+class SafetensorsReader:
+    """One tensor at a time from a safetensors file, read with plain file reads into memory of its own.
+
+    Unlike ``safetensors.torch.load_file`` (a memory map of the whole file, whose pages stay
+    resident in this process once touched, for as long as any of its tensors lives), a tensor
+    read here owns exactly its bytes, so one converted to another dtype leaves nothing behind.
+    """
+
+    _DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        self._start = 8 + size
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict] = header
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        dtype = self._DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        data = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self._start + begin)
+            if f.readinto(data) != len(data):
+                raise ValueError(f"{self.path} ends inside tensor {name!r}")
+        if not data:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+
+
 def remove_stale_files(fmt: BundleFormat, directory: str | os.PathLike, keep: Iterable[str]) -> None:
     """Remove ``fmt``'s files in ``directory`` (and their temporaries) that are not in ``keep``."""
     keep = set(keep)
@@ -247,16 +284,28 @@ class Bundle:
                                     f"among its files); {self.format.redo}")
         return self.directory / name
 
-    def tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Load one tensor file of the bundle after checking its checksum."""
+    def _checked(self, name: str) -> Path:
         path = self.require_file(name)
         if not path.is_file():
             raise self.format.error(f"{path} named by {self.manifest_path} is missing; {self.format.redo}")
         if sha256_file(path) != self.files[name]:
             raise self.format.error(f"{path} does not match its checksum (truncated or corrupt); {self.format.redo}")
+        return path
+
+    def tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Load one tensor file of the bundle after checking its checksum."""
+        path = self._checked(name)
         try:
             return load_file(str(path), device=str(device))
         except Exception as err:  # safetensors raises its own error types
+            raise self.format.error(f"{path} could not be read ({err}); {self.format.redo}") from None
+
+    def reader(self, name: str) -> SafetensorsReader:
+        """A tensor-at-a-time reader of one tensor file of the bundle, after checking its checksum."""
+        path = self._checked(name)
+        try:
+            return SafetensorsReader(path)
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise self.format.error(f"{path} could not be read ({err}); {self.format.redo}") from None
 
     def differences(self, expected: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -352,20 +401,38 @@ def tensors_fingerprint(named: Iterable[tuple[str, torch.Tensor]], head: Any = N
     """sha256 over ``head`` (JSON) and the name, dtype, shape and bytes of every tensor, in order."""
     h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
     for name, t in named:
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"|{name}:{t.dtype}:{tuple(t.shape)}|".encode())
-        h.update(_tensor_bytes(t))
+        _hash_tensor(h, name, t)
     return h.hexdigest()
+
+
+def _hash_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"|{name}:{t.dtype}:{tuple(t.shape)}|".encode())
+    h.update(_tensor_bytes(t))
+
+
+class TensorDigest:
+    """The sha256 of named tensors (name, dtype, shape, bytes), fed one tensor at a time."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        _hash_tensor(self._h, name, t)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def factors_fingerprint(factors: Any) -> str:
     """A sha256 over everything that decides how factors precondition a gradient.
 
     Covers the strategy, fisher type, phase, the damping actually used per layer, the layer
-    shapes and the bytes of every statistic tensor, so that two factor objects share a
-    fingerprint exactly when they precondition identically (a saved-then-loaded copy does;
-    the same statistics with another damping do not). It reads every tensor once (about the
-    size of the factors' file).
+    shapes and the bytes of every statistic tensor as fitted, so that two factor objects share a
+    fingerprint exactly when they precondition identically (a saved-then-loaded copy does, loaded
+    in the scoring dtype too; the same statistics with another damping do not). It reads every
+    tensor once (about the size of the factors' file), except where the factors already know the
+    digest of the tensors they hold (:meth:`InfluenceFactors.tensor_digest`).
     """
     head = {
         "strategy": factors.strategy,
@@ -375,9 +442,9 @@ def factors_fingerprint(factors: Any) -> str:
         "damping": ({n: float(factors.damping_for(n)).hex() for n in factors.layers}
                     if factors.is_complete else None),
     }
-    return tensors_fingerprint(
-        ((f"{name}::{key}", factors.tensors[name][key])
-         for name in factors.layers for key in sorted(factors.tensors.get(name, {}))), head)
+    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    h.update(factors.tensor_digest().encode())
+    return h.hexdigest()
 
 
 def weights_fingerprint(model: torch.nn.Module, names: Iterable[str] | None = None) -> str:

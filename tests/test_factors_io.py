@@ -430,3 +430,79 @@ def test_earlier_bases_are_freed_not_only_unlisted_during_the_lambda_pass(tmp_pa
         gc.enable()
     assert alive and set(alive) == {0}, alive
     assert all("A_eigvecs" in t for t in factors.tensors.values())  # read back after the pass
+
+
+# ------------------------------------------------- loading in the scoring dtype
+def test_reader_reads_what_the_writer_wrote(tmp_path):
+    named = {"f64": torch.randn(3, 4, dtype=torch.float64), "bf16": torch.randn(5).to(torch.bfloat16),
+             "count": torch.tensor(7.0, dtype=torch.float64), "empty": torch.zeros(0, 3), "ints": torch.arange(6)}
+    store.write_safetensors(tmp_path / "t.safetensors", named, metadata={"a": "b"})
+    reader = store.SafetensorsReader(tmp_path / "t.safetensors")
+    assert reader.keys() == list(named)
+    for key, value in named.items():
+        got = reader.read(key)
+        assert got.dtype == value.dtype and got.shape == value.shape and torch.equal(got, value), key
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_factors_loaded_in_float32_precondition_like_float64_with_the_same_fingerprint(tmp_path, strategy):
+    """Loaded in float32, the statistics are float32 (counts keep their dtype), read without the float64 file
+    being loaded; the damping is the float64 one to the bit, the fingerprint the same, and the scores agree
+    with the float64 factors' to float32 precision (but not if the damping were another one)."""
+    from lightning_influence.store import factors_fingerprint
+
+    model, task = models.mlp(), ClassificationTask()
+    fit_factors(model, task, train_batches(), strategy=strategy, output_dir=str(tmp_path))
+    full = InfluenceFactors.load(tmp_path)
+    real_load_file = store.load_file
+    store.load_file = lambda *a, **k: pytest.fail("the float64 file was loaded whole")
+    try:
+        low = InfluenceFactors.load(tmp_path, dtype=torch.float32)
+    finally:
+        store.load_file = real_load_file
+    for name, tensors in low.tensors.items():
+        for key, value in tensors.items():
+            original = full.tensors[name][key]
+            expected = torch.float32 if original.is_floating_point() and original.dim() else original.dtype
+            assert value.dtype == expected and value.shape == original.shape, (name, key)
+    assert all(low.damping_for(n) == full.damping_for(n) for n in full.layers)
+    assert factors_fingerprint(low) == factors_fingerprint(full)
+    if strategy != "identity":  # identity has no damping
+        assert factors_fingerprint(low.with_damping(0.5)) != factors_fingerprint(low)
+    queries = [models.mlp_data(3, seed=5)]
+    exact = InfluenceScorer(model, task, full, score_dtype="float64").pairwise_scores(queries, train_batches())
+    scores = InfluenceScorer(model, task, low, score_dtype="float64").pairwise_scores(queries, train_batches())
+    scale = exact.abs().max()
+    assert scale > 0 and torch.allclose(scores, exact, rtol=0, atol=1e-5 * scale)
+    if strategy != "identity":
+        other = InfluenceScorer(model, task, full.with_damping(full.damping_for(next(iter(full.layers))) * 3),
+                                score_dtype="float64").pairwise_scores(queries, train_batches())
+        assert not torch.allclose(other, exact, rtol=0, atol=1e-3 * scale)
+
+
+def test_scorer_reads_saved_factors_again_in_float32(tmp_path):
+    """A float32 scorer given float64 factors that are saved scores with float32 ones read from their files;
+    factors held in memory only, a float64 scorer, or a directory that now holds other factors: as given."""
+    model, task = models.mlp(), ClassificationTask()
+    fit_factors(model, task, train_batches(), strategy="ekfac", output_dir=str(tmp_path / "a"))
+    full = InfluenceFactors.load(tmp_path / "a")
+    scorer = InfluenceScorer(model, task, full)
+    assert scorer.factors is not full
+    assert {v.dtype for t in scorer.factors.tensors.values() for k, v in t.items() if v.dim()} == {torch.float32}
+    assert InfluenceScorer(model, task, full, score_dtype="float64").factors is full
+    in_memory = fit_factors(model, task, train_batches(), strategy="ekfac")
+    assert InfluenceScorer(model, task, in_memory).factors is in_memory
+    # The directory refitted since (other data): its files are others, so the factors in hand are used.
+    fit_factors(model, task, models.split_batch(models.mlp_data(12, seed=9), 4), strategy="ekfac",
+                output_dir=str(tmp_path / "a"))
+    assert InfluenceScorer(model, task, full).factors is full
+
+
+def test_factors_loaded_in_float32_refuse_a_corrupt_file(tmp_path):
+    fit_factors(models.mlp(), ClassificationTask(), train_batches(), strategy="ekfac", output_dir=str(tmp_path))
+    lam = tmp_path / json.loads((tmp_path / "manifest.json").read_text())["tensor_files"]["lambda"]
+    data = bytearray(lam.read_bytes())
+    data[-5] ^= 0x01
+    lam.write_bytes(bytes(data))
+    with pytest.raises(FactorsError, match="checksum"):
+        InfluenceFactors.load(tmp_path, dtype=torch.float32)

@@ -129,6 +129,10 @@ class InfluenceScorer:
             raise ScoringError(str(err)) from None
         self.query_rank = query_rank
         self.query_svd = query_svd
+        if self.score_dtype != torch.float64:
+            # Saved factors are read again in float32, where scoring uses them: the float64 statistics never
+            # enter memory beside their float32 copies (same damping, same fingerprint).
+            self.factors = factors.in_dtype(torch.float32)
 
     @property
     def dtype(self) -> torch.dtype:
