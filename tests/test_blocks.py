@@ -44,3 +44,18 @@ def test_singular_last_block_does_not_mix_padding():
     r = side.rotate(v, vecs)
     torch.testing.assert_close(side.unrotate(r, vecs), v)
     torch.testing.assert_close(r.norm(dim=-1), v.norm(dim=-1))
+
+
+@pytest.mark.parametrize("dim", [5, 9, 16, 17])
+def test_symmetric_gram_equals_the_matrix_product(monkeypatch, dim):
+    """The panel-by-panel Gram matrix of a wide side is x^T x, every entry (panels that do not divide the width,
+    a last panel of one column), with the threshold and panel lowered so a small side takes that path."""
+    from lightning_influence.curvature import blocks
+
+    monkeypatch.setattr(blocks, "SYMMETRIC_GRAM_MIN_DIM", 4)
+    monkeypatch.setattr(blocks, "SYMMETRIC_GRAM_PANEL", 4)
+    torch.manual_seed(dim)
+    x = torch.randn(30, dim, dtype=torch.float64)
+    x[:, 0] += 3.0  # not symmetric by accident of the data: a non-zero mean column
+    got = SideLayout(dim).outer_sum(x)
+    torch.testing.assert_close(got, x.T @ x, rtol=1e-12, atol=1e-12)

@@ -51,6 +51,27 @@ def side_layout(dim: int, block_size: int | None, block_threshold: int | None) -
     return SideLayout(dim, block_size if blocked else None)
 
 
+# A dense side at least this wide has its Gram matrix formed a panel of rows at a time, upper triangle only.
+SYMMETRIC_GRAM_MIN_DIM = 1536
+SYMMETRIC_GRAM_PANEL = 768
+
+
+def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` for ``x`` ``[N, d]``: one matrix product where ``d`` is small; for a wide side, panels of
+    rows of the upper triangle (``x_i^T x_{i:}``) mirrored below, which skips about a third of the
+    multiply-adds a general matrix product spends on a symmetric result (BLAS's syrk is not exposed)."""
+    d = x.shape[-1]
+    if d < SYMMETRIC_GRAM_MIN_DIM:
+        return x.T @ x
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    for start in range(0, d, SYMMETRIC_GRAM_PANEL):
+        stop = min(start + SYMMETRIC_GRAM_PANEL, d)
+        panel = x[:, start:stop].T @ x[:, start:]  # rows start:stop, columns start:
+        out[start:stop, start:] = panel
+        out[stop:, start:stop] = panel[:, stop - start:].T
+    return out
+
+
 class SideLayout:
     """How one side of dimension ``dim`` is split: ``num_blocks`` blocks of ``block`` coordinates.
 
@@ -114,7 +135,7 @@ class SideLayout:
     def outer_sum(self, x: torch.Tensor) -> torch.Tensor:
         """``sum_n x_n x_n^T`` restricted to the diagonal blocks, for tokens ``x`` ``[N, dim]``."""
         if self.dense:
-            return x.T @ x
+            return symmetric_gram(x)
         xb = self._split(x).transpose(0, 1)  # [k, N, b]
         return xb.transpose(1, 2) @ xb
 
