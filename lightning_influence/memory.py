@@ -117,6 +117,9 @@ class MemoryPlan:
     tracked_parameters: int
     model_parameters: int | None
     options: dict
+    # What scoring adds per query it holds (preconditioned gradients in the score dtype): at full rank and at
+    # query_rank=32; the scoring phase counts the queries it was planned for, usually none at fit time.
+    per_query: dict[str, int] = field(default_factory=dict)
 
     @property
     def peak(self) -> PhaseMemory:
@@ -136,6 +139,9 @@ class MemoryPlan:
         for p in self.phases:
             parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in p.parts.items() if v)
             lines.append(f"  {p.phase:<{width}}  {p.device:<6} {format_bytes(p.total):>11}  ({parts or 'nothing'})")
+        if self.per_query:
+            lines.append("  scoring adds per query: " + ", ".join(f"{format_bytes(v)} at {k}"
+                                                              for k, v in self.per_query.items()))
         for l in sorted(self.layers, key=lambda l: -l.statistics)[:5]:
             lines.append(f"  layer {l.name} {l.d_out}x{l.d_in} ({l.sides}): {format_bytes(l.statistics)} of factors")
         return "\n".join(lines)
@@ -289,6 +295,8 @@ def plan_memory(
         model_parameters=model_parameters,
         options={"strategy": strategy.name, "stats_dtype": str(stats_dtype).replace("torch.", ""),
                  "batch_size": batch_size, "block_size": getattr(strategy, "block_size", None)},
+        per_query={"full rank": sum(l.d_out * l.d_in for l in layers.values()) * sd,
+                   "query_rank=32": sum(min(32, l.d_out, l.d_in) * (l.d_out + l.d_in) for l in layers.values()) * sd},
     )
 
 

@@ -99,6 +99,10 @@ def test_plan_sums_over_layers_and_reports_tracked_share():
     assert plan.factor_file_bytes == lam.parts["earlier factors"] + lam.parts["sums"]
     text = plan.table()
     assert "23.0% of the model's 100 parameters" in text and "lambda pass" in text
+    # what scoring adds per query (float32 by default): a [d_out, d_in] gradient per layer at full rank; at rank 32
+    # each layer keeps min(32, d_out, d_in) pairs of [d_out] and [d_in] factors
+    assert plan.per_query == {"full rank": (15 + 8) * f32, "query_rank=32": (3 * (3 + 5) + 2 * (2 + 4)) * f32}
+    assert "scoring adds per query: 92 B at full rank, 144 B at query_rank=32" in text
 
 
 def test_plan_factor_bytes_equal_a_real_fit(tmp_path):
