@@ -131,7 +131,7 @@ class FitOptions(_Options):
         block_size / block_threshold: K-FAC/EK-FAC sides wider than ``block_threshold`` (8192) are kept
             as diagonal blocks of ``block_size`` (1024; ``None``: always dense), docs/method.md, section 6.
         eigh_dtype: dtype K-FAC/EK-FAC eigendecompose each covariance side in: float64 (default) or float32
-            (about half the CPU time on GPT-2's 2304-3072-wide sides), docs/method.md, section 2.
+            (about a third of the CPU time on GPT-2's 2304-3072-wide sides, less accurate), docs/method.md, section 2.
         memory_budget: the most memory the passes may plan to hold on their device, in bytes or as text
             (``"8GiB"``); ``None`` (default): what the device has free, less a 10% margin. A fit whose
             memory plan exceeds it is refused before its first pass.

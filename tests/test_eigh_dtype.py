@@ -222,3 +222,24 @@ def test_lightning_cli_yaml_sets_the_eigh_dtype(tmp_path, monkeypatch):
                        args=["--config", str(config), "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, InfluenceCallback)]
     assert cb.eigh_dtype == torch.float32 and cb.fit_options.eigh_dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", KRONECKER)
+def test_float32_eigh_on_cuda_matches_the_dense_float64_computation(strategy, monkeypatch):
+    """On CUDA the sums are decomposed where they are, in float32 (no CPU fallback), to the same tolerance."""
+    model, batch = ill_conditioned_problem()
+    layers = find_tracked_layers(model)
+    v = {n: torch.randn(l.d_out, l.d_in, dtype=torch.float64) for n, l in layers.items()}
+    expected = dense_preconditioned(strategy, model, batch, v)
+    decomposed = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m, *a, **k: decomposed.append((m.device.type, m.dtype))
+                        or eigh(m, *a, **k))
+    factors = fit_factors(model.cuda(), ClassificationTask(), models.split_batch(tuple(t.cuda() for t in batch), 16),
+                          strategy=strategy, fisher="empirical", capture_dtype=torch.float64, eigh_dtype="float32")
+    monkeypatch.undo()
+    assert set(decomposed) == {("cuda", torch.float32)}
+    for name in layers:
+        ours = factors.precondition(name, v[name]).cpu()
+        assert relative_error(ours, expected[name]) < TOLERANCE, name

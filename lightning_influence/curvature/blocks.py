@@ -35,7 +35,8 @@ __all__ = ["SideLayout", "side_layout", "check_block_options", "check_eigh_dtype
 DEFAULT_BLOCK_SIZE = 1024
 DEFAULT_BLOCK_THRESHOLD = 8192
 # The dtype each side's covariance is eigendecomposed in (``eigh_dtype``): float64 by default, as Kronfluence's
-# ``eigendecomposition_dtype``; float32 takes about half the CPU time at GPT-2's widths (benchmarks/eigh_dtype.py).
+# ``eigendecomposition_dtype``; float32 takes about a third of the CPU time at GPT-2's widths but leaves the small
+# eigenvalues' directions unresolved: scores a little off (benchmarks/eigh_dtype.py, docs/method.md, section 2).
 EIGH_DTYPES = (torch.float64, torch.float32)
 DEFAULT_EIGH_DTYPE = torch.float64
 
@@ -49,7 +50,7 @@ def check_block_options(block_size: int | None, block_threshold: int | None) -> 
 
 
 def check_eigh_dtype(value: torch.dtype | str) -> torch.dtype:
-    """``value`` (``torch.float64``/``torch.float32`` or its name) as a ``torch.dtype``; :class:`OptionsError` otherwise."""
+    """``value`` (``torch.float64``/``torch.float32`` or its name) as a ``torch.dtype``; else :class:`OptionsError`."""
     dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
     if dtype not in EIGH_DTYPES:
         raise OptionsError(f"eigh_dtype must be float64 (the default) or float32 (a torch.dtype or its name), "

@@ -100,8 +100,8 @@ class KFACStrategy(CurvatureStrategy):
 
     def finish_pass(self, pass_name: str, layer: TrackedLayer, tensors: LayerTensors) -> None:
         self.check_pass(pass_name, layer, tensors)
-        # Eigendecompose the mean covariances in float64 (they are ill-conditioned; float32 with eigh_dtype, about
-        # half the time, measured in benchmarks/eigh_dtype.py), block by block for a
+        # Eigendecompose the mean covariances in float64 (they are ill-conditioned; float32 with eigh_dtype: about a
+        # third of the time, less accurate, benchmarks/eigh_dtype.py), block by block for a
         # blocked side, on the device the sums are on; the eigenvectors, in the dtype of the sums, take the
         # sums' place and storage: Q diag(L) Q^T gives the covariance back, so keeping both would hold the
         # same information twice (docs/method.md, section 2).

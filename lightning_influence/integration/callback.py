@@ -152,7 +152,7 @@ class InfluenceCallback(Callback):
         block_size / block_threshold: K-FAC/EK-FAC sides wider than ``block_threshold`` (default 8192) are
             kept as diagonal blocks of ``block_size`` (default 1024; ``None``: dense), docs/method.md, section 6.
         eigh_dtype: ``float64`` (default) or ``float32``: the dtype K-FAC/EK-FAC eigendecompose each covariance
-            side in (float32 takes about half the CPU time at GPT-2's widths; docs/method.md, section 2).
+            side in (float32: a third of the CPU time at GPT-2's widths, less accurate; docs/method.md, section 2).
         index: a directory for a gradient index of the training data (``docs/index.md``): each
             example's compressed, preconditioned gradient, to score new queries later without a pass
             over the training data (``GradientIndex.load(index, factors)``). With ``strategy="ekfac"``,
