@@ -31,7 +31,7 @@ from lightning_influence.store import (BundleFormat, TensorDigest, new_tensor_na
 from lightning_influence.capture import TrackedLayer
 from lightning_influence.curvature import get_strategy, strategy_class
 from lightning_influence.curvature.base import COMPLETE, DEFAULT_DAMPING_FACTOR
-from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD
+from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD, DEFAULT_EIGH_DTYPE
 from lightning_influence.errors import FactorsError, OptionsError
 
 __all__ = ["InfluenceFactors", "FISHER_TYPES", "check_strategy", "check_fisher", "check_damping"]
@@ -94,6 +94,8 @@ class InfluenceFactors:
             as diagonal blocks of ``block_size`` (docs/method.md, section 6); ``block_size=None`` keeps every
             side dense, ``block_threshold=None`` blocks every side wider than ``block_size``. Defaults: blocks
             of 1024 for sides wider than 8192 (a 50257-wide head fits; GPT-2's and Llama's MLPs stay dense).
+        eigh_dtype: the dtype (``torch.float64``, the default, or ``torch.float32``, or its name) Kronecker
+            sides are eigendecomposed in when the covariance pass finishes (docs/method.md, section 2).
 
     Attributes:
         strategy: the strategy's name.
@@ -112,9 +114,12 @@ class InfluenceFactors:
         metadata: dict | None = None,
         block_size: int | None = DEFAULT_BLOCK_SIZE,
         block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD,
+        eigh_dtype: torch.dtype | str = DEFAULT_EIGH_DTYPE,
     ):
-        self.curvature = get_strategy(strategy, block_size=block_size, block_threshold=block_threshold)
+        self.curvature = get_strategy(strategy, block_size=block_size, block_threshold=block_threshold,
+                                      eigh_dtype=eigh_dtype)
         self.block_size, self.block_threshold = block_size, block_threshold
+        self.eigh_dtype = self.curvature.eigh_dtype
         self.strategy = self.curvature.name
         self.fisher = check_fisher(fisher)
         check_damping(damping, damping_factor)
@@ -254,6 +259,7 @@ class InfluenceFactors:
             "phase": self.phase,
             "block_size": self.block_size,
             "block_threshold": self.block_threshold,
+            "eigh_dtype": str(self.eigh_dtype).removeprefix("torch."),
             "modules": {
                 n: {"kind": l.kind, "d_out": l.d_out, "d_in": l.d_in, "has_bias": l.has_bias}
                 for n, l in self.layers.items()
@@ -409,6 +415,8 @@ class InfluenceFactors:
                 manifest["strategy"], layers, fisher=manifest["fisher"], damping=damping_options[0],
                 damping_factor=damping_options[1], tensors={} if readers else tensors, phase=manifest["phase"],
                 metadata=metadata, block_size=manifest["block_size"], block_threshold=manifest["block_threshold"],
+                # factors saved before the option existed were decomposed in float64
+                eigh_dtype=manifest.get("eigh_dtype", "float64"),
             )
         except OptionsError as err:
             raise FactorsError(f"{manifest_path} is corrupt ({err}); refit the factors") from None
@@ -492,6 +500,7 @@ class InfluenceFactors:
             self.metadata,
             block_size=self.block_size,
             block_threshold=self.block_threshold,
+            eigh_dtype=self.eigh_dtype,
         )
 
     def __repr__(self) -> str:

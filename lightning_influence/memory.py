@@ -207,7 +207,7 @@ def plan_memory(
     by what it declares. A pass holds the factors of earlier passes, its own sums (one copy, in
     ``stats_dtype``), what it reads from earlier passes in ``capture_dtype`` (the bases) and one
     batch's working set; the step after a pass that adds tensors (the eigendecomposition) holds
-    the sums, the new tensors and one layer's float64 ``eigh`` at a time.
+    the sums, the new tensors and one layer's ``eigh`` at a time, in the strategy's ``eigh_dtype``.
 
     ``tokens_per_example``: token positions per example, one number or per layer (a Conv2d's
     output positions); 0 leaves the batch working set out (batch shape unknown).
@@ -220,6 +220,7 @@ def plan_memory(
     if isinstance(strategy, str):
         strategy = get_strategy(strategy)
     st, cd, sd = _itemsize(stats_dtype), _itemsize(capture_dtype), _itemsize(score_dtype)
+    eigh_size = _itemsize(getattr(strategy, "eigh_dtype", torch.float64))
     dev = str(torch.device(device))
 
     def tokens(name: str) -> int:
@@ -262,14 +263,14 @@ def plan_memory(
         # Tensors written into the storage of the sums they replace (K-FAC's eigenbases) take no new memory.
         replaced = {n: strategy.replaced_sums(spec.name, l) for n, l in layers.items()}
         if any(added.values()):
-            # float64 eigh of the largest matrix: its input, eigenvectors and workspace
+            # eigh of the largest matrix, in the strategy's eigh dtype: its input, eigenvectors and workspace
             largest = max((_numel(shape[-2:]) for a in added.values() for shape in a.values() if len(shape) >= 2),
                           default=0)
             phases.append(PhaseMemory(f"{spec.name} finish", dev, {
                 "earlier factors": earlier, "sums": sum(_bytes(s, st) for s in sums.values()),
                 "new factors": sum(_bytes({k: v for k, v in added[n].items() if k not in replaced[n]}, st)
                                    for n in layers),
-                "one layer's eigh": 3 * largest * 8}))
+                "one layer's eigh": 3 * largest * eigh_size}))
         for n, l in layers.items():
             kept[n].update(strategy.kept_shapes(spec.name, l))
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from lightning_influence.errors import FactorsError, OptionsError, TaskInputError
 from lightning_influence.curvature import get_strategy
-from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD
+from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD, DEFAULT_EIGH_DTYPE
 from lightning_influence.factors import InfluenceFactors
 from lightning_influence.memory import check_fit_memory, release_freed_memory
 from lightning_influence.options import STATS_DTYPES, FitOptions
@@ -397,11 +397,13 @@ def _check_resumable(factors: InfluenceFactors, model: nn.Module) -> None:
 def fit_identity(model: nn.Module, batches: Any, layers: Iterable[str], strategy: str, fisher: str,
                  max_batches: int | None, max_examples: int | None, seed: int, stats_dtype: torch.dtype,
                  dtype: torch.dtype, block_size: int | None = DEFAULT_BLOCK_SIZE,
-                 block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD) -> dict:
+                 block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD,
+                 eigh_dtype: torch.dtype | str = DEFAULT_EIGH_DTYPE) -> dict:
     """What a factor fit depends on, as saved in the factors' bundle and compared on resume:
     the model's weights, the data, and every option that changes the statistics (the strategy's
-    own options too: the block layout of K-FAC and EK-FAC)."""
-    strategy_options = get_strategy(strategy, block_size=block_size, block_threshold=block_threshold).options()
+    own options too: the block layout and the eigendecomposition dtype of K-FAC and EK-FAC)."""
+    strategy_options = get_strategy(strategy, block_size=block_size, block_threshold=block_threshold,
+                                    eigh_dtype=eigh_dtype).options()
     return {
         "weights": weights_fingerprint(model),
         "data": data_fingerprint(batches),
@@ -431,7 +433,7 @@ def fit_factors(
     given by keyword instead or on top (``strategy=``, ``modules=``, ``module_types=``,
     ``exclude=``, ``fisher=``, ``damping=``, ``damping_factor=``, ``max_batches=``, ``max_examples=``,
     ``seed=``, ``capture_dtype=``, ``stats_dtype=``, ``block_size=``, ``block_threshold=``,
-    ``memory_budget=``). ``batches`` is iterated once per pass of
+    ``eigh_dtype=``, ``memory_budget=``). ``batches`` is iterated once per pass of
     the strategy (twice for ``ekfac``), so pass a re-iterable such as a ``DataLoader``. With
     ``output_dir`` the factors are saved after each phase; passing partially fitted ``factors``
     resumes after their last completed phase. An empty ``batches`` (on every rank) raises before
@@ -452,20 +454,20 @@ def fit_factors(
     damping, damping_factor, seed = options.damping, options.damping_factor, options.seed
     max_batches, max_examples = options.max_batches, options.max_examples
     dtype, stats_dtype = options.capture_dtype, options.stats_dtype
-    block_size, block_threshold = options.block_size, options.block_threshold
+    block_size, block_threshold, eigh_dtype = options.block_size, options.block_threshold, options.eigh_dtype
     if factors is None:
         layers = find_tracked_layers(model, modules, module_types, options.exclude)
         factors = InfluenceFactors(strategy, layers, fisher=fisher, damping=damping, damping_factor=damping_factor,
                                    metadata={"identity": fit_identity(model, batches, layers, strategy, fisher,
                                                                       max_batches, max_examples, seed,
                                                                       stats_dtype, dtype, block_size,
-                                                                      block_threshold)},
-                                   block_size=block_size, block_threshold=block_threshold)
+                                                                      block_threshold, eigh_dtype)},
+                                   block_size=block_size, block_threshold=block_threshold, eigh_dtype=eigh_dtype)
     else:
         _check_resumable(factors, model)
         # Resuming continues the factors' own strategy, fisher and modules; the rest must match.
         identity = fit_identity(model, batches, factors.layers, factors.strategy, factors.fisher, max_batches,
-                                max_examples, seed, stats_dtype, dtype, block_size, block_threshold)
+                                max_examples, seed, stats_dtype, dtype, block_size, block_threshold, eigh_dtype)
         saved = factors.metadata.get("identity")
         diffs = identity_differences(saved, identity) if saved is not None else {}
         if diffs and not factors.is_complete:
@@ -474,7 +476,8 @@ def fit_factors(
             factors = InfluenceFactors(factors.strategy, factors.layers, fisher=factors.fisher,
                                        damping=factors.damping, damping_factor=factors.damping_factor,
                                        metadata={**factors.metadata, "identity": identity},
-                                       block_size=block_size, block_threshold=block_threshold)
+                                       block_size=block_size, block_threshold=block_threshold,
+                                       eigh_dtype=eigh_dtype)
         elif saved is None and not factors.is_complete:
             factors.metadata["identity"] = identity
     if remaining_phases(factors):  # the memory plan, before any pass allocates (memory_budget=)

@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 import torch
 
 from lightning_influence.capture import TrackedLayer, per_example_gradients
-from lightning_influence.curvature.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD, check_block_options
+from lightning_influence.curvature.blocks import (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_THRESHOLD, DEFAULT_EIGH_DTYPE,
+                                                  check_block_options, check_eigh_dtype)
 from lightning_influence.errors import FactorsError
 
 __all__ = ["CurvatureStrategy", "StatisticsPass", "DEFAULT_DAMPING_FACTOR", "NOT_STARTED", "COMPLETE"]
@@ -90,14 +91,17 @@ class CurvatureStrategy:
     scoring_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, block_size: int | None = DEFAULT_BLOCK_SIZE,
-                 block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD):
+                 block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD,
+                 eigh_dtype: torch.dtype | str = DEFAULT_EIGH_DTYPE):
         """``block_size``/``block_threshold``: Kronecker sides wider than the threshold are kept as diagonal
-        blocks of ``block_size`` (docs/method.md, section 6); strategies without Kronecker sides ignore them.
-        A subclass that defines its own ``__init__`` takes these two keywords and passes them on here:
-        :class:`~lightning_influence.factors.InfluenceFactors` always gives them."""
+        blocks of ``block_size`` (docs/method.md, section 6); ``eigh_dtype``: the dtype (``float64`` or
+        ``float32``) those sides' covariances are eigendecomposed in (docs/method.md, section 2); strategies
+        without Kronecker sides ignore them. A subclass that defines its own ``__init__`` takes these three
+        keywords and passes them on here: :class:`~lightning_influence.factors.InfluenceFactors` always gives them."""
         check_block_options(block_size, block_threshold)
         self.block_size = block_size
         self.block_threshold = block_threshold
+        self.eigh_dtype = check_eigh_dtype(eigh_dtype)
 
     def options(self) -> dict[str, Any]:
         """The strategy's own options that change its factors (saved in the fit identity; none by default)."""

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from lightning_influence.errors import OptionsError
 
-__all__ = ["SideLayout", "side_layout", "check_block_options", "DEFAULT_BLOCK_SIZE", "DEFAULT_BLOCK_THRESHOLD"]
+__all__ = ["SideLayout", "side_layout", "check_block_options", "check_eigh_dtype", "DEFAULT_BLOCK_SIZE",
+           "DEFAULT_BLOCK_THRESHOLD", "EIGH_DTYPES", "DEFAULT_EIGH_DTYPE"]
 
 # Sides wider than 8192 are kept as blocks of 1024: every side of GPT-2 (768, 3072) and Llama-7B's
 # attention (4096) stays dense, while a 50257-wide head or a 14336-wide MLP side costs d * 1024
@@ -33,6 +34,11 @@ __all__ = ["SideLayout", "side_layout", "check_block_options", "DEFAULT_BLOCK_SI
 # The memory plan (memory.py) takes the same two options.
 DEFAULT_BLOCK_SIZE = 1024
 DEFAULT_BLOCK_THRESHOLD = 8192
+# The dtype each side's covariance is eigendecomposed in (``eigh_dtype``): float64 by default, as Kronfluence's
+# ``eigendecomposition_dtype``; float32 takes about a third of the CPU time at GPT-2's widths but leaves the small
+# eigenvalues' directions unresolved: scores a little off (benchmarks/eigh_dtype.py, docs/method.md, section 2).
+EIGH_DTYPES = (torch.float64, torch.float32)
+DEFAULT_EIGH_DTYPE = torch.float64
 
 
 def check_block_options(block_size: int | None, block_threshold: int | None) -> None:
@@ -41,6 +47,15 @@ def check_block_options(block_size: int | None, block_threshold: int | None) -> 
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise OptionsError(f"{name} must be a positive integer or None, got {value!r} (block_size=None keeps "
                                f"every side dense; block_threshold=None blocks every side wider than block_size)")
+
+
+def check_eigh_dtype(value: torch.dtype | str) -> torch.dtype:
+    """``value`` (``torch.float64``/``torch.float32`` or its name) as a ``torch.dtype``; else :class:`OptionsError`."""
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+    if dtype not in EIGH_DTYPES:
+        raise OptionsError(f"eigh_dtype must be float64 (the default) or float32 (a torch.dtype or its name), "
+                           f"got {value!r}")
+    return dtype
 
 
 def side_layout(dim: int, block_size: int | None, block_threshold: int | None) -> "SideLayout":
@@ -140,18 +155,19 @@ class SideLayout:
         return xb.transpose(1, 2) @ xb
 
     def eigh(self, total: torch.Tensor, count: torch.Tensor | float,
-             dtype: torch.dtype = torch.float64, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             dtype: torch.dtype = torch.float64, out: torch.Tensor | None = None,
+             eigh_dtype: torch.dtype = DEFAULT_EIGH_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues and eigenvectors of the mean covariance ``total / count``, block by block,
-        computed in float64 and returned in ``dtype``.
+        computed in ``eigh_dtype`` (float64 or float32) and returned in ``dtype``.
 
-        Each block is symmetrised, ``(C + C^T) / 2`` with ``C = total / count``, in one new float64
-        matrix of its own (a float64 ``total`` is not copied first), so a blocked side never holds
+        Each block is symmetrised, ``(C + C^T) / 2`` with ``C = total / count``, in one new ``eigh_dtype``
+        matrix of its own (a ``total`` already in that dtype is not copied first), so a blocked side never holds
         more than one block's input and workspace beside its results. With ``out`` (``total``
         itself, its sums no longer needed), each block's eigenvectors are written into it as soon
         as that block is decomposed: the side's eigenbasis takes no memory beyond its sums'.
         """
         if self.dense:
-            vals, vecs = self._eigh_block(total, count)
+            vals, vecs = self._eigh_block(total, count, eigh_dtype)
             if out is not None:
                 return vals.to(dtype), out.copy_(vecs)
             return vals.to(dtype), vecs.to(dtype)
@@ -161,10 +177,10 @@ class SideLayout:
         r = self.dim - (self.num_blocks - 1) * self.block  # real coordinates of the last block
         for k in range(self.num_blocks):
             if k < self.num_blocks - 1 or r == self.block:
-                vals[k], block = self._eigh_block(total[k], count)
+                vals[k], block = self._eigh_block(total[k], count, eigh_dtype)
                 vecs[k] = block
             else:  # the short last block: its real part only, identity on the padding
-                vals[k, :r], block = self._eigh_block(total[k, :r, :r], count)
+                vals[k, :r], block = self._eigh_block(total[k, :r, :r], count, eigh_dtype)
                 vecs[k].zero_()
                 vecs[k, :r, :r] = block
                 vecs[k, r:, r:] = torch.eye(self.block - r, dtype=vecs.dtype, device=total.device)
@@ -172,9 +188,14 @@ class SideLayout:
         return vals, vecs
 
     @staticmethod
-    def _eigh_block(total: torch.Tensor, count: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-        total = total.to(torch.float64)
-        cov = total + total.transpose(-1, -2)
+    def _eigh_block(total: torch.Tensor, count: torch.Tensor | float,
+                    eigh_dtype: torch.dtype = DEFAULT_EIGH_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
+        if eigh_dtype == torch.float64:
+            total = total.to(torch.float64)
+            cov = total + total.transpose(-1, -2)
+        else:  # symmetrised straight into the lower dtype: no full-size copy of the block in the sums' dtype
+            cov = torch.add(total, total.transpose(-1, -2),
+                            out=torch.empty(total.shape, dtype=eigh_dtype, device=total.device))
         cov.mul_(0.5 / count)
         vals, vecs = torch.linalg.eigh(cov)
         return vals, vecs.contiguous()  # eigh returns column-major; saved files are row-major

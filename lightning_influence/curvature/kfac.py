@@ -2,7 +2,8 @@
 
 One pass accumulates ``A = E[a a^T]`` from the activations during the forward and
 ``S = E[s s^T]`` from the output gradients during the backward, over every (unmasked)
-token; then each is eigendecomposed in float64, ``A = Q_A L_A Q_A^T`` and ``S = Q_S L_S Q_S^T``.
+token; then each is eigendecomposed in float64 (float32 with ``eigh_dtype``), ``A = Q_A L_A Q_A^T`` and
+``S = Q_S L_S Q_S^T``.
 The eigenvalue of basis direction ``(i, j)`` is ``L_S[i] L_A[j]``.
 
 A side wider than ``block_threshold`` is kept as diagonal blocks of ``block_size``
@@ -35,17 +36,21 @@ def rotation_in_token_space(tokens: int, d_out: int, d_in: int, block_out: int, 
     return tokens * (d_in * block_in + d_out * block_out) < d_out * d_in * (block_out + block_in)
 
 
-def _eigh(side: SideLayout, total: torch.Tensor, count: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``side.eigh`` (in float64, results in the sums' dtype) on the device the sums are on, the eigenvectors
-    written over the sums ``total`` (which they replace); on the CPU, saying so, where that device cannot."""
+def _eigh(side: SideLayout, total: torch.Tensor, count: torch.Tensor, layer: str,
+          eigh_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``side.eigh`` (in ``eigh_dtype``, results in the sums' dtype) on the device the sums are on, the
+    eigenvectors written over the sums ``total`` (which they replace); on the CPU, saying so, where that
+    device cannot."""
     if total.device.type == "cpu":  # block by block into the sums: no second copy of the side
-        return side.eigh(total, count, dtype=total.dtype, out=total)
+        return side.eigh(total, count, dtype=total.dtype, out=total, eigh_dtype=eigh_dtype)
     try:  # the sums stay intact until every block is done, for the CPU fallback below
-        vals, vecs = side.eigh(total, count, dtype=total.dtype)
+        vals, vecs = side.eigh(total, count, dtype=total.dtype, eigh_dtype=eigh_dtype)
     except (RuntimeError, NotImplementedError, TypeError) as err:
-        log.warning("float64 eigendecomposition of layer '%s' failed on %s (%s); doing it on the CPU",
-                    layer, total.device, str(err).splitlines()[0] if str(err) else type(err).__name__)
-        vals, vecs = side.eigh(total.cpu(), count.cpu() if isinstance(count, torch.Tensor) else count, total.dtype)
+        log.warning("%s eigendecomposition of layer '%s' failed on %s (%s); doing it on the CPU",
+                    str(eigh_dtype).removeprefix("torch."), layer, total.device,
+                    str(err).splitlines()[0] if str(err) else type(err).__name__)
+        vals, vecs = side.eigh(total.cpu(), count.cpu() if isinstance(count, torch.Tensor) else count, total.dtype,
+                               eigh_dtype=eigh_dtype)
     return vals.to(total.device), total.copy_(vecs)
 
 
@@ -65,7 +70,8 @@ class KFACStrategy(CurvatureStrategy):
     scoring_tensors = ("S_eigvecs", "A_eigvecs")
 
     def options(self) -> dict:
-        return {"block_size": self.block_size, "block_threshold": self.block_threshold}
+        return {"block_size": self.block_size, "block_threshold": self.block_threshold,
+                "eigh_dtype": str(self.eigh_dtype).removeprefix("torch.")}
 
     def layouts(self, layer: TrackedLayer) -> tuple[SideLayout, SideLayout]:
         """How this strategy's options split the layer's output-gradient side S and activation side A."""
@@ -94,13 +100,14 @@ class KFACStrategy(CurvatureStrategy):
 
     def finish_pass(self, pass_name: str, layer: TrackedLayer, tensors: LayerTensors) -> None:
         self.check_pass(pass_name, layer, tensors)
-        # Eigendecompose the mean covariances in float64 (they are ill-conditioned), block by block for a
+        # Eigendecompose the mean covariances in float64 (they are ill-conditioned; float32 with eigh_dtype: about a
+        # third of the time, less accurate, benchmarks/eigh_dtype.py), block by block for a
         # blocked side, on the device the sums are on; the eigenvectors, in the dtype of the sums, take the
         # sums' place and storage: Q diag(L) Q^T gives the covariance back, so keeping both would hold the
         # same information twice (docs/method.md, section 2).
         for side, layout in zip(("S", "A"), self.layouts(layer)):
             total = tensors.pop(f"{side}_sum")
-            vals, vecs = _eigh(layout, total, tensors[f"{side}_count"], layer.name)
+            vals, vecs = _eigh(layout, total, tensors[f"{side}_count"], layer.name, self.eigh_dtype)
             tensors[f"{side}_eigvals"] = vals.to(total.dtype)
             tensors[f"{side}_eigvecs"] = vecs  # row-major: written into the (row-major) sums
 

@@ -151,6 +151,8 @@ class InfluenceCallback(Callback):
         score_dtype: scoring compute dtype: ``float32``, ``float64``, ``bfloat16`` or ``float16``.
         block_size / block_threshold: K-FAC/EK-FAC sides wider than ``block_threshold`` (default 8192) are
             kept as diagonal blocks of ``block_size`` (default 1024; ``None``: dense), docs/method.md, section 6.
+        eigh_dtype: ``float64`` (default) or ``float32``: the dtype K-FAC/EK-FAC eigendecompose each covariance
+            side in (float32: a third of the CPU time at GPT-2's widths, less accurate; docs/method.md, section 2).
         index: a directory for a gradient index of the training data (``docs/index.md``): each
             example's compressed, preconditioned gradient, to score new queries later without a pass
             over the training data (``GradientIndex.load(index, factors)``). With ``strategy="ekfac"``,
@@ -215,6 +217,7 @@ class InfluenceCallback(Callback):
         block_size: int | None = DEFAULT_BLOCK_SIZE,
         block_threshold: int | None = DEFAULT_BLOCK_THRESHOLD,
         memory_budget: int | str | None = None,
+        eigh_dtype: str = "float64",
     ):
         super().__init__()
         try:
@@ -222,7 +225,7 @@ class InfluenceCallback(Callback):
                 strategy=strategy, modules=modules, module_types=module_types, exclude=exclude, fisher=fisher,
                 damping=damping, damping_factor=damping_factor, max_batches=max_batches, max_examples=max_examples, seed=seed,
                 capture_dtype=capture_dtype, stats_dtype=stats_dtype, block_size=block_size,
-                block_threshold=block_threshold, memory_budget=memory_budget)
+                block_threshold=block_threshold, eigh_dtype=eigh_dtype, memory_budget=memory_budget)
             self.score_options = ScoreOptions(query_rank=query_rank, query_svd=query_svd, score_dtype=score_dtype,
                                               layers=score_layers, top_k=top_k, tfidf_candidates=tfidf_candidates)
             self.index_options = None
@@ -259,6 +262,7 @@ class InfluenceCallback(Callback):
     damping_factor = property(lambda self: self.fit_options.damping_factor)
     block_size = property(lambda self: self.fit_options.block_size)
     block_threshold = property(lambda self: self.fit_options.block_threshold)
+    eigh_dtype = property(lambda self: self.fit_options.eigh_dtype)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -442,7 +446,8 @@ class InfluenceCallback(Callback):
         factors in memory (``offload``).
         """
         opts = self.fit_options
-        strategy = get_strategy(opts.strategy, block_size=opts.block_size, block_threshold=opts.block_threshold)
+        strategy = get_strategy(opts.strategy, block_size=opts.block_size, block_threshold=opts.block_threshold,
+                                eigh_dtype=opts.eigh_dtype)
         return plan_memory(layers, strategy, batch_size=batch_size,
                            tokens_per_example=tokens or {}, stats_dtype=opts.stats_dtype,
                            capture_dtype=opts.capture_dtype, score_dtype=self.score_options.score_dtype,
@@ -492,14 +497,15 @@ class InfluenceCallback(Callback):
             raise MisconfigurationException(str(err)) from None
         identity = fit_identity(model, loader, layers, opts.strategy, opts.fisher, opts.max_batches,
                                 opts.max_examples, opts.seed, opts.stats_dtype, opts.capture_dtype, opts.block_size,
-                                opts.block_threshold)
+                                opts.block_threshold, opts.eigh_dtype)
         fingerprint = identity["weights"]
         factors = self._resume(layers, identity) if trainer.is_global_zero else None
         factors = self._share_resumed(trainer, factors, layers)
         if factors is None:
             factors = InfluenceFactors(opts.strategy, layers, fisher=opts.fisher, damping=opts.damping,
                                        damping_factor=opts.damping_factor, metadata={"identity": identity},
-                                       block_size=opts.block_size, block_threshold=opts.block_threshold)
+                                       block_size=opts.block_size, block_threshold=opts.block_threshold,
+                                       eigh_dtype=opts.eigh_dtype)
         pass_loader = rebuild_loader(loader)
         device = device if device is not None else trainer.strategy.root_device
         total = pass_batches(pass_loader, opts.max_batches, opts.max_examples)
@@ -615,7 +621,11 @@ class InfluenceCallback(Callback):
             return factors
         return InfluenceFactors(state["strategy"], layers, fisher=state["fisher"], damping=state["damping"],
                                 damping_factor=state["damping_factor"], tensors=state["tensors"],
-                                phase=state["phase"], metadata=state["metadata"])
+                                phase=state["phase"], metadata=state["metadata"],
+                                # resumed only when fitted with these options (the identity matched)
+                                block_size=self.fit_options.block_size,
+                                block_threshold=self.fit_options.block_threshold,
+                                eigh_dtype=self.fit_options.eigh_dtype)
 
     def _training_loader(self, trainer: L.Trainer, pl_module: L.LightningModule, dataloader: Any) -> Any:
         loader = dataloader if dataloader is not None else self.dataloader
