@@ -229,7 +229,7 @@ def markdown(r: dict) -> str:
     sides = sorted({d for dims in r["tracked"].values() for d in dims})
     steps = r["train_sequences"] // BATCH
     lines = [
-        "## float32 eigendecompositions (`eigh_dtype`)",
+        "## 11. float32 eigendecompositions (`eigh_dtype`)",
         "",
         f"GPT-2 with two blocks of GPT-2 small's widths (`GPT2Config(n_layer=2)`, vocabulary {r['vocab']}; "
         f"{len(r['tracked'])} tracked layers, sides {', '.join(map(str, sides))}; head left out), trained briefly "

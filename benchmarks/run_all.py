@@ -161,6 +161,7 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
     w(".bench-venv/bin/python -m benchmarks.index_bench [--few]   # the gradient index (section 8): results/index.json")
     w(".bench-venv/bin/python -m benchmarks.index_bench --bergson-only  # Bergson 2.5.1 beside it (needs .bergson-venv)")
     w(".bench-venv/bin/python -m benchmarks.real_size [--ops ...]  # GPT-2 small and the 32k Llama (section 10)")
+    w(".bench-venv/bin/python -m benchmarks.eigh_dtype        # float32 against float64 eigh (section 11)")
     w(".bench-venv/bin/python -m benchmarks.run_all --report-only # this page from the saved JSON")
     w("BENCH_THREADS=2 make bench        # torch threads per process (default 1, see 'Machine')")
     w("bash benchmarks/gpu_check.sh      # on a GPU machine: GPU tests + the speed benchmark on CUDA (section 7)")
@@ -225,6 +226,9 @@ def report(agreement: dict | None, speed: dict | None, machine: dict, wall: floa
         w("")
     if real_size:
         _real_size_section(w, real_size)
+    if (RESULTS / "eigh_dtype.md").exists():  # written by benchmarks/eigh_dtype.py
+        w((RESULTS / "eigh_dtype.md").read_text().rstrip())
+        w("")
     return "\n".join(L) + "\n"
 
 

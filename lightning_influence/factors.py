@@ -203,6 +203,16 @@ class InfluenceFactors:
                                                       device, dtype)
         return self._cache[key]
 
+    def prepare(self, names, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Make the scoring tensors of layers ``names`` on ``device`` in ``dtype`` now rather than at first use."""
+        for name in names:
+            self._prepared(name, torch.device(device), dtype)
+
+    def release_prepared(self) -> None:
+        """Drop the tensors prepared for scoring (inverse eigenvalues, bases in the score dtype); made again when
+        next needed."""
+        self._cache.clear()
+
     def precondition(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         """``(G + lambda I)^-1 V`` for gradients ``V`` of shape ``[..., d_out, d_in]``."""
         return self.curvature.precondition(self._prepared(name, grads.device, grads.dtype), grads)

@@ -312,9 +312,15 @@ def release_freed_memory() -> bool:
     """Hand the C allocator's freed heap memory back to the system (glibc's ``malloc_trim``); False where there is
     none. A pass frees a batch's activations and temporaries thousands of times; glibc keeps most of what is
     freed for reuse, so without this the memory of the passes' batches stays resident through the
-    eigendecompositions and the next pass (on GPT-2 small, gigabytes the plan rightly does not count)."""
+    eigendecompositions and the next pass (on GPT-2 small, gigabytes the plan rightly does not count).
+    What only a reference cycle still holds is collected first."""
+    gc.collect()
+    return trim_heap()
+
+
+def trim_heap() -> bool:
+    """``malloc_trim`` alone (no garbage collection): cheap enough to call once per layer of a backward."""
     global _LIBC
-    gc.collect()  # what only a reference cycle still holds is freed first
     if _LIBC is None:
         import ctypes
         import ctypes.util

@@ -506,3 +506,27 @@ def test_factors_loaded_in_float32_refuse_a_corrupt_file(tmp_path):
     lam.write_bytes(bytes(data))
     with pytest.raises(FactorsError, match="checksum"):
         InfluenceFactors.load(tmp_path, dtype=torch.float32)
+
+
+def test_scorer_lets_go_of_the_factors_once_the_queries_are_preconditioned(tmp_path):
+    """Scoring training data against preconditioned queries needs no factors: the scorer's float32 copy of saved
+    factors (or the prepared tensors of factors in memory) is let go after query_gradients and made again when
+    next needed, with the same scores."""
+    import gc
+    import weakref
+
+    model, task = models.mlp(), ClassificationTask()
+    in_memory = fit_factors(model, task, train_batches(), strategy="ekfac", output_dir=str(tmp_path))
+    queries = [models.mlp_data(3, seed=5)]
+    expected = InfluenceScorer(model, task, in_memory).pairwise_scores(queries, train_batches())
+    scorer = InfluenceScorer(model, task, InfluenceFactors.load(tmp_path))
+    copy = weakref.ref(scorer.factors)
+    q = scorer.query_gradients(queries)
+    gc.collect()
+    assert copy() is None
+    torch.testing.assert_close(torch.cat([scorer.score_batch(q, b).sum(0) for b in train_batches()], dim=-1), expected)
+    torch.testing.assert_close(scorer.self_scores(train_batches()),
+                               InfluenceScorer(model, task, in_memory).self_scores(train_batches()))
+    held = InfluenceScorer(model, task, fit_factors(model, task, train_batches(), strategy="ekfac"))
+    held.query_gradients(queries)
+    assert held.factors is held.given_factors and not held.factors._cache

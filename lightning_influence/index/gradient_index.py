@@ -319,8 +319,8 @@ class GradientIndex:
         if len(train_loader.dataset) != self.num_examples:  # type: ignore[arg-type]
             raise GradientIndexError(f"the training dataset has {len(train_loader.dataset)} examples but the index "
                                      f"{self.num_examples}; pass the dataset the index was built on")
-        if scorer.factors is not self.factors and \
-                factors_identity(scorer.factors, "index") != factors_identity(self.factors, "index"):
+        given = getattr(scorer, "given_factors", scorer.factors)  # not its float32 copy of saved factors
+        if given is not self.factors and factors_identity(given, "index") != factors_identity(self.factors, "index"):
             raise GradientIndexError("the rescoring scorer uses other factors than the index was opened with; "
                                      "rescore with InfluenceScorer(model, task, <the index's factors>)")
         union = torch.unique(torch.cat([i.flatten() for _, i in proposed.values()]))  # sorted

@@ -28,7 +28,7 @@ from lightning_influence.capture import (model_mode, per_example_chunk, per_exam
                                          find_tracked_layers)
 from lightning_influence.errors import InfluenceError, ScoringError
 from lightning_influence.scoring.queries import QUERY_SVD_METHODS, QueryGradients, low_rank_factorize
-from lightning_influence.memory import release_freed_memory
+from lightning_influence.memory import release_freed_memory, trim_heap
 
 __all__ = ["InfluenceScorer"]
 
@@ -119,7 +119,8 @@ class InfluenceScorer:
                 )
         self.model = model
         self.task = task
-        self.factors = factors
+        self.given_factors = factors  # what the caller passed; identities compare against it
+        self._factors: InfluenceFactors | None = None
         self.layers: dict[str, TrackedLayer] = tracked
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         from lightning_influence.options import SCORE_DTYPES, as_dtype  # noqa: PLC0415 (options imports scoring)
@@ -130,10 +131,26 @@ class InfluenceScorer:
             raise ScoringError(str(err)) from None
         self.query_rank = query_rank
         self.query_svd = query_svd
-        if self.score_dtype != torch.float64:
-            # Saved factors are read again in float32, where scoring uses them: the float64 statistics never
-            # enter memory beside their float32 copies (same damping, same fingerprint).
-            self.factors = factors.in_dtype(torch.float32)
+
+    @property
+    def factors(self) -> InfluenceFactors:
+        """The factors scoring preconditions with: saved float64 factors read again in float32 where scoring
+        is in float32 (:meth:`InfluenceFactors.in_dtype`: the float64 statistics never enter memory beside
+        their float32 copies; same damping, same fingerprint); otherwise the factors given."""
+        if self._factors is None:
+            given = self.given_factors
+            self._factors = given if self.score_dtype == torch.float64 else given.in_dtype(torch.float32)
+        return self._factors
+
+    def release_factors(self) -> None:
+        """Let go of what scoring made of the factors (their float32 copy or prepared tensors) until next needed.
+
+        Scoring training examples against queries already preconditioned needs no factors, so after
+        :meth:`query_gradients` they need not stay beside the queries (on GPT-2 small, 1.9 GB)."""
+        if self._factors is not None and self._factors is not self.given_factors:
+            self._factors = None
+        else:
+            self.given_factors.release_prepared()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -183,6 +200,10 @@ class InfluenceScorer:
         """Compute and precondition the gradients of every query (once), optionally at low rank."""
         full: dict[str, list] = {n: [] for n in self.layers}
         counts: list[int] = []
+        # The factors are read and prepared before the first query's forward, so that what reading them
+        # frees is handed back before the queries' activations and gradients are allocated around it.
+        self.factors.prepare(self.layers, self.device, self.dtype)
+        release_freed_memory()
 
         def consume(name, a, s):
             if self.query_rank is None:
@@ -200,6 +221,10 @@ class InfluenceScorer:
             full[name].append(p)
             if len(counts) < len(full[name]):
                 counts.append(a.shape[0])
+            # The layer's activations were just freed while its preconditioned gradients (often larger than the
+            # allocator's mmap threshold) were made: hand them back now, or a batch of queries' whole forward stays
+            # resident beside every query gradient (on GPT-2 small, 2 GB of the scoring peak).
+            trim_heap()
 
         for i, batch in enumerate(batches):
             self.stream(batch, True, consume, batch_index=i)
@@ -218,8 +243,9 @@ class InfluenceScorer:
             del chunks
         if self.query_rank is not None:
             out.rank = self.query_rank
-        # The queries' batches are done: their freed activations go back to the system rather than stay with
-        # the C allocator beside the training batches' (on GPT-2 small, most of a batch's working set).
+        # The queries are preconditioned: scoring the training data needs the factors no more, and the queries'
+        # batches are done: their freed memory goes back to the system rather than stay with the C allocator.
+        self.release_factors()
         release_freed_memory()
         return out
 
