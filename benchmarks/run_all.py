@@ -280,6 +280,16 @@ def _real_size_section(w, rs: dict) -> None:
         w("**Partial run**: the operations marked 'failed: not finished' did not end before the session's deadline; "
           "rows read from the run's log (its JSON is written at its end) have their memory rounded to MiB.")
         w("")
+    w("Where the fit's time goes. The eigendecompositions are a fixed cost, whatever the data (GPT-2: 24 sides of "
+      "3072 and 12 of 2304, in float64; `eigh_dtype=\"float32\"` takes about a third of their time but moves "
+      "EK-FAC's scores by several percent, section 11). Each pass costs the model's forward and backward without "
+      "weight gradients (about 0.7 epoch) plus its statistics, whose arithmetic is about the model's own for "
+      "these layers: in the first pass the covariances (d^2 multiply-adds per token and side, the upper triangle "
+      "only for sides of 1536 and more), in the second the rotation of every token into the eigenbasis (the same "
+      "count again) and the per-example products. So the passes cost 3 to 4.6 plain epochs at any data size, and "
+      "the 2.5-epoch target is out of reach on a CPU for EK-FAC as both libraries compute it (Kronfluence's fit "
+      "of the same GPT-2 is the row below).")
+    w("")
     w("The Llama runs ours under bf16 autocast (forward; the backward follows its casts), as "
       "`precision='bf16-mixed'` does; Kronfluence's Llama rows are float32 (its own autocast option was not set), "
       "so the Llama's Kronfluence ratios compare bf16-mixed against float32.")

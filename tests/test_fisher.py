@@ -142,3 +142,24 @@ def test_sample_labels_refuses_non_finite_rows():
     bad[1] = float("-inf")  # no label has any probability
     with pytest.raises(TaskInputError, match=r"positions \[1\]"):
         sample_labels(bad)
+
+
+def test_sampled_labels_do_not_depend_on_the_chunking_nor_on_copying_the_rows_out(monkeypatch):
+    """Drawn a few rows at a time, from a mask over [B, T, C] logits, the labels are those of one draw over the
+    gathered [N, C] rows with the same seed; a non-finite row is named by its position, not its chunk's."""
+    from lightning_influence import tasks
+    from lightning_influence.errors import TaskInputError
+
+    logits = torch.randn(3, 7, 11)
+    rows = torch.rand(3, 7) > 0.3
+    torch.manual_seed(1)
+    whole = tasks.sample_labels(logits[rows])
+    monkeypatch.setattr(tasks, "SAMPLE_CHUNK_ELEMENTS", 22)  # two rows a chunk
+    torch.manual_seed(1)
+    assert torch.equal(tasks.sample_labels(logits, rows=rows), whole)
+    torch.manual_seed(1)
+    assert torch.equal(tasks.sample_labels(logits[rows]), whole)
+    bad = torch.zeros(9, 11)
+    bad[7, 3] = float("nan")
+    with pytest.raises(TaskInputError, match=r"positions \[7\]"):
+        tasks.sample_labels(bad)
