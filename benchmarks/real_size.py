@@ -215,7 +215,12 @@ def run(models: list[str], quick: bool, log=print, ops: tuple[str, ...] = ALL_OP
     """Measure ``ops`` for each model. With ``previous`` (the saved results), rows of other ops are kept from it,
     each row stamped with the time it was measured (``measured_at``), so the page can say which came from when."""
     set_threads()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-real-"))
+    # The factors of every model (GPT-2's are 3 GB) go with the run: the directory is removed at its end.
+    with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
+        return _run(models, quick, log, ops, previous, Path(tmp))
+
+
+def _run(models: list[str], quick: bool, log, ops: tuple[str, ...], previous: dict | None, workdir: Path) -> dict:
     out: dict = {"quick": quick, "models": dict((previous or {}).get("models", {})), "loadavg_start": loadavg_now()}
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for name in models:
