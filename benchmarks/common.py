@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 import platform
 import re
 import subprocess
@@ -390,3 +391,26 @@ def save_json(name: str, payload: dict) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2, sort_keys=True))
     return path
+
+
+@contextmanager
+def timed_finishes():
+    """CPU seconds of each pass's finishing step (K-FAC's eigendecompositions) during the block, in a list:
+    a cost that does not grow with the data, reported apart from the passes."""
+    import lightning_influence.passes as passes_module
+
+    seconds: list[float] = []
+    untimed = passes_module.finish_layers
+
+    def timed(*a, **k):
+        start = time.process_time()
+        try:
+            return untimed(*a, **k)
+        finally:
+            seconds.append(time.process_time() - start)
+
+    passes_module.finish_layers = timed
+    try:
+        yield seconds
+    finally:
+        passes_module.finish_layers = untimed

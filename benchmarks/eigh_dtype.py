@@ -58,27 +58,15 @@ def build_model(quick: bool) -> torch.nn.Module:
 def fit(model, task, train, eigh_dtype: str, stats_dtype: str = "float64") -> tuple[object, dict]:
     """EK-FAC with the defaults but ``eigh_dtype`` (and ``stats_dtype``); CPU seconds of each pass's finishing
     step and of the fit."""
-    import lightning_influence.passes as passes_module
     from lightning_influence import fit_factors
 
-    finish_cpu: list[float] = []
-    untimed = passes_module.finish_layers
+    from .common import timed_finishes
 
-    def timed_finish(*a, **k):
-        start = time.process_time()
-        try:
-            return untimed(*a, **k)
-        finally:
-            finish_cpu.append(time.process_time() - start)
-
-    passes_module.finish_layers = timed_finish
-    try:
+    with timed_finishes() as finish_cpu:
         start = time.process_time()
         factors = fit_factors(model, task, loader(train, BATCH), strategy="ekfac", eigh_dtype=eigh_dtype,
                               stats_dtype=stats_dtype)
         total = time.process_time() - start
-    finally:
-        passes_module.finish_layers = untimed
     return factors, {"fit_cpu_seconds": total, "eigh_cpu_seconds": finish_cpu[0], "lambda_finish_cpu_seconds":
                      finish_cpu[1]}
 

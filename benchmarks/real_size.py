@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import PeakRSS, ListDataset, loader, loadavg_now, run_worker, save_json, set_threads
+from .common import (PeakRSS, ListDataset, loader, loadavg_now, run_worker, save_json, set_threads,
+                     timed_finishes)
 
 N_TRAIN, SEQ_LEN, BATCH, N_QUERY = 64, 128, 8, 16
 # The fit's eigendecompositions cost the same whatever the data: measured again on 8x the sequences ("_large"
@@ -133,23 +134,8 @@ def worker(args) -> dict:
                           "phases": {p.phase: p.total for p in plan.phases}}
         result["modules"] = modules
         result["tracked"] = {name: [l.d_out, l.d_in] for name, l in layers.items()}
-        # CPU seconds of each pass's finishing step (K-FAC's eigendecompositions): a cost that does not grow
-        # with the data, reported apart from the passes.
-        import lightning_influence.passes as passes_module
-
-        finish_cpu: list[float] = []
-        untimed = passes_module.finish_layers
-
-        def timed_finish(*a, **k):
-            start = time.process_time()
-            try:
-                return untimed(*a, **k)
-            finally:
-                finish_cpu.append(time.process_time() - start)
-
-        passes_module.finish_layers = timed_finish
         try:
-            with PeakRSS() as m, mixed():
+            with timed_finishes() as finish_cpu, PeakRSS() as m, mixed():
                 fit_factors(model, task, loader(train, BATCH), modules=modules,
                             output_dir=str(workdir / f"factors-{args.model}"))
             result["finish_cpu_seconds"] = finish_cpu
